@@ -1,0 +1,3 @@
+from chainfold.cli import main
+
+main()

@@ -1,0 +1,16 @@
+"""The ``chainfold`` command line: a thin layer over the library (SPEC §4).
+
+Data (JSON Lines, ``--json`` reports, state exports) goes to stdout; progress, tables for people and
+logs go to stderr. Exit codes: 0 consistent/done, 1 divergence found, 2 usage or bad input,
+3 broker unreachable or history unrecoverable.
+"""
+
+from __future__ import annotations
+
+from .common import main, cli
+
+# each command module registers itself on ``cli`` when imported
+from . import publish as _publish  # noqa: F401,E402
+from . import broker_cmd as _broker  # noqa: F401,E402
+
+__all__ = ["main", "cli"]

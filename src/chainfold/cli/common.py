@@ -1,0 +1,123 @@
+"""Shared pieces of the CLI: the command group, common options, error handling, output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+
+from ..broker import BrokerOptions
+from ..errors import BadInput, ChainfoldError
+
+__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "emit_json", "stderr", "run"]
+
+stderr = Console(stderr=True, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+@click.version_option(package_name="chainfold")
+def cli(verbose: int) -> None:
+    """chainfold: rebuild event-sourced state from Apache Pulsar, prove it with hash chains,
+    and repair only what diverged."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(stream=sys.stderr, level=level, format="chainfold: %(levelname)s %(message)s")
+    logging.getLogger("chainfold").setLevel(level)
+
+
+def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the broker options and pass them to the command as ``broker: BrokerOptions``."""
+
+    @click.option("--service-url", envvar="CHAINFOLD_SERVICE_URL", metavar="URL",
+                  help="Pulsar service URL (pulsar://host:6650). Default: the embedded broker.")
+    @click.option("--data-dir", default=".chainfold", show_default=True, envvar="CHAINFOLD_DATA_DIR",
+                  type=click.Path(file_okay=False), help="Data directory of the embedded broker.")
+    @click.option("--auth-token", envvar="CHAINFOLD_AUTH_TOKEN", metavar="TOKEN", help="Token authentication.")
+    @click.option("--tls-trust-certs", type=click.Path(dir_okay=False), help="CA bundle for pulsar+ssl://.")
+    @click.option("--tls-allow-insecure", is_flag=True, help="Accept any TLS certificate.")
+    @click.option("--tls-cert", type=click.Path(dir_okay=False), help="Client certificate (TLS auth).")
+    @click.option("--tls-key", type=click.Path(dir_okay=False), help="Client key (TLS auth).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, service_url: str | None, data_dir: str, auth_token: str | None,
+                tls_trust_certs: str | None, tls_allow_insecure: bool, tls_cert: str | None,
+                tls_key: str | None, **kw: Any) -> Any:
+        kw["broker"] = BrokerOptions(
+            service_url=service_url or None, data_dir=data_dir, auth_token=auth_token or None,
+            tls_trust_certs=tls_trust_certs, tls_allow_insecure=tls_allow_insecure,
+            tls_cert=tls_cert, tls_key=tls_key,
+        )
+        return fn(*args, **kw)
+
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Write the machine-readable report to stdout.")
+snapshots_option = click.option(
+    "--snapshots", "snapshots_dir", default="snapshots", show_default=True, envvar="CHAINFOLD_SNAPSHOTS",
+    type=click.Path(file_okay=False), help="Snapshot and checkpoint store.")
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def run(fn: Callable[[], int | None]) -> None:
+    """Run a command body; map chainfold errors to their exit codes with a one-line message.
+
+    The process ends through :func:`_exit`: pulsar-client's native threads can abort the
+    interpreter's own shutdown ("terminate called without an active exception"), which would turn
+    a finished command into a crash; so exit handlers run first, then the process leaves directly.
+    """
+    code = 0
+    try:
+        code = fn() or 0
+    except ChainfoldError as exc:
+        stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        code = 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    import atexit
+
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    atexit._run_exitfuncs()
+    try:
+        sys.stderr.flush()
+    except ValueError:
+        pass
+    os._exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BadInput as exc:  # pragma: no cover - commands use run()
+        stderr.print(f"error: {exc}")
+        sys.exit(2)

@@ -1,0 +1,126 @@
+"""``chainfold publish`` and ``chainfold read``: events into the log and entries out of it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sys
+import time
+
+import click
+
+from ..errors import BadInput
+from ..jsonl import entry_to_json, read_events
+from ..log import MessageId
+from ..pulsar_log import open_log
+from .common import broker_options, cli, emit_json, json_option, run, stderr
+
+
+@cli.command()
+@click.argument("topic")
+@click.argument("file", type=click.Path(dir_okay=True, allow_dash=True))
+@broker_options
+@json_option
+@click.option("--producer-name", help="Name the producer: the i-th event gets sequence id i, so re-running "
+              "an interrupted publish of the same FILE sends only what the broker lacks (and broker "
+              "deduplication drops in-flight duplicates). Use one name per input.")
+@click.option("--exclusive", is_flag=True, help="Exclusive producer: refuse to run beside another writer.")
+def publish(topic: str, file: str, broker, as_json: bool, producer_name: str | None, exclusive: bool) -> None:
+    """Append the JSON Lines events of FILE ("-" = stdin) to TOPIC.
+
+    Each line is {"id", "stream", "type", "data", "time"?}. The whole file is checked first; one bad
+    line refuses it (exit 2, naming the line) and nothing is appended. Each event gets the next seq of
+    its stream. Publishing the same file twice stores the events twice; folds count each id once.
+    """
+
+    def body() -> int:
+        events, _ = read_events(file)
+        t0 = time.monotonic()
+        with open_log(topic, broker, producer_name=producer_name, exclusive=exclusive) as log:
+            report = log.append(events)
+            topic_name = log.topic
+        dt = time.monotonic() - t0
+        sent = len(report.message_ids)
+        summary = {
+            "topic": topic_name,
+            "events": len(events),
+            "published": sent,
+            "skipped_already_stored": report.skipped,
+            "first": str(report.message_ids[0]) if sent else None,
+            "last": str(report.message_ids[-1]) if sent else None,
+            "seconds": round(dt, 3),
+        }
+        if as_json:
+            emit_json(summary)
+        else:
+            extra = f" ({report.skipped} already stored)" if report.skipped else ""
+            stderr.print(f"published {sent} events to {topic_name}{extra} in {dt:.2f}s")
+        return 0
+
+    run(body)
+
+
+def _parse_until(text: str | None) -> tuple[MessageId | None, int | None]:
+    """``--until``: a message id, or a time (ms since the epoch, or ISO 8601)."""
+    if text is None:
+        return None, None
+    if ":" in text and "T" not in text and "-" not in text.split(":", 1)[0]:
+        return MessageId.parse(text), None
+    if text.isdigit():
+        return None, int(text)
+    try:
+        t = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(f"--until: not a message id, ms timestamp or ISO time: {text!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return None, int(t.timestamp() * 1000)
+
+
+@cli.command()
+@click.argument("topic")
+@broker_options
+@click.option("--from", "from_", metavar="ID", help="Start at this message id (inclusive).")
+@click.option("--after", metavar="ID", help="Start strictly after this message id.")
+@click.option("--until", metavar="ID|TIME", help="Stop after this message id, or before entries published later than TIME.")
+@click.option("--count", "-c", type=click.IntRange(min=0), help="Stop after N entries.")
+@click.option("--partition", type=int, help="Read only this partition of a partitioned topic.")
+def read(topic: str, broker, from_: str | None, after: str | None, until: str | None,
+         count: int | None, partition: int | None) -> None:
+    """Print TOPIC's entries as JSON Lines: message id, key, publish and event time, and the event
+    (or why the entry is malformed, with its payload in base64)."""
+
+    def body() -> int:
+        start = MessageId.parse(from_) if from_ else None
+        aft = MessageId.parse(after) if after else None
+        until_id, until_time = _parse_until(until)
+        n = 0
+        dropped = 0
+        out = sys.stdout
+        dumps = json.dumps
+        t0 = time.monotonic()
+        with open_log(topic, broker) as log:
+            parts = log.partitions()
+            if partition is not None:
+                if not 0 <= partition < len(parts) or len(parts) == 1:
+                    raise BadInput(f"{log.topic} has no partition {partition}")
+                parts = [parts[partition]]
+            remaining = count
+            for p in parts:
+                if remaining is not None and remaining <= 0:
+                    break
+                reader = log.read(p, start=start, after=aft, until=until_id, until_time=until_time,
+                                  limit=remaining)
+                for entry in reader:
+                    out.write(dumps(entry_to_json(entry)) + "\n")
+                    n += 1
+                dropped += reader.redelivered
+                if remaining is not None:
+                    remaining -= reader.count
+        out.flush()
+        dt = time.monotonic() - t0
+        stderr.print(f"read {n} entries in {dt:.2f}s ({n / dt if dt else 0:,.0f}/s); "
+                     f"{dropped} redeliveries dropped")
+        return 0
+
+    run(body)

@@ -1,0 +1,119 @@
+"""The exception tree of chainfold.
+
+Every error chainfold raises on purpose derives from :class:`ChainfoldError`, and each is named for
+the rule that broke. Each class carries the evidence as attributes, and ``exit_code`` says how the
+CLI ends when the error reaches it (SPEC §4: 2 usage or bad input, 3 broker unreachable or history
+unrecoverable)::
+
+    ChainfoldError
+    ├── BadInput                      exit 2
+    │   ├── MalformedEnvelope         a payload that is not a SPEC §1 envelope
+    │   ├── MalformedInputLine        a JSON Lines input line that cannot be accepted
+    │   ├── ModelNotFound             --model names nothing loadable
+    │   ├── ModelError                a model raised while folding an event
+    │   └── CheckpointCorrupt         a checkpoint file that is truncated or fails its chain
+    ├── SnapshotRejected              a snapshot that cannot be used (kept as a reason, never fatal)
+    ├── BrokerUnavailable             exit 3
+    └── HistoryUnrecoverable          exit 3
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChainfoldError",
+    "BadInput",
+    "MalformedEnvelope",
+    "MalformedInputLine",
+    "ModelNotFound",
+    "ModelError",
+    "CheckpointCorrupt",
+    "SnapshotRejected",
+    "BrokerUnavailable",
+    "HistoryUnrecoverable",
+]
+
+
+class ChainfoldError(Exception):
+    """Root of every error chainfold raises on purpose."""
+
+    exit_code: int = 2
+
+
+class BadInput(ChainfoldError):
+    """Input that chainfold refuses: usage errors, bad files, bad payloads (exit 2)."""
+
+    exit_code = 2
+
+
+class MalformedEnvelope(BadInput):
+    """A payload is not a format-1 event envelope (SPEC §1).
+
+    ``reason`` says what is wrong; ``message_id`` is filled in by callers that know where the payload
+    came from (a log entry), so the report can name it.
+    """
+
+    def __init__(self, reason: str, message_id: str | None = None) -> None:
+        self.reason = reason
+        self.message_id = message_id
+        where = f" (message {message_id})" if message_id else ""
+        super().__init__(f"malformed envelope{where}: {reason}")
+
+
+class MalformedInputLine(BadInput):
+    """A line of a JSON Lines input file (events, processed log) cannot be accepted."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{path}:{line}: {reason}")
+
+
+class ModelNotFound(BadInput):
+    """The ``--model`` reference cannot be loaded or does not satisfy the model protocol."""
+
+
+class ModelError(BadInput):
+    """A model's ``apply`` raised on an event; folding stopped there."""
+
+    def __init__(self, stream: str, event_id: str, message_id: str | None, cause: BaseException) -> None:
+        self.stream = stream
+        self.event_id = event_id
+        self.message_id = message_id
+        self.cause = cause
+        super().__init__(
+            f"model failed on stream {stream!r}, event {event_id!r}"
+            f" (message {message_id}): {type(cause).__name__}: {cause}"
+        )
+
+
+class CheckpointCorrupt(BadInput):
+    """A checkpoint file is truncated, unparsable, or its chain of heads does not link up."""
+
+    def __init__(self, path: str, line: int | None, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"corrupt checkpoint file {where}: {reason}")
+
+
+class SnapshotRejected(ChainfoldError):
+    """A snapshot cannot be used; ``reason`` says why. Rebuild tries the next older one."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"snapshot {path} rejected: {reason}")
+
+
+class BrokerUnavailable(ChainfoldError):
+    """The broker cannot be reached, or went away and did not come back within the retry budget."""
+
+    exit_code = 3
+
+
+class HistoryUnrecoverable(ChainfoldError):
+    """The log no longer holds entries that are needed, and no valid snapshot covers the gap."""
+
+    exit_code = 3

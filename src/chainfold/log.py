@@ -1,0 +1,341 @@
+"""The event log: an append-only sequence of entries per topic partition.
+
+:class:`EventLog` is the one small interface every source of events implements: append events,
+list partitions, read entries lazily from a position. :class:`MemoryLog` is the in-memory
+implementation used by fast unit tests; :class:`chainfold.pulsar_log.PulsarLog` is the real one. One
+shared test suite (``tests/test_log_contract.py``) runs against both.
+
+Reading contract (every implementation):
+
+* entries come in broker order, one partition at a time, each message id at most once: a message id
+  that is not greater than the last one yielded is a redelivery, dropped and counted in
+  :attr:`LogReader.redelivered`;
+* ``after`` resumes strictly after a message id, ``start`` at one (inclusive); ``until`` stops after
+  the entry with that id (inclusive), ``until_time`` before the first entry published later than that
+  time (ms), ``limit`` after that many entries;
+* reading ends at the end of the log as the broker sees it while reading.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .envelope import Event, decode, encode
+from .errors import BadInput, MalformedEnvelope
+
+__all__ = [
+    "MessageId",
+    "Entry",
+    "LogReader",
+    "AppendReport",
+    "EventLog",
+    "MemoryLog",
+    "full_topic_name",
+    "partition_index",
+]
+
+
+class MessageId(NamedTuple):
+    """A Pulsar message id. Ordered within one partition; written ``ledger:entry:partition:batch``."""
+
+    ledger: int
+    entry: int
+    partition: int = -1
+    batch: int = -1
+
+    def __str__(self) -> str:
+        return f"{self.ledger}:{self.entry}:{self.partition}:{self.batch}"
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """The order key inside a partition: (ledger, entry, batch)."""
+        return (self.ledger, self.entry, self.batch)
+
+    @classmethod
+    def parse(cls, text: str) -> "MessageId":
+        """Parse ``ledger:entry:partition:batch`` (partition and batch default to -1)."""
+        parts = text.strip().split(":")
+        try:
+            if not 2 <= len(parts) <= 4:
+                raise ValueError
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise BadInput(f"not a message id: {text!r} (expected ledger:entry:partition:batch)") from None
+        return cls(*nums)
+
+
+class Entry(NamedTuple):
+    """One log entry: a message as stored, with the metadata chainfold uses."""
+
+    message_id: MessageId
+    key: str | None
+    publish_time: int
+    event_time: int | None
+    payload: bytes
+
+    def event(self) -> Event:
+        """Decode the payload; raises :class:`MalformedEnvelope` carrying this entry's message id."""
+        try:
+            return decode(self.payload)
+        except MalformedEnvelope as exc:
+            exc.message_id = str(self.message_id)
+            raise MalformedEnvelope(exc.reason, str(self.message_id)) from None
+
+
+@dataclass
+class AppendReport:
+    """What :meth:`EventLog.append` did: message ids and seqs of the events sent, in input order,
+    and how many leading events were not sent because the broker already held them."""
+
+    message_ids: list[MessageId] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    skipped: int = 0
+
+
+class LogReader:
+    """An iterator over entries of one partition that also counts dropped redeliveries.
+
+    Implementations provide :meth:`_raw`, a generator of entries that may contain redeliveries; this
+    class filters them by message id and applies the stop conditions.
+    """
+
+    def __init__(
+        self,
+        *,
+        after: MessageId | None = None,
+        start: MessageId | None = None,
+        until: MessageId | None = None,
+        until_time: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        if after is not None and start is not None:
+            raise BadInput("give either 'after' or 'start', not both")
+        self.after = after
+        self.start = start
+        self.until = until
+        self.until_time = until_time
+        self.limit = limit
+        self.redelivered = 0
+        self.count = 0
+        self.last: MessageId | None = None
+
+    def _raw(self) -> Iterator[Entry]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release broker resources (readers). Idempotent."""
+
+    def __iter__(self) -> Iterator[Entry]:
+        after = self.after.position if self.after is not None else None
+        start = self.start.position if self.start is not None else None
+        until = self.until.position if self.until is not None else None
+        until_time = self.until_time
+        limit = self.limit
+        last = after
+        if limit is not None and limit <= 0:
+            return
+        try:
+            for entry in self._raw():
+                mid = entry.message_id
+                pos = (mid.ledger, mid.entry, mid.batch)
+                if last is not None and pos <= last:
+                    if self.count:  # before the first yield it is positioning, not redelivery
+                        self.redelivered += 1
+                    continue
+                if start is not None and pos < start:
+                    continue
+                if until_time is not None and entry.publish_time > until_time:
+                    return
+                last = pos
+                self.last = mid
+                self.count += 1
+                yield entry
+                if until is not None and pos >= until:
+                    return
+                if limit is not None and self.count >= limit:
+                    return
+        finally:
+            self.close()
+
+
+class EventLog(ABC):
+    """An append-only event log on one topic (possibly partitioned)."""
+
+    topic: str
+
+    @abstractmethod
+    def partitions(self) -> list[str]:
+        """Names of the topic's partitions in order; ``[topic]`` when it is not partitioned."""
+
+    @abstractmethod
+    def read(
+        self,
+        partition: str | None = None,
+        *,
+        after: MessageId | None = None,
+        start: MessageId | None = None,
+        until: MessageId | None = None,
+        until_time: int | None = None,
+        limit: int | None = None,
+    ) -> LogReader:
+        """Entries of one partition (default: the only one) as a lazy, resumable iterator."""
+
+    @abstractmethod
+    def append_payloads(self, items: Iterable[tuple[bytes, str | None, int | None]]) -> list[MessageId]:
+        """Append raw payloads ``(payload, key, event_time)``, in order; returns their message ids.
+
+        Nothing is validated: this is how foreign producers' entries (or faults, in tests) arrive.
+        Raises :class:`~chainfold.errors.BrokerUnavailable` if any append fails.
+        """
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    def __enter__(self) -> "EventLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shared behaviour -------------------------------------------------------------------------
+
+    def read_all(self, **kw: object) -> Iterator[Entry]:
+        """Entries of every partition, partition after partition."""
+        for p in self.partitions():
+            yield from self.read(p, **kw)  # type: ignore[arg-type]
+
+    def stream_seqs(self) -> dict[str, int]:
+        """The highest ``seq`` per stream in the log (scans it; malformed entries are skipped)."""
+        seqs: dict[str, int] = {}
+        for entry in self.read_all():
+            try:
+                ev = decode(entry.payload)
+            except MalformedEnvelope:
+                continue
+            if ev.seq is not None and ev.seq > seqs.get(ev.stream, 0):
+                seqs[ev.stream] = ev.seq
+        return seqs
+
+    def append(self, events: Iterable[Event], *, assign_seq: bool = True) -> AppendReport:
+        """Append events in order. With ``assign_seq``, each event gets the next ``seq`` of its
+        stream, continuing from what the log already holds (gapless per stream).
+
+        The message key is the stream and the event timestamp is the event's time. Appending the
+        same events twice stores them twice; folds count each event id once.
+        """
+        events = list(events)
+        report = AppendReport()
+        if assign_seq:
+            seqs = self.stream_seqs()
+            stamped = []
+            for ev in events:
+                n = seqs.get(ev.stream, 0) + 1
+                seqs[ev.stream] = n
+                stamped.append(ev._replace(seq=n))
+                report.seqs.append(n)
+            events = stamped
+        report.message_ids = self.append_payloads((encode(ev), ev.stream, ev.time) for ev in events)
+        return report
+
+
+_SHORT_TOPIC = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_PARTITION_SUFFIX = re.compile(r"-partition-(\d+)$")
+
+
+def full_topic_name(topic: str) -> str:
+    """``NAME`` → ``persistent://public/default/NAME``, as Pulsar does; full names pass through."""
+    if "://" in topic:
+        return topic
+    if "/" in topic:
+        parts = topic.split("/")
+        if len(parts) == 3:
+            return "persistent://" + topic
+        raise BadInput(f"not a topic name: {topic!r}")
+    if not _SHORT_TOPIC.match(topic):
+        raise BadInput(f"not a topic name: {topic!r}")
+    return "persistent://public/default/" + topic
+
+
+def partition_index(partition_topic: str) -> int:
+    """The partition number in ``...-partition-N``, or -1 for a non-partitioned topic."""
+    m = _PARTITION_SUFFIX.search(partition_topic)
+    return int(m.group(1)) if m else -1
+
+
+class _MemoryReader(LogReader):
+    def __init__(self, entries: list[Entry], redeliver_every: int, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self._entries = entries
+        self._redeliver_every = redeliver_every
+
+    def _raw(self) -> Iterator[Entry]:
+        entries = self._entries
+        every = self._redeliver_every
+        i = 0
+        while i < len(entries):  # sees appends made while reading, like a broker reader
+            yield entries[i]
+            if every and i % every == every - 1:
+                yield entries[i]  # re-delivery, as pulsar-lite does
+                if i > 0:
+                    yield entries[i - 1]
+            i += 1
+
+
+class MemoryLog(EventLog):
+    """An in-memory log for unit tests: same contract as the Pulsar log, no broker.
+
+    ``partitions=N`` (N > 0) makes a partitioned topic whose messages are routed by a hash of the key.
+    ``redeliver_every=K`` makes readers re-deliver every K-th entry (and its predecessor) to exercise
+    the duplicate filter. Message ids are ``0:<index>:<partition>:-1``.
+    """
+
+    def __init__(self, topic: str = "memory", *, partitions: int = 0, redeliver_every: int = 0) -> None:
+        self.topic = full_topic_name(topic)
+        self._n = partitions
+        self._redeliver_every = redeliver_every
+        names = [f"{self.topic}-partition-{i}" for i in range(partitions)] or [self.topic]
+        self._parts: dict[str, list[Entry]] = {name: [] for name in names}
+        self._clock = 1_700_000_000_000
+
+    def partitions(self) -> list[str]:
+        return list(self._parts)
+
+    def _resolve(self, partition: str | None) -> str:
+        if partition is None:
+            if len(self._parts) != 1:
+                raise BadInput(f"{self.topic} is partitioned: name a partition")
+            return next(iter(self._parts))
+        if partition not in self._parts:
+            raise BadInput(f"no partition {partition!r} in {self.topic}")
+        return partition
+
+    def read(self, partition: str | None = None, **kw: object) -> LogReader:  # type: ignore[override]
+        name = self._resolve(partition)
+        return _MemoryReader(self._parts[name], self._redeliver_every, **kw)
+
+    def append_payloads(self, items: Iterable[tuple[bytes, str | None, int | None]]) -> list[MessageId]:
+        ids = []
+        names = list(self._parts)
+        for payload, key, event_time in items:
+            if self._n:
+                p = zlib.crc32((key or "").encode()) % self._n
+                name = names[p]
+            else:
+                p, name = -1, names[0]
+            entries = self._parts[name]
+            self._clock += 1
+            mid = MessageId(0, len(entries), p, -1)
+            entries.append(Entry(mid, key, self._clock, event_time, bytes(payload)))
+            ids.append(mid)
+        return ids
+
+    # test helpers: rewrite history the way faults do --------------------------------------------
+
+    def entries(self, partition: str | None = None) -> list[Entry]:
+        """The stored entries of one partition (a copy)."""
+        return list(self._parts[self._resolve(partition)])

@@ -1,0 +1,332 @@
+"""The Pulsar-backed :class:`~chainfold.log.EventLog` (pulsar-client), for pulsar-lite and Apache Pulsar.
+
+Writing uses a batching producer, blocks when its queue is full and checks every send's result.
+With a ``producer_name`` each message carries an explicit sequence id, so a broker with
+deduplication enabled (Apache Pulsar) drops a retried publish instead of storing it twice; with
+``exclusive=True`` the producer fences every other writer out of the topic.
+
+Reading follows the contract in :mod:`chainfold.log`. A broker that goes away mid-read is retried
+with backoff for ``retry_seconds``; the reader is re-created after the last entry yielded, so nothing
+is lost or repeated. Past the budget, :class:`~chainfold.errors.BrokerUnavailable` names the last
+message id read, and a rerun resumes from the newest snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import pulsar
+import _pulsar
+
+from .broker import BrokerOptions
+from .errors import BadInput, BrokerUnavailable
+from .envelope import Event, encode
+from .log import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index
+
+__all__ = ["PulsarLog"]
+
+log = logging.getLogger("chainfold.log")
+
+_Timeout = _pulsar.Timeout
+_PulsarException = _pulsar.PulsarException
+_CONNECTION_ERRORS = (_pulsar.ConnectError, _pulsar.NotConnected, _pulsar.AlreadyClosed, _Timeout,
+                      _pulsar.ServiceUnitNotReady, _pulsar.LookupError)
+_READ_TIMEOUT_MS = 300
+_RECEIVER_QUEUE = 5000
+
+
+def _retry_seconds() -> float:
+    return float(os.environ.get("CHAINFOLD_RETRY_SECONDS", "60"))
+
+
+class _PulsarReader(LogReader):
+    def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self._client = client
+        self._topic = topic
+        self._partition = partition_index(topic)
+        self._retry = retry_seconds
+        self._reader: pulsar.Reader | None = None
+        self.reconnects = 0
+
+    def _open(self) -> None:
+        p = self._partition
+        if self.last is not None:  # resume strictly after what was yielded
+            m = self.last
+            start, inclusive = pulsar.MessageId(p, m.ledger, m.entry, m.batch), False
+        elif self.after is not None:
+            m = self.after
+            start, inclusive = pulsar.MessageId(p, m.ledger, m.entry, m.batch), False
+        elif self.start is not None:
+            m = self.start
+            start, inclusive = pulsar.MessageId(p, m.ledger, m.entry, m.batch), True
+        else:
+            start, inclusive = pulsar.MessageId.earliest, False
+        self._reader = self._client.create_reader(
+            self._topic, start, receiver_queue_size=_RECEIVER_QUEUE, start_message_id_inclusive=inclusive
+        )
+
+    def close(self) -> None:
+        r, self._reader = self._reader, None
+        if r is not None:
+            try:
+                r.close()
+            except _PulsarException:
+                pass
+
+    def _recover(self, exc: BaseException, deadline: float | None) -> float:
+        """Back off and re-create the reader; raise BrokerUnavailable past the retry budget."""
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + self._retry
+            log.warning("broker connection lost while reading %s after %s: %s; retrying for %.0fs",
+                        self._topic, self.last, exc, self._retry)
+        if now >= deadline:
+            raise BrokerUnavailable(
+                f"broker went away while reading {self._topic}; last entry read: {self.last} "
+                f"({self.count} entries this run): {exc}"
+            ) from exc
+        self.close()
+        time.sleep(min(1.0, max(0.0, deadline - now)))
+        self.reconnects += 1
+        try:
+            self._open()
+        except _PulsarException:
+            pass  # the next read fails again and comes back here
+        return deadline
+
+    def _raw(self) -> Iterator[Entry]:
+        deadline: float | None = None
+        try:
+            self._open()
+        except _PulsarException as exc:
+            deadline = self._recover(exc, deadline)
+        MID = MessageId
+        ENTRY = Entry
+        while True:
+            reader = self._reader
+            if reader is None:
+                deadline = self._recover(RuntimeError("no reader"), deadline)
+                continue
+            raw = reader._reader
+            try:
+                while True:
+                    m = raw.read_next(_READ_TIMEOUT_MS)
+                    mid = m.message_id()
+                    yield ENTRY(
+                        MID(mid.ledger_id(), mid.entry_id(), mid.partition(), mid.batch_index()),
+                        m.partition_key() or None,
+                        m.publish_timestamp(),
+                        m.event_timestamp() or None,
+                        m.data(),
+                    )
+                    deadline = None
+            except _Timeout:
+                try:
+                    if not reader.has_message_available():
+                        return
+                except _CONNECTION_ERRORS as exc:
+                    deadline = self._recover(exc, deadline)
+                except _PulsarException as exc:
+                    # pulsar-lite cannot answer getLastMessageId on a topic that holds nothing yet
+                    if self.last is None and reader.is_connected():
+                        log.debug("%s: no last message id (%s): treating the topic as empty", self._topic, exc)
+                        return
+                    deadline = self._recover(exc, deadline)
+            except _PulsarException as exc:
+                deadline = self._recover(exc, deadline)
+
+
+class PulsarLog(EventLog):
+    """An event log on a Pulsar topic, through a ``pulsar.Client`` the caller owns."""
+
+    def __init__(
+        self,
+        client: pulsar.Client,
+        topic: str,
+        *,
+        producer_name: str | None = None,
+        exclusive: bool = False,
+        retry_seconds: float | None = None,
+    ) -> None:
+        self.client = client
+        self.topic = full_topic_name(topic)
+        self.producer_name = producer_name
+        self.exclusive = exclusive
+        self.retry_seconds = _retry_seconds() if retry_seconds is None else retry_seconds
+        self._producer: pulsar.Producer | None = None
+        self._partitions: list[str] | None = None
+        self._owns_client = False
+
+    def partitions(self) -> list[str]:
+        if self._partitions is None:
+            try:
+                self._partitions = list(self.client.get_topic_partitions(self.topic))
+            except _PulsarException as exc:
+                raise BrokerUnavailable(f"cannot look up {self.topic}: {exc}") from exc
+        return self._partitions
+
+    def read(self, partition: str | None = None, **kw: object) -> LogReader:  # type: ignore[override]
+        parts = self.partitions()
+        if partition is None:
+            if len(parts) != 1:
+                raise BadInput(f"{self.topic} has {len(parts)} partitions: name one")
+            partition = parts[0]
+        elif partition not in parts:
+            raise BadInput(f"no partition {partition!r} in {self.topic}")
+        return _PulsarReader(self.client, partition, self.retry_seconds, **kw)
+
+    def producer(self) -> pulsar.Producer:
+        """The topic's batching producer (created on first use)."""
+        if self._producer is None:
+            kw: dict[str, object] = dict(
+                batching_enabled=True,
+                batching_max_messages=1000,
+                batching_max_allowed_size_in_bytes=512 * 1024,
+                batching_max_publish_delay_ms=5,
+                block_if_queue_full=True,
+                max_pending_messages=10000,
+                send_timeout_millis=30000,
+            )
+            if self.producer_name:
+                kw["producer_name"] = self.producer_name
+            if self.exclusive:
+                kw["access_mode"] = pulsar.ProducerAccessMode.Exclusive
+            try:
+                self._producer = self.client.create_producer(self.topic, **kw)
+            except _pulsar.ProducerFenced as exc:
+                raise BadInput(f"{self.topic} already has an exclusive writer: {exc}") from exc
+            except _pulsar.ProducerBusy as exc:
+                raise BadInput(f"{self.topic} already has an exclusive writer: {exc}") from exc
+            except _PulsarException as exc:
+                raise BrokerUnavailable(f"cannot create a producer on {self.topic}: {exc}") from exc
+        return self._producer
+
+    def append(self, events: Iterable[Event], *, assign_seq: bool = True) -> AppendReport:
+        """Append events (see :meth:`EventLog.append`).
+
+        With a ``producer_name``, the i-th event (1-based) is sent with sequence id i, and events
+        whose sequence id the broker already persisted for that producer name are not sent again:
+        re-running an interrupted publish of the same input appends only what is missing, and
+        broker deduplication (Apache Pulsar) drops any in-flight duplicate. A producer name
+        therefore identifies one input; use a new name for new input.
+        """
+        events = list(events)
+        skip = 0
+        if self.producer_name:
+            last = self.last_sequence_id()
+            if last > 0:
+                skip = min(last, len(events))
+                log.info("producer %s: broker already holds %d of %d events; sending the rest",
+                         self.producer_name, skip, len(events))
+        rest = events[skip:]
+        report = AppendReport(skipped=skip)
+        if assign_seq and rest:
+            seqs = self.stream_seqs()
+            stamped = []
+            for ev in rest:
+                n = seqs.get(ev.stream, 0) + 1
+                seqs[ev.stream] = n
+                stamped.append(ev._replace(seq=n))
+                report.seqs.append(n)
+            rest = stamped
+        report.message_ids = self.append_payloads(
+            ((encode(ev), ev.stream, ev.time) for ev in rest),
+            sequence_ids=range(skip + 1, len(events) + 1) if self.producer_name else None,
+        )
+        return report
+
+    def last_sequence_id(self) -> int:
+        """The broker's last persisted sequence id for this producer name (-1 if none)."""
+        return int(self.producer().last_sequence_id())
+
+    def append_payloads(
+        self,
+        items: Iterable[tuple[bytes, str | None, int | None]],
+        *,
+        sequence_ids: Iterable[int] | None = None,
+    ) -> list[MessageId]:
+        """Append raw payloads; see :meth:`EventLog.append_payloads`.
+
+        ``sequence_ids`` (>= 1, increasing) are sent as the messages' sequence ids: with broker
+        deduplication, a message whose sequence id the broker already persisted for this producer
+        name is dropped by the broker. Its place in the returned list is then ``None``-like
+        (``MessageId(-1, -1)``).
+        """
+        producer = self.producer()
+        results: list[MessageId | None] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        seq_iter = iter(sequence_ids) if sequence_ids is not None else None
+
+        def make_cb(i: int):
+            def cb(res, mid) -> None:
+                if res != pulsar.Result.Ok:
+                    with lock:
+                        errors.append(f"message {i}: {res}")
+                    return
+                results[i] = MessageId(mid.ledger_id(), mid.entry_id(), mid.partition(), mid.batch_index())
+
+            return cb
+
+        i = 0
+        for payload, key, event_time in items:
+            results.append(None)
+            kw: dict[str, object] = {}
+            if key:
+                kw["partition_key"] = key
+            if event_time:
+                kw["event_timestamp"] = event_time
+            if seq_iter is not None:
+                kw["sequence_id"] = next(seq_iter)
+            try:
+                producer.send_async(payload, make_cb(i), **kw)
+            except _PulsarException as exc:
+                raise BrokerUnavailable(f"publish to {self.topic} failed at message {i}: {exc}") from exc
+            i += 1
+        try:
+            producer.flush()
+        except _PulsarException as exc:
+            raise BrokerUnavailable(f"publish to {self.topic} failed while flushing: {exc}") from exc
+        deadline = time.monotonic() + 30
+        while any(r is None for r in results) and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)  # callbacks run on the client's thread
+        if errors:
+            raise BrokerUnavailable(
+                f"publish to {self.topic}: {len(errors)} message(s) not stored, first: {errors[0]}"
+            )
+        missing = sum(r is None for r in results)
+        if missing:
+            raise BrokerUnavailable(f"publish to {self.topic}: {missing} message(s) not confirmed")
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        p, self._producer = self._producer, None
+        if p is not None:
+            try:
+                p.close()
+            except _PulsarException:
+                pass
+        if self._owns_client:
+            self._owns_client = False
+            try:
+                self.client.close()
+            except _PulsarException:
+                pass
+
+
+def open_log(topic: str, opts: BrokerOptions, **kw: object) -> PulsarLog:
+    """Connect (starting the embedded broker if no URL is set) and open ``topic``.
+
+    The returned log owns its client: closing the log closes the client.
+    """
+    from .broker import connect
+
+    client = connect(opts)
+    plog = PulsarLog(client, topic, **kw)  # type: ignore[arg-type]
+    plog._owns_client = True
+    return plog
