@@ -193,7 +193,7 @@ class ChainBuilder:
     The builder does not deduplicate: dropping redelivered messages (SPEC §2) is the reader's job.
     """
 
-    __slots__ = ("_seg", "_size", "_mask", "_shift", "_segment_size", "_head", "_log", "_first", "_last")
+    __slots__ = ("_seg", "_size", "_mask", "_shift", "_segment_size", "_head", "_log", "_first", "_last", "_last_leaf")
 
     def __init__(self, segment_size: int = 1024) -> None:
         if not _is_pow2(segment_size):
@@ -207,6 +207,7 @@ class ChainBuilder:
         self._head = ZERO_HEAD
         self._first: str | None = None
         self._last: str | None = None
+        self._last_leaf: bytes | None = None  # leaf hash of the last entry (lets a resume check the log)
 
     # The two hot-path methods repeat the same few lines on purpose: one call per entry, no more.
 
@@ -219,7 +220,7 @@ class ChainBuilder:
             self._first = message_id
         self._last = message_id
         self._size += 1
-        h = sha(b"\x00" + payload).digest()
+        h = self._last_leaf = sha(b"\x00" + payload).digest()
         while n & 1:  # merge equal-height subtrees: one node hash per trailing one bit
             h = sha(b"\x01" + seg.pop() + h).digest()
             n >>= 1
@@ -237,7 +238,7 @@ class ChainBuilder:
             self._first = message_id
         self._last = message_id
         self._size += 1
-        h = leaf_hash
+        h = self._last_leaf = leaf_hash
         while n & 1:
             h = sha(b"\x01" + seg.pop() + h).digest()
             n >>= 1
@@ -260,8 +261,8 @@ class ChainBuilder:
             segment_size=self._segment_size,
             root=segment_root,
             head=head,
-            first=self._first,
-            last=self._last,
+            first=None if self._first is None else str(self._first),
+            last=None if self._last is None else str(self._last),
         )
 
     @property
@@ -289,8 +290,8 @@ class ChainBuilder:
             segment_size=self._segment_size,
             root=segment_root,
             head=chain_head(self._head, self._size, segment_root),
-            first=self._first,
-            last=self._last,
+            first=None if self._first is None else str(self._first),
+            last=None if self._last is None else str(self._last),
         )
 
     def log_root(self) -> bytes:
@@ -308,8 +309,9 @@ class ChainBuilder:
             "head": self._head,
             "segment_frontier": list(self._seg),
             "log_frontier": self._log.frontier,
-            "first": self._first,
-            "last": self._last,
+            "first": None if self._first is None else str(self._first),
+            "last": None if self._last is None else str(self._last),
+            "last_leaf": self._last_leaf,
         }
 
     @classmethod
@@ -348,6 +350,10 @@ class ChainBuilder:
         b._seg = seg
         b._first = first
         b._last = last
+        last_leaf = state.get("last_leaf")
+        if last_leaf is not None and (type(last_leaf) is not bytes or len(last_leaf) != HASH_SIZE):
+            raise ValueError("last_leaf must be 32 bytes")
+        b._last_leaf = last_leaf
         return b
 
 

@@ -175,8 +175,11 @@ class Folder:
     malformed: list[Malformed] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
 
-    def feed(self, entries: Iterable[Entry], *, on_entry: Callable[[Entry], Any] | None = None) -> None:
-        """Fold ``entries`` in order. ``on_entry(entry)`` is called for every entry first (hashing).
+    def feed(self, entries: Iterable[Entry], *, on_entry: Callable[[Entry], Any] | None = None,
+             trace: Callable[[int, Entry, Event], Any] | None = None) -> None:
+        """Fold ``entries`` in order. ``on_entry(entry)`` is called for every entry first;
+        ``trace(index, entry, event)`` for every event folded at its first entry (the reference
+        sequence reconcile compares a worker with), whether or not its stream is selected.
 
         Raises :class:`ModelError` when the model raises; ``index`` then points at the failing entry.
         """
@@ -204,6 +207,8 @@ class Folder:
                     index += 1
                     continue
                 seen_add(eid)
+                if trace is not None:
+                    trace(index, entry, ev)
                 stream = ev.stream
                 if only is None or stream in only:
                     try:

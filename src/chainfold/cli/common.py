@@ -16,9 +16,10 @@ from rich.console import Console
 from ..broker import BrokerOptions
 from ..errors import BadInput, ChainfoldError
 
-__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "emit_json", "stderr", "run"]
+__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "emit_json", "stderr", "stdout", "run"]
 
 stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -1,0 +1,117 @@
+"""``chainfold snapshots``: list a topic's snapshots with their validity, or inspect one file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from ..errors import BadInput
+from ..fold import load_model
+from ..snapshots import SnapshotStore
+from .common import cli, emit_json, json_option, run, snapshots_option, stderr
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def _validity(s: dict[str, Any]) -> str:
+    return "[green]valid[/]" if s["valid"] else f"[red]rejected[/]: {s['reason']}"
+
+
+def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_model: bool) -> None:
+    if not summaries:
+        stderr.print(f"no snapshots of {store.topic} in {store.dir}")
+        return
+    table = Table(title=f"snapshots of {store.topic} ({store.dir})", title_justify="left")
+    table.add_column("file", no_wrap=True)
+    table.add_column("entries", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("size", justify="right")
+    table.add_column("streams", justify="right")
+    table.add_column("seen", justify="right")
+    if with_model:
+        table.add_column("model")
+    table.add_column("validity", overflow="fold")
+    for s in summaries:
+        row = [
+            Path(s["path"]).name,
+            f"{s['entries']:,}" if isinstance(s.get("entries"), int) else "-",
+            str(s.get("created") or "-"),
+            _size(s.get("size_bytes")),
+            f"{s['streams']:,}" if isinstance(s.get("streams"), int) else "-",
+            f"{s['seen']:,}" if isinstance(s.get("seen"), int) else "-",
+        ]
+        if with_model:
+            row.append("[green]matches[/]" if s.get("model_matches") else "[red]other model[/]")
+        row.append(_validity(s))
+        table.add_row(*row)
+    stderr.print(table)
+
+
+def _print_one(s: dict[str, Any]) -> None:
+    table = Table(show_header=False, title=s["path"], title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for key in ("topic", "entries", "created", "size_bytes", "model", "fingerprint", "segment_size",
+                "streams", "seen", "streams_root", "model_matches"):
+        if key in s:
+            table.add_row(key, "-" if s[key] is None else str(s[key]))
+    for p in s.get("partitions") or []:
+        table.add_row(f"partition {p['partition']}",
+                      f"{p['entries']} entries, last {p['message_id']}, head {p['chain_head']}")
+    if s.get("stats"):
+        table.add_row("stats", str(s["stats"]))
+    table.add_row("validity", _validity(s))
+    stderr.print(table)
+
+
+@cli.command("snapshots")
+@click.argument("topic")
+@snapshots_option
+@json_option
+@click.option("--model", "model_ref", metavar="M", help="Also tell whether each snapshot was taken with "
+              "this model's code (package.module:attribute or path/to/file.py:attribute).")
+@click.option("--inspect", "inspect_file", metavar="FILE",
+              help="Describe one snapshot file (a path, or a file name in TOPIC's snapshot folder).")
+def snapshots(topic: str, snapshots_dir: str, as_json: bool, model_ref: str | None,
+              inspect_file: str | None) -> None:
+    """List TOPIC's snapshots, newest (most entries covered) first, each checked: readable, intact
+    (checksum and streams root), of this topic and, with --model, of this model's code.
+
+    A table for people goes to stderr; --json writes the list (or, with --inspect, the one summary)
+    to stdout. Exit 0, or with --inspect 1 when the file is rejected, 2 when it does not exist.
+    """
+
+    def body() -> int:
+        store = SnapshotStore(snapshots_dir, topic)
+        model = load_model(model_ref) if model_ref else None
+        if inspect_file is not None:
+            path = Path(inspect_file)
+            if not path.exists() and (store.dir / inspect_file).exists():
+                path = store.dir / inspect_file
+            if not path.is_file():
+                raise BadInput(f"no snapshot file {inspect_file} (looked in . and {store.dir})")
+            summary = store.inspect(path, model=model)
+            if as_json:
+                emit_json(summary)
+            else:
+                _print_one(summary)
+            return 0 if summary["valid"] else 1
+        summaries = [store.inspect(info.path, model=model) for info in store.list()]
+        if as_json:
+            emit_json({"topic": store.topic, "dir": str(store.dir), "snapshots": summaries})
+        else:
+            _print_list(store, summaries, model is not None)
+        return 0
+
+    run(body)
