@@ -481,7 +481,9 @@ def test_sigkill_mid_write_leaves_older_snapshots_intact(tmp_path: Path, sample)
     before = [store.write(take(folder, positions, created=c)) for c in (1, 2)]
     before_infos = store.list()
     rng = random.Random(1234)
-    plan = ["on-temp", "on-temp-slow", rng.uniform(0.0, 0.6), rng.uniform(0.3, 1.2), rng.uniform(0.0, 0.3)]
+    # kill as soon as the temp file appears (mid-write), inside a slowed fsync (data written, not yet
+    # renamed), and at random moments of the write call (encoding, writing, renaming, pruning)
+    plan = ["on-temp", "on-temp-slow", rng.uniform(0.0, 0.8), rng.uniform(0.8, 2.0)]
     left_partial = 0
     t_start = time.monotonic()
     for attempt in plan:
@@ -510,6 +512,11 @@ def test_sigkill_mid_write_leaves_older_snapshots_intact(tmp_path: Path, sample)
         left_partial += bool(temps)
         infos = store.list()
         assert all(t not in {i.path.name for i in infos} for t in temps)
+        for t in temps:  # even read directly, a temp file is rejected or is the complete snapshot
+            try:
+                assert len(store.load(store.dir / t).states) == 300_000
+            except SnapshotRejected as exc:
+                assert exc.reason == "truncated or not a snapshot file"
         # what was there is there, and whatever is listed loads: a complete new snapshot at most
         assert set(before_infos) <= set(infos)
         for info in infos:

@@ -24,6 +24,7 @@ from .errors import (
 )
 from .fold import Folder, Model, load_model
 from .log import Entry, EventLog, MemoryLog, MessageId
+from .tracker import Tracker
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "ChainBuilder",
     "Divergence",
     "find_divergence",
+    "Tracker",
     "Folder",
     "Model",
     "load_model",

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..errors import BadInput
+from ..errors import BadInput, HistoryUnrecoverable
 from ..fold import load_model
 from ..pulsar_log import open_log
 from ..reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
-from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stdout
+from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stderr, stdout
 from .progress import progress
 from .rebuild_cmd import write_state_export
 
@@ -57,10 +57,17 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
         if publish_corrections and not repair_out:
             raise BadInput("--publish-corrections needs --repair OUT")
         with open_log(topic, broker) as log:
-            with progress(f"reconcile {log.topic}") as update:
-                report = reconcile_log(log, model, snapshots_root=Path(snapshots_dir), state=state,
-                                       state_path=state_path, processed=processed, tracker=tracker,
-                                       repair=bool(repair_out), on_progress=update)
+            try:
+                with progress(f"reconcile {log.topic}") as update:
+                    report = reconcile_log(log, model, snapshots_root=Path(snapshots_dir), state=state,
+                                           state_path=state_path, processed=processed, tracker=tracker,
+                                           repair=bool(repair_out), on_progress=update)
+            except HistoryUnrecoverable as exc:
+                if not as_json:
+                    raise
+                emit_json(unrecoverable_report(log.topic, str(exc), processed, tracker))
+                stderr.print(f"[bold red]error:[/] {exc}")
+                return 3
             doc = report.to_json()
             if repair_out and report.repaired_states is not None:
                 write_state_export(repair_out, report.repaired_states)
@@ -85,6 +92,24 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
         return {"consistent": 0, "repaired": 0, "divergent": 1, "unrecoverable": 3}[doc["verdict"]]
 
     run(body)
+
+
+def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
+    """The SPEC §4 report when the log no longer holds the history the worker's evidence covers."""
+    return {
+        "verdict": "unrecoverable",
+        "topic": topic,
+        "log": {"events": None, "segments": None, "head": None},
+        "processed": {"events": len(processed.ids) if processed else (tracker.size if tracker else 0)},
+        "first_divergence": None,
+        "missing": [],
+        "duplicates": [],
+        "out_of_order": [],
+        "malformed": [],
+        "divergent_streams": [],
+        "replayed": {"from_snapshot": None, "events": 0},
+        "error": reason,
+    }
 
 
 def _now_ms() -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.table import Table
 
 from ..errors import BadInput
@@ -19,7 +20,7 @@ def _size(n: int | None) -> str:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit[0]}"
         n /= 1024  # type: ignore[assignment]
     return str(n)  # pragma: no cover
 
@@ -32,43 +33,53 @@ def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_mode
     if not summaries:
         stderr.print(f"no snapshots of {store.topic} in {store.dir}")
         return
-    table = Table(title=f"snapshots of {store.topic} ({store.dir})", title_justify="left")
-    table.add_column("file", no_wrap=True)
+    table = Table(title=f"snapshots of {store.topic} in {store.dir}, newest first", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    width = max(len(Path(s["path"]).name) for s in summaries)
+    table.add_column("file", no_wrap=True, min_width=width)
     table.add_column("entries", justify="right", no_wrap=True)
-    table.add_column("created", no_wrap=True)
-    table.add_column("size", justify="right")
-    table.add_column("streams", justify="right")
-    table.add_column("seen", justify="right")
-    if with_model:
-        table.add_column("model")
-    table.add_column("validity", overflow="fold")
+    table.add_column("streams", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    reasons = []
     for s in summaries:
-        row = [
-            Path(s["path"]).name,
+        name = Path(s["path"]).name
+        if s["valid"]:
+            status = "[green]valid[/]"
+        elif with_model and s.get("fingerprint") and not s.get("model_matches") and _intact(s):
+            status = "[yellow]other model[/]"
+            reasons.append((name, s["reason"]))
+        else:
+            status = "[red]rejected[/]"
+            reasons.append((name, s["reason"]))
+        table.add_row(
+            name,
             f"{s['entries']:,}" if isinstance(s.get("entries"), int) else "-",
-            str(s.get("created") or "-"),
-            _size(s.get("size_bytes")),
             f"{s['streams']:,}" if isinstance(s.get("streams"), int) else "-",
-            f"{s['seen']:,}" if isinstance(s.get("seen"), int) else "-",
-        ]
-        if with_model:
-            row.append("[green]matches[/]" if s.get("model_matches") else "[red]other model[/]")
-        row.append(_validity(s))
-        table.add_row(*row)
+            _size(s.get("size_bytes")),
+            status,
+        )
     stderr.print(table)
+    for name, reason in reasons:
+        stderr.print(f"  {name}: {reason}", soft_wrap=True)
+
+
+def _intact(s: dict[str, Any]) -> bool:
+    """Rejected only for its model (the file itself is fine)."""
+    return str(s.get("reason") or "").startswith("taken with other model code")
 
 
 def _print_one(s: dict[str, Any]) -> None:
-    table = Table(show_header=False, title=s["path"], title_justify="left")
+    table = Table(show_header=False, title=s["path"], title_justify="left", box=box.SIMPLE, pad_edge=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key in ("topic", "entries", "created", "size_bytes", "model", "fingerprint", "segment_size",
                 "streams", "seen", "streams_root", "model_matches"):
         if key in s:
             table.add_row(key, "-" if s[key] is None else str(s[key]))
-    for p in s.get("partitions") or []:
-        table.add_row(f"partition {p['partition']}",
-                      f"{p['entries']} entries, last {p['message_id']}, head {p['chain_head']}")
+    for i, p in enumerate(s.get("partitions") or []):
+        table.add_row(f"partition {i}", f"{p['partition']}: {p['entries']} entries, last {p['message_id']}, "
+                                        f"chain head {p['chain_head']}")
     if s.get("stats"):
         table.add_row("stats", str(s["stats"]))
     table.add_row("validity", _validity(s))
