@@ -30,7 +30,9 @@ with the reason, and the caller moves on to the next older one (:meth:`SnapshotS
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import hashlib
 import io
 import os
@@ -177,6 +179,19 @@ class PartitionPosition:
     def _to_cbor(self) -> dict[str, Any]:
         return {"partition": self.partition, "entries": self.entries, "message_id": self.message_id,
                 "chain": dict(self.chain)}
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: decoding or encoding a snapshot allocates millions of objects and no
+    cycles, and collections triggered meanwhile would re-scan the whole heap again and again."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _now_ms() -> int:
@@ -579,8 +594,9 @@ class SnapshotStore:
             data = path.read_bytes()
         except OSError as exc:
             raise _Reject(f"{_NOT_SNAPSHOT}: cannot read it ({exc.strerror or exc})") from None
-        fields = _open_envelope(data)
-        snap = _snapshot_of(fields)
+        with _gc_paused():
+            fields = _open_envelope(data)
+            snap = _snapshot_of(fields)
         key = _parse_name(path.name)
         if key is not None and key[0] != snap.entries:
             raise _Reject(f"file name says {key[0]} entries, the body covers {snap.entries}", fields)
@@ -686,7 +702,8 @@ class SnapshotStore:
             raise TypeError(f"not a Snapshot: {snap!r}")
         if snap.topic != self.topic:
             raise ValueError(f"a snapshot of {snap.topic} does not belong in the store of {self.topic}")
-        body = _encode_body(snap)
+        with _gc_paused():
+            body = _encode_body(snap)
         prefix, suffix = _envelope_parts(body)
         created_dir = not self.dir.is_dir()
         self.dir.mkdir(parents=True, exist_ok=True)

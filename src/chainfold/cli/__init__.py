@@ -15,5 +15,6 @@ from . import broker_cmd as _broker  # noqa: F401,E402
 from . import verify_cmd as _verify  # noqa: F401,E402
 from . import rebuild_cmd as _rebuild  # noqa: F401,E402
 from . import reconcile_cmd as _reconcile  # noqa: F401,E402
+from . import snapshots_cmd as _snapshots  # noqa: F401,E402
 
 __all__ = ["main", "cli"]

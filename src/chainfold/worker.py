@@ -1,0 +1,413 @@
+"""A real example worker: the kind of real-time consumer chainfold reconciles, with faults on demand.
+
+It keeps bank-account balances (:mod:`chainfold.examples.accounts`) from a Pulsar subscription
+(durable, Failover or Exclusive, from the earliest message), the way payment workers do:
+
+* receive a message, decode it (a malformed payload is logged and acked, never handled), drop an
+  event id it already handled in this process (an in-memory idempotency cache: it does not survive
+  a restart), apply the event to the account, and tell :class:`~chainfold.tracker.Tracker` it handled
+  it: after handling, before the ack;
+* every ``flush_every`` messages, commit: write the state export (SPEC §3), flush the tracker's
+  evidence (checkpoints, leaf hashes, processed log) and the worker's own bookkeeping, *then* ack
+  the messages of that batch. So the state, the evidence and what was handled always agree, and
+  anything not acked is redelivered by the broker after a crash: at-least-once delivery.
+
+On start it reloads its state export and continues the tracker in the same evidence directory.
+
+Faults, injected on purpose (``--faults``, repeatable; several in one value separated by ``;``);
+message counts are 1-based over the worker's whole life (across restarts: they are saved with the
+state), redeliveries included:
+
+``crash-before-ack:N``
+    after handling the N-th message, commit the state and evidence, then die (``os._exit``) before
+    acking. The restarted worker (same subscription, state and evidence) resumes from the committed
+    state and the broker redelivers every unacked message, and whole batches whose acks were only
+    partial: the worker handles them again (its idempotency cache died with it), so the tracker and
+    processed log hold genuine duplicates, applied twice in the state. This is the classic
+    "committed but not acknowledged" window of every at-least-once consumer.
+``skip:ID1,ID2``, ``skip-every:K``
+    the worker drops those events (or every K-th message) silently: acks without handling, as a
+    filter bug or a swallowed exception does.
+``mishandle:TYPE:FROM:TO``
+    for messages FROM..TO, events of TYPE are applied wrongly (a bad deploy that was later rolled
+    back): ``Withdrawn`` as a deposit (a sign error), ``Deposited`` in major instead of minor units,
+    ``FeeCharged`` charged twice, ``Opened`` with its currency dropped, ``Closed`` ignored. The
+    handling order stays right; only the state is wrong.
+
+Run it as ``python -m chainfold.worker --topic T --service-url URL --evidence DIR --state FILE``.
+It stops when no message came for ``--idle`` seconds (default 2) or after ``--count`` messages,
+commits, acks, and prints a JSON summary of the run on stdout (logs go to stderr). Exit 0; a
+crash on purpose exits with :data:`CRASH_EXIT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .envelope import Event, decode
+from .errors import BadInput, ChainfoldError, MalformedEnvelope
+from .examples import accounts
+from .tracker import Tracker
+
+__all__ = ["Faults", "AccountsWorker", "CRASH_EXIT", "main"]
+
+log = logging.getLogger("chainfold.worker")
+
+CRASH_EXIT = 70
+"""Exit status of a worker that crashed on purpose (``crash-before-ack``)."""
+
+META_NAME = "worker.json"
+"""The worker's own bookkeeping in its evidence directory: message count and the faults it injected."""
+
+
+# --- faults ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults a worker injects (see the module docstring)."""
+
+    crash_before_ack: int | None = None
+    skip_ids: frozenset[str] = frozenset()
+    skip_every: int | None = None
+    mishandle: tuple[tuple[str, int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> "Faults":
+        """Parse ``kind:args`` items (each spec may hold several, separated by ``;``)."""
+        crash: int | None = None
+        skip_ids: set[str] = set()
+        skip_every: int | None = None
+        mishandle: list[tuple[str, int, int]] = []
+        for spec in specs:
+            for item in (s.strip() for s in spec.split(";")):
+                if not item:
+                    continue
+                kind, _, arg = item.partition(":")
+                try:
+                    if kind == "crash-before-ack":
+                        crash = _positive(arg)
+                    elif kind == "skip":
+                        ids = [x.strip() for x in arg.split(",") if x.strip()]
+                        if not ids:
+                            raise ValueError("no event ids")
+                        skip_ids.update(ids)
+                    elif kind == "skip-every":
+                        skip_every = _positive(arg)
+                    elif kind == "mishandle":
+                        etype, lo, hi = arg.split(":")
+                        if etype not in _MISHANDLERS:
+                            raise ValueError(f"no way to mishandle {etype!r} (one of {', '.join(_MISHANDLERS)})")
+                        a, b = _positive(lo), _positive(hi)
+                        if b < a:
+                            raise ValueError(f"{b} < {a}")
+                        mishandle.append((etype, a, b))
+                    else:
+                        raise ValueError("unknown fault (crash-before-ack, skip, skip-every, mishandle)")
+                except ValueError as exc:
+                    raise BadInput(f"--faults {item!r}: {exc}") from None
+        return cls(crash, frozenset(skip_ids), skip_every, tuple(mishandle))
+
+    def skips(self, n: int, event_id: str) -> bool:
+        return event_id in self.skip_ids or (self.skip_every is not None and n % self.skip_every == 0)
+
+    def mishandles(self, n: int, etype: str) -> bool:
+        return any(t == etype and a <= n <= b for t, a, b in self.mishandle)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.crash_before_ack is not None:
+            parts.append(f"crash-before-ack:{self.crash_before_ack}")
+        if self.skip_ids:
+            parts.append("skip:" + ",".join(sorted(self.skip_ids)))
+        if self.skip_every is not None:
+            parts.append(f"skip-every:{self.skip_every}")
+        parts += [f"mishandle:{t}:{a}:{b}" for t, a, b in self.mishandle]
+        return ";".join(parts) or "none"
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"{n} is not a count >= 1")
+    return n
+
+
+def _as_deposit(state: dict[str, Any], ev: Event) -> dict[str, Any]:
+    return accounts.apply(state, ev._replace(type="Deposited"))
+
+
+def _major_units(state: dict[str, Any], ev: Event) -> dict[str, Any]:
+    data = dict(ev.data)
+    if type(data.get("amount")) is int:
+        data["amount"] //= 100
+    return accounts.apply(state, ev._replace(data=data))
+
+
+def _twice(state: dict[str, Any], ev: Event) -> dict[str, Any]:
+    return accounts.apply(accounts.apply(state, ev), ev)
+
+
+def _no_currency(state: dict[str, Any], ev: Event) -> dict[str, Any]:
+    return accounts.apply(state, ev._replace(data={k: v for k, v in ev.data.items() if k != "currency"}))
+
+
+def _ignored(state: dict[str, Any], ev: Event) -> dict[str, Any]:
+    return dict(state, events=state["events"] + 1)
+
+
+_MISHANDLERS = {
+    "Withdrawn": _as_deposit,
+    "Deposited": _major_units,
+    "FeeCharged": _twice,
+    "Opened": _no_currency,
+    "Closed": _ignored,
+}
+
+
+# --- the worker ----------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunStats:
+    """What one run of the worker did (its JSON summary)."""
+
+    received: int = 0
+    handled: int = 0
+    malformed: int = 0
+    deduplicated: int = 0
+    rejected_by_model: int = 0
+    skipped: list[str] = field(default_factory=list)
+    mishandled: list[str] = field(default_factory=list)
+    commits: int = 0
+
+
+class AccountsWorker:
+    """Account balances from a stream of messages; state export and evidence committed together.
+
+    ``handle(payload, message_id)`` is the per-message step (no I/O but buffered tracker appends);
+    ``commit()`` writes the state export, the tracker's evidence and the bookkeeping durably; the
+    caller acks what was received before a commit only after it.
+    """
+
+    def __init__(self, *, state_path: str | os.PathLike[str], evidence_dir: str | os.PathLike[str],
+                 faults: Faults = Faults()) -> None:
+        self.state_path = Path(state_path)
+        self.evidence = Path(evidence_dir)
+        self.faults = faults
+        self.states: dict[str, dict[str, Any]] = {}
+        if self.state_path.exists():
+            doc = json.loads(self.state_path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict):
+                raise BadInput(f"{self.state_path}: a state export is one JSON object")
+            self.states = doc  # accounts states render to themselves
+        self.tracker = Tracker(self.evidence, processed_log=True, flush_every=1 << 62)
+        self.meta_path = self.evidence / META_NAME
+        self.meta: dict[str, Any] = {"received": 0, "runs": 0, "crashes": [], "skipped": [], "mishandled": []}
+        if self.meta_path.exists():
+            self.meta.update(json.loads(self.meta_path.read_text(encoding="utf-8")))
+        self.meta["runs"] += 1
+        self.received: int = self.meta["received"]
+        self.seen: set[str] = set()  # the idempotency cache: in memory only, lost on a crash
+        self.run = RunStats()
+
+    def handle(self, payload: bytes, message_id: Any = None) -> str:
+        """Handle one message; returns what happened: handled, malformed, duplicate, skipped, rejected."""
+        self.received += 1
+        n = self.received
+        self.run.received += 1
+        try:
+            ev = decode(payload)
+        except MalformedEnvelope as exc:
+            log.warning("message %s is malformed (%s): acked, not handled", _mid(message_id), exc.reason)
+            self.run.malformed += 1
+            return "malformed"
+        if ev.id in self.seen:
+            self.run.deduplicated += 1
+            return "duplicate"
+        if self.faults.skips(n, ev.id):
+            self.run.skipped.append(ev.id)
+            self.meta["skipped"].append(ev.id)
+            return "skipped"
+        state = self.states.get(ev.stream)
+        if state is None:
+            state = accounts.initial(ev.stream)
+        try:
+            if self.faults.mishandles(n, ev.type):
+                new = _MISHANDLERS[ev.type](state, ev)
+                self.run.mishandled.append(ev.id)
+                self.meta["mishandled"].append(ev.id)
+            else:
+                new = accounts.apply(state, ev)
+        except ValueError as exc:  # a broken event: dead-lettered, not handled
+            log.error("event %s (message %s) rejected: %s", ev.id, _mid(message_id), exc)
+            self.run.rejected_by_model += 1
+            return "rejected"
+        self.states[ev.stream] = accounts.render(new)
+        self.seen.add(ev.id)
+        self.tracker.handled(payload, message_id, ev.id)  # after handling, before the ack
+        self.run.handled += 1
+        return "handled"
+
+    def commit(self) -> None:
+        """Write the state export, flush the evidence and bookkeeping: all durable before any ack."""
+        _write_atomic(self.state_path, json.dumps(self.states, indent=1, sort_keys=True) + "\n")
+        self.tracker.flush()
+        self.meta["received"] = self.received
+        _write_atomic(self.meta_path, json.dumps(self.meta, sort_keys=True))
+        self.run.commits += 1
+
+    def crash_due(self) -> bool:
+        return self.faults.crash_before_ack is not None and self.received == self.faults.crash_before_ack
+
+    def summary(self) -> dict[str, Any]:
+        r = self.run
+        return {
+            "run": self.meta["runs"], "received": r.received, "handled": r.handled, "malformed": r.malformed,
+            "deduplicated": r.deduplicated, "rejected_by_model": r.rejected_by_model, "skipped": r.skipped,
+            "mishandled": r.mishandled, "commits": r.commits, "received_total": self.received,
+            "tracked_total": self.tracker.size, "streams": len(self.states), "faults": str(self.faults),
+            "crashed": False,
+        }
+
+
+def _mid(message_id: Any) -> str:
+    try:
+        return f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
+    except AttributeError:
+        return str(message_id)
+
+
+def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, idle: float = 2.0,
+            count: int | None = None) -> dict[str, Any]:
+    """The consumer loop: receive, handle, commit every ``flush_every`` messages, then ack.
+
+    Returns the run's summary; a due ``crash-before-ack`` ends the process instead.
+    """
+    import pulsar
+
+    pending: list[Any] = []
+    last = time.monotonic()
+    n = 0
+    while count is None or n < count:
+        try:
+            msg = consumer.receive(timeout_millis=200)
+        except pulsar.Timeout:
+            if time.monotonic() - last >= idle:
+                break
+            continue
+        last = time.monotonic()
+        n += 1
+        worker.handle(msg.data(), msg.message_id())
+        pending.append(msg)
+        if worker.crash_due():
+            worker.commit()  # the state and evidence hold this message ...
+            worker.meta["crashes"].append(worker.received)
+            _write_atomic(worker.meta_path, json.dumps(worker.meta, sort_keys=True))
+            log.error("crash-before-ack: dying after message %d with %d message(s) handled and committed "
+                      "but not acked", worker.received, len(pending))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(CRASH_EXIT)  # ... and is never acked: the broker will redeliver it
+        if len(pending) >= flush_every:
+            worker.commit()
+            for m in pending:
+                consumer.acknowledge(m)
+            pending.clear()
+    worker.commit()
+    for m in pending:
+        consumer.acknowledge(m)
+    return worker.summary()
+
+
+def run_worker(*, topic: str, service_url: str | None, evidence: str, state: str, faults: Faults,
+               subscription: str = "accounts-worker", subscription_type: str = "failover",
+               flush_every: int = 100, idle: float = 2.0, count: int | None = None,
+               data_dir: str | None = None) -> dict[str, Any]:
+    """Subscribe to ``topic`` and run the worker until idle (or ``count`` messages)."""
+    import pulsar
+
+    from .broker import BrokerOptions, connect
+    from .log import full_topic_name
+
+    opts = BrokerOptions.from_env(service_url=service_url, data_dir=data_dir)
+    client = connect(opts)
+    ctype = {"failover": pulsar.ConsumerType.Failover, "exclusive": pulsar.ConsumerType.Exclusive}[subscription_type]
+    worker = AccountsWorker(state_path=state, evidence_dir=evidence, faults=faults)
+    log.info("run %d: %s from message %d, faults %s", worker.meta["runs"], full_topic_name(topic),
+             worker.received + 1, faults)
+    consumer = client.subscribe(full_topic_name(topic), subscription, consumer_type=ctype,
+                                initial_position=pulsar.InitialPosition.Earliest, receiver_queue_size=1000)
+    try:
+        summary = consume(worker, consumer, flush_every=flush_every, idle=idle, count=count)
+    finally:
+        worker.tracker.close()
+    try:
+        consumer.close()  # flushes the acks
+    except Exception as exc:  # pulsar raises its own types
+        log.warning("closing the consumer: %s", exc)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m chainfold.worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--topic", required=True)
+    p.add_argument("--service-url", default=None, help="pulsar://host:port (default $CHAINFOLD_SERVICE_URL, "
+                   "else the embedded broker of --data-dir)")
+    p.add_argument("--data-dir", default=None, help="embedded broker data directory (without a service URL)")
+    p.add_argument("--evidence", required=True, help="tracker directory (checkpoints, leaves, processed log)")
+    p.add_argument("--state", required=True, help="the state export (SPEC §3), reloaded at start")
+    p.add_argument("--faults", action="append", default=[], metavar="SPEC",
+                   help="crash-before-ack:N | skip:ID1,ID2 | skip-every:K | mishandle:TYPE:FROM:TO")
+    p.add_argument("--subscription", default="accounts-worker")
+    p.add_argument("--subscription-type", choices=("failover", "exclusive"), default="failover")
+    p.add_argument("--flush-every", type=int, default=100, help="commit (and ack) every N messages")
+    p.add_argument("--idle", type=float, default=2.0, help="stop after this many seconds without a message")
+    p.add_argument("--count", type=int, default=None, help="stop after N messages in this run")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING - 10 * a.verbose,
+                        format="worker: %(levelname)s %(message)s")
+    logging.getLogger("chainfold").setLevel(logging.WARNING - 10 * a.verbose)
+    code = 0
+    try:
+        faults = Faults.parse(a.faults)
+        summary = run_worker(topic=a.topic, service_url=a.service_url, evidence=a.evidence, state=a.state,
+                             faults=faults, subscription=a.subscription, subscription_type=a.subscription_type,
+                             flush_every=max(1, a.flush_every), idle=a.idle, count=a.count, data_dir=a.data_dir)
+        sys.stdout.write(json.dumps(summary) + "\n")
+    except ChainfoldError as exc:
+        sys.stderr.write(f"worker: error: {exc}\n")
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    # leave without the interpreter's teardown: pulsar-client's native threads can abort it
+    import atexit
+
+    sys.stdout.flush()
+    atexit._run_exitfuncs()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
