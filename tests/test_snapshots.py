@@ -590,15 +590,15 @@ def test_cli_lists_and_inspects(invoke, store: SnapshotStore, sample) -> None:
     assert [s["model_matches"] for s in json.loads(r.stdout)["snapshots"]] == [False, False]
 
     r = invoke("snapshots", "snaps", "--snapshots", root)
-    assert r.exit_code == 0 and r.stdout == ""
-    assert good.name in r.stderr and "truncated or not a snapshot file" in r.stderr
+    assert r.exit_code == 0
+    assert good.name in r.stdout and "truncated or not a snapshot file" in r.stdout
 
     r = invoke("snapshots", "snaps", "--snapshots", root, "--inspect", good.name, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["valid"] is True
     r = invoke("snapshots", "snaps", "--snapshots", root, "--inspect", str(bad))
-    assert r.exit_code == 1 and r.stdout == "" and "truncated" in r.stderr
+    assert r.exit_code == 1 and "truncated" in r.stdout
     r = invoke("snapshots", "snaps", "--snapshots", root, "--inspect", "nope.cbor")
     assert r.exit_code == 2
 
     r = invoke("snapshots", "empty", "--snapshots", root)
-    assert r.exit_code == 0 and "no snapshots" in r.stderr
+    assert r.exit_code == 0 and "no snapshots" in r.stdout

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..errors import BadInput
 from ..fold import load_model
 from ..snapshots import SnapshotStore
-from .common import cli, emit_json, json_option, run, snapshots_option, stderr
+from .common import cli, emit_json, json_option, run, snapshots_option, stdout
 
 
 def _size(n: int | None) -> str:
@@ -31,7 +31,7 @@ def _validity(s: dict[str, Any]) -> str:
 
 def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_model: bool) -> None:
     if not summaries:
-        stderr.print(f"no snapshots of {store.topic} in {store.dir}")
+        stdout.print(f"no snapshots of {store.topic} in {store.dir}")
         return
     table = Table(title=f"snapshots of {store.topic} in {store.dir}, newest first", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
@@ -59,9 +59,9 @@ def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_mode
             _size(s.get("size_bytes")),
             status,
         )
-    stderr.print(table)
+    stdout.print(table)
     for name, reason in reasons:
-        stderr.print(f"  {name}: {reason}", soft_wrap=True)
+        stdout.print(f"  {name}: {reason}", soft_wrap=True)
 
 
 def _intact(s: dict[str, Any]) -> bool:
@@ -83,7 +83,7 @@ def _print_one(s: dict[str, Any]) -> None:
     if s.get("stats"):
         table.add_row("stats", str(s["stats"]))
     table.add_row("validity", _validity(s))
-    stderr.print(table)
+    stdout.print(table)
 
 
 @cli.command("snapshots")
@@ -99,7 +99,7 @@ def snapshots(topic: str, snapshots_dir: str, as_json: bool, model_ref: str | No
     """List TOPIC's snapshots, newest (most entries covered) first, each checked: readable, intact
     (checksum and streams root), of this topic and, with --model, of this model's code.
 
-    A table for people goes to stderr; --json writes the list (or, with --inspect, the one summary)
+    A table for people goes to stdout; --json writes the list (or, with --inspect, the one summary)
     to stdout. Exit 0, or with --inspect 1 when the file is rejected, 2 when it does not exist.
     """
 
