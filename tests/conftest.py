@@ -70,7 +70,7 @@ def topic() -> str:
     return unique_topic()
 
 
-@pytest.fixture(params=["memory", "pulsar"])
+@pytest.fixture(params=["memory", pytest.param("pulsar", marks=pytest.mark.broker)])
 def make_log(request: pytest.FixtureRequest) -> Iterator[Callable[..., EventLog]]:
     """A factory of fresh, empty logs of the parametrised kind (same suite for both)."""
     made: list[EventLog] = []

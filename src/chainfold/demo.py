@@ -47,6 +47,8 @@ from .worker import CRASH_EXIT, META_NAME
 __all__ = ["run_demo", "DemoFailed", "MODEL"]
 
 MODEL = "chainfold.examples.accounts"
+PUBLISH_CHUNK = 50
+FLUSH_EVERY = 100
 
 
 class DemoFailed(ChainfoldError):
@@ -74,10 +76,17 @@ def _events(n: int, streams: int, seed: int) -> list[Event]:
 def _plan(n: int) -> dict[str, Any]:
     """Where the faults go, in worker message counts (the log has n + 5 entries)."""
     return {
-        "crash": n * 11 // 20 + (7 if n >= 200 else 0),
+        "crash": n * 11 // 20 + (37 if n >= 400 else 0),
         "skip_every": max(3, n // 12) | 1,
-        "mishandle": ("Withdrawn", max(1, n // 5), max(2, n * 3 // 10)),
+        "mishandle": ("Withdrawn", n // 5, n // 5 + 60),
     }
+
+
+def _publish(log: PulsarLog, events: list[Event], chunk: int = PUBLISH_CHUNK) -> None:
+    """Append in small flushes, the way a service publishes events as they happen (so the broker's
+    batches are small, as in production, not the 1000-message batches of a bulk load)."""
+    for i in range(0, len(events), chunk):
+        log.append(events[i:i + chunk], assign_seq=False)
 
 
 def _run_worker(args: list[str], logfile: Path, timeout: float) -> tuple[int, dict[str, Any] | None]:
@@ -147,16 +156,16 @@ def run_demo(
         other = PulsarLog(client, name)  # another producer on the same topic
         foreign_dups = [evs[i] for i in (5, a // 2, a - 1)]
         try:
-            log.append(evs[:a], assign_seq=False)
+            _publish(log, evs[:a])
             bad1 = json.dumps({"id": "evt-json-1", "stream": "acct-0001", "type": "Deposited",
                                "data": {"amount": 100}}).encode()  # JSON, not CBOR: a foreign producer's mistake
             other.append_payloads([(bad1, "acct-0001", None)])
-            log.append(evs[a:b], assign_seq=False)
+            _publish(log, evs[a:b])
             other.append_payloads((encode(e), e.stream, e.time) for e in foreign_dups)  # published again
             bad2 = cbor2.dumps({"id": "evt-nostream", "type": "Deposited", "time": evs[b].time,
                                 "data": {"amount": 100}}, canonical=True)  # no 'stream'
             other.append_payloads([(bad2, None, evs[b].time)])
-            log.append(evs[b:], assign_seq=False)
+            _publish(log, evs[b:])
         finally:
             other.close()
         topic = log.topic
@@ -174,9 +183,9 @@ def run_demo(
         faults = f"crash-before-ack:{plan['crash']};skip-every:{plan['skip_every']};mishandle:{etype}:{lo}:{hi}"
         demo["faults"] = faults
         wargs = ["--topic", topic, "--service-url", url, "--evidence", str(evidence), "--state", str(state_path),
-                 "--faults", faults, "--subscription", "payments"]
+                 "--faults", faults, "--subscription", "payments", "--flush-every", str(FLUSH_EVERY)]
         narrate(f"[bold]2. run the worker[/]  python -m chainfold.worker (Pulsar subscription 'payments', "
-                f"commit + ack every 100 messages) with faults: {faults}")
+                f"commit + ack every {FLUSH_EVERY} messages) with faults: {faults}")
         rc1, _ = _run_worker(wargs, wd / "worker-run1.log", worker_timeout)
         meta = json.loads((evidence / META_NAME).read_text()) if (evidence / META_NAME).exists() else {}
         if rc1 != CRASH_EXIT:
@@ -191,9 +200,10 @@ def run_demo(
         meta = json.loads((evidence / META_NAME).read_text())
         redelivered = meta["received"] - n_entries
         narrate(f"   run 2 (restarted, same subscription): resumed from the committed state; the broker "
-                f"redelivered {redelivered:,} unacked message(s) (whole batches), which the worker handled "
-                f"again; then {s2['received']:,} received in all, {s2['handled']:,} handled "
-                f"({time.monotonic() - t0:.1f}s for both runs)")
+                f"redelivered {redelivered:,} message(s): the {plan['crash'] % FLUSH_EVERY} not acked since the "
+                f"last commit, plus those whose acks were still in the client's ack-grouping window or in a "
+                f"partly acked batch. The worker handled them again; {s2['received']:,} received in this run, "
+                f"{s2['handled']:,} handled ({time.monotonic() - t0:.1f}s for both runs)")
         narrate(f"   the worker's own account of its faults: {len(meta['skipped'])} message(s) skipped, "
                 f"{len(meta['mishandled'])} {etype} event(s) mishandled (messages {lo:,}..{hi:,}), "
                 f"1 crash before ack")
@@ -216,7 +226,8 @@ def run_demo(
                 f"{fdoc['log']['events']:,} log entries, {fdoc['processed']['events']:,} handled by the worker")
         if fd:
             narrate(f"   first divergence: entry {fd['index']:,} (segment {fd['segment']}), event {fd['event_id']}, "
-                    f"message {fd['message_id']}: the first message the worker dropped")
+                    f"message {fd['message_id']}"
+                    + (": the first message the worker skipped" if fd["event_id"] in meta["skipped"] else ""))
         tinfo = fdoc.get("tracker") or {}
         if tinfo:
             narrate(f"   the tracker checkpoints alone name the same entry after {tinfo['comparisons']} hash "

@@ -23,8 +23,8 @@ import pulsar
 import _pulsar
 
 from .broker import BrokerOptions
-from .errors import BadInput, BrokerUnavailable
-from .envelope import Event, encode
+from .errors import BadInput, BrokerUnavailable, MalformedEnvelope
+from .envelope import Event, decode, encode
 from .log import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index
 
 __all__ = ["PulsarLog"]
@@ -51,6 +51,7 @@ class _PulsarReader(LogReader):
         self._partition = partition_index(topic)
         self._retry = retry_seconds
         self._reader: pulsar.Reader | None = None
+        self._open_error: BaseException | None = None
         self.reconnects = 0
 
     def _open(self) -> None:
@@ -95,8 +96,9 @@ class _PulsarReader(LogReader):
         self.reconnects += 1
         try:
             self._open()
-        except _PulsarException:
-            pass  # the next read fails again and comes back here
+            self._open_error = None
+        except _PulsarException as err:
+            self._open_error = err  # the next read fails again and comes back here
         return deadline
 
     def _raw(self) -> Iterator[Entry]:
@@ -110,7 +112,7 @@ class _PulsarReader(LogReader):
         while True:
             reader = self._reader
             if reader is None:
-                deadline = self._recover(RuntimeError("no reader"), deadline)
+                deadline = self._recover(self._open_error or RuntimeError("cannot open a reader"), deadline)
                 continue
             raw = reader._reader
             try:
@@ -209,24 +211,32 @@ class PulsarLog(EventLog):
     def append(self, events: Iterable[Event], *, assign_seq: bool = True) -> AppendReport:
         """Append events (see :meth:`EventLog.append`).
 
-        With a ``producer_name``, the i-th event (1-based) is sent with sequence id i, and events
-        whose sequence id the broker already persisted for that producer name are not sent again:
-        re-running an interrupted publish of the same input appends only what is missing, and
-        broker deduplication (Apache Pulsar) drops any in-flight duplicate. A producer name
-        therefore identifies one input; use a new name for new input.
+        With a ``producer_name`` the append is exactly-once per event id: events whose id the log
+        already holds are not sent again (so re-running an interrupted publish of the same input
+        appends only what is missing), and every message carries a sequence id above the broker's
+        last one for that producer name, so broker deduplication (Apache Pulsar) drops a message the
+        client re-sends after a reconnect. Sequence ids alone cannot decide what to skip: with
+        batching, the broker records one sequence id per batch.
         """
         events = list(events)
-        skip = 0
-        if self.producer_name:
-            last = self.last_sequence_id()
-            if last > 0:
-                skip = min(last, len(events))
-                log.info("producer %s: broker already holds %d of %d events; sending the rest",
-                         self.producer_name, skip, len(events))
-        rest = events[skip:]
-        report = AppendReport(skipped=skip)
-        if assign_seq and rest:
-            seqs = self.stream_seqs()
+        if not self.producer_name:
+            return super().append(events, assign_seq=assign_seq)
+        seqs: dict[str, int] = {}
+        present: set[str] = set()
+        for entry in self.read_all():
+            try:
+                ev = decode(entry.payload)
+            except MalformedEnvelope:
+                continue
+            present.add(ev.id)
+            if ev.seq is not None and ev.seq > seqs.get(ev.stream, 0):
+                seqs[ev.stream] = ev.seq
+        rest = [ev for ev in events if ev.id not in present]
+        report = AppendReport(skipped=len(events) - len(rest))
+        if report.skipped:
+            log.info("producer %s: the log already holds %d of %d events; sending the rest",
+                     self.producer_name, report.skipped, len(events))
+        if assign_seq:
             stamped = []
             for ev in rest:
                 n = seqs.get(ev.stream, 0) + 1
@@ -234,9 +244,10 @@ class PulsarLog(EventLog):
                 stamped.append(ev._replace(seq=n))
                 report.seqs.append(n)
             rest = stamped
+        base = max(self.last_sequence_id(), 0)
         report.message_ids = self.append_payloads(
             ((encode(ev), ev.stream, ev.time) for ev in rest),
-            sequence_ids=range(skip + 1, len(events) + 1) if self.producer_name else None,
+            sequence_ids=range(base + 1, base + 1 + len(rest)),
         )
         return report
 

@@ -104,6 +104,36 @@ def load_state_export(path: str) -> dict[str, Any]:
     return doc
 
 
+def _key_line(path: str, key: str) -> int:
+    """The line of a state export on which its top-level key ``key`` stands (1 if it cannot be told)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return 1
+    dec = json.JSONDecoder()
+    ws = " \t\n\r"
+    i = len(text) - len(text.lstrip(ws))
+    if not text.startswith("{", i):
+        return 1
+    i += 1
+    try:
+        while True:
+            while i < len(text) and text[i] in ws + ",":
+                i += 1
+            if i >= len(text) or text[i] == "}":
+                return 1
+            k, end = dec.raw_decode(text, i)
+            if k == key:
+                return text.count("\n", 0, i) + 1
+            i = end
+            while i < len(text) and text[i] in ws + ":":
+                i += 1
+            _, i = dec.raw_decode(text, i)
+    except ValueError:
+        return 1
+
+
 @dataclass
 class TrackerEvidence:
     """Tracker checkpoints (full segments, then at most one provisional) and, if present, leaves."""
@@ -130,10 +160,12 @@ class TrackerEvidence:
 def load_tracker(path: str) -> TrackerEvidence:
     """Read tracker checkpoints (a SPEC §2 checkpoint file; ``CheckpointCorrupt`` if untrustworthy)."""
     p = Path(path)
-    if not p.exists():
-        raise BadInput(f"cannot read {path}: no such file")
-    cps = CheckpointFile(p).load_all()
+    cf = CheckpointFile(p)
     lp = leaves_path_for(p)
+    # a worker that handled less than one segment has only the provisional checkpoint (PATH.partial)
+    if not (p.exists() or cf.partial_path.exists()):
+        raise BadInput(f"cannot read {path}: no such file")
+    cps = cf.load_all()
     return TrackerEvidence(path, cps, lp if lp.exists() else None)
 
 
@@ -310,10 +342,12 @@ def reconcile(
                 + (" ..." if len(unknown) > 6 else "") + ")" if len(unknown) > 1 else ""
             raise MalformedInputLine(processed.path, line, f"unknown event id {eid!r}: not in {elog.topic}{more}")
     log_streams = {s for ref in refs for s in ref.streams}
-    strangers = sorted(s for s in state if s not in log_streams)
+    strangers = [s for s in state if s not in log_streams]  # in the export's order
     if strangers:
-        raise BadInput(f"{state_path}: stream(s) the log never had: " + ", ".join(map(repr, strangers[:10]))
-                       + (" ..." if len(strangers) > 10 else ""))
+        more = f" (and {len(strangers) - 1} more: " + ", ".join(map(repr, strangers[1:6])) \
+            + (" ..." if len(strangers) > 6 else "") + ")" if len(strangers) > 1 else ""
+        raise MalformedInputLine(state_path, _key_line(state_path, strangers[0]),
+                                 f"stream {strangers[0]!r} is not in {elog.topic}: the log never had it{more}")
 
     # 3. The worker's handling against the reference.
     first: dict[str, Any] | None = None

@@ -127,7 +127,10 @@ class Tracker:
                         event_id = decode(payload).id
                     except MalformedEnvelope:
                         event_id = None
-                self._lines.append(json.dumps({"id": event_id, "message_id": _mid_text(message_id)}))
+                # a payload that is not an event has no id: it is in the checkpoints (reconcile sees the
+                # divergence there) but gets no processed-log line, which would be refused as input
+                if event_id is not None:
+                    self._lines.append(json.dumps({"id": event_id, "message_id": _mid_text(message_id)}))
             self._since_flush += 1
             if self._since_flush >= self.flush_every:
                 self._flush_locked()

@@ -222,7 +222,8 @@ class AccountsWorker:
             self.states = doc  # accounts states render to themselves
         self.tracker = Tracker(self.evidence, processed_log=True, flush_every=1 << 62)
         self.meta_path = self.evidence / META_NAME
-        self.meta: dict[str, Any] = {"received": 0, "runs": 0, "crashes": [], "skipped": [], "mishandled": []}
+        self.meta: dict[str, Any] = {"received": 0, "runs": 0, "crashes": [], "skipped": [], "mishandled": [],
+                                     "mishandled_at": []}
         if self.meta_path.exists():
             self.meta.update(json.loads(self.meta_path.read_text(encoding="utf-8")))
         self.meta["runs"] += 1
@@ -256,6 +257,7 @@ class AccountsWorker:
                 new = _MISHANDLERS[ev.type](state, ev)
                 self.run.mishandled.append(ev.id)
                 self.meta["mishandled"].append(ev.id)
+                self.meta["mishandled_at"].append(self.tracker.size)  # its place in the handling order
             else:
                 new = accounts.apply(state, ev)
         except ValueError as exc:  # a broken event: dead-lettered, not handled

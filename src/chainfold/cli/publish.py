@@ -21,9 +21,9 @@ from .common import broker_options, cli, emit_json, json_option, run, stderr
 @click.argument("file", type=click.Path(dir_okay=True, allow_dash=True))
 @broker_options
 @json_option
-@click.option("--producer-name", help="Name the producer: the i-th event gets sequence id i, so re-running "
-              "an interrupted publish of the same FILE sends only what the broker lacks (and broker "
-              "deduplication drops in-flight duplicates). Use one name per input.")
+@click.option("--producer-name", help="Exactly-once publishing: events whose id the log already holds are "
+              "not sent again (re-running an interrupted publish appends only what is missing), and "
+              "messages carry sequence ids so broker deduplication drops in-flight re-sends.")
 @click.option("--exclusive", is_flag=True, help="Exclusive producer: refuse to run beside another writer.")
 def publish(topic: str, file: str, broker, as_json: bool, producer_name: str | None, exclusive: bool) -> None:
     """Append the JSON Lines events of FILE ("-" = stdin) to TOPIC.
