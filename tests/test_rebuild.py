@@ -80,7 +80,8 @@ def test_duplicates_fold_once(tmp_path_factory, n: int, seed: int, dups: list[in
     with_dups = list(evs)
     for d in dups:
         i = d % n
-        with_dups.insert(min(len(with_dups), i + 3), evs[i])  # a later copy of event i
+        first = with_dups.index(evs[i])
+        with_dups.insert(min(len(with_dups), first + 1 + d % 5), evs[i])  # a later copy of event i
     noisy.append(with_dups, assign_seq=False)
     a = rebuild(clean, model, snapshots_root=root, write_snapshots=False)
     b = rebuild(noisy, model, snapshots_root=root, snapshot_every=7)
@@ -167,3 +168,35 @@ def test_history_gone_uses_a_snapshot_or_is_unrecoverable(tmp_path: Path) -> Non
     with pytest.raises(HistoryUnrecoverable) as info:
         rebuild(log, model, snapshots_root=tmp_path, write_snapshots=False)
     assert "0:150:-1:-1" in str(info.value) and "0:0:-1:-1" in str(info.value)
+
+
+def test_rewritten_log_is_not_mistaken_for_lost_history(tmp_path: Path) -> None:
+    """The log now starts later than recorded (like a retention loss) but what it still holds is not
+    what was recorded: snapshots are rejected and the fold is of the log as it is."""
+    model = load_model("chainfold.examples.accounts")
+    log = MemoryLog("t")
+    log.append(events_for("accounts", 3000, 10, 1))
+    rebuild(log, model, snapshots_root=tmp_path, snapshot_every=1000, keep=10)
+    part = log.partitions()[0]
+    other = MemoryLog("o")
+    other.append(events_for("accounts", 4000, 10, 9))
+    log._parts[part] = other.entries()[1500:]  # ids 0:1500.. like after retention, other payloads
+    res = rebuild(log, model, snapshots_root=tmp_path, write_snapshots=False)
+    assert res.snapshot is None and len(res.rejected) == 3
+    assert any("rewritten" in n for n in res.notes)
+    plain = MemoryLog("p")
+    plain.append_payloads((e.payload, e.key, e.event_time) for e in other.entries()[1500:])
+    full = rebuild(plain, model, snapshots_root=tmp_path / "other", full=True, write_snapshots=False)
+    assert res.folder.rendered() == full.folder.rendered()
+
+
+def test_everything_recorded_gone_is_unrecoverable_until_reset(tmp_path: Path) -> None:
+    model = load_model("chainfold.examples.accounts")
+    log = MemoryLog("t")
+    log.append(events_for("accounts", 3000, 10, 1))
+    rebuild(log, model, snapshots_root=tmp_path, snapshot_every=1000)
+    part = log.partitions()[0]
+    log._parts[part] = [e._replace(message_id=e.message_id._replace(ledger=7)) for e in log.entries()[2900:]]
+    with pytest.raises(HistoryUnrecoverable) as info:
+        rebuild(log, model, snapshots_root=tmp_path, write_snapshots=False)
+    assert "7:2900:-1:-1" in str(info.value) and "0:0:-1:-1" in str(info.value)

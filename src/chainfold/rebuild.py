@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import merkle
 from .chain import ChainBuilder, Checkpoint
 from .errors import CheckpointCorrupt, HistoryUnrecoverable, SnapshotRejected
 from .fold import Folder, Model
@@ -123,6 +124,30 @@ def _holds(elog: EventLog, part: str, mid: MessageId, leaf: bytes | None) -> boo
     return False
 
 
+def _remaining_agrees(elog: EventLog, part: str, recorded: list[Checkpoint], earliest: MessageId | None) -> bool | None:
+    """Does what the log still holds agree with what was recorded for it?
+
+    Checks the first recorded full segment that starts at or after the log's earliest entry: the
+    log must still hold it with the recorded root. None when no recorded segment lets us tell.
+    """
+    if earliest is None:
+        return None
+    for cp in recorded:
+        if cp.first is None:
+            continue
+        first = MessageId.parse(cp.first)
+        if first.position < earliest.position:
+            continue
+        count = cp.size - cp.segment * cp.segment_size  # a provisional checkpoint covers a prefix
+        leaves = []
+        for e in elog.read(part, start=first, limit=count):
+            if not leaves and e.message_id.position != first.position:
+                return False
+            leaves.append(merkle.leaf_hash(e.payload))
+        return len(leaves) == count and merkle.root(leaves) == cp.root
+    return None
+
+
 def rebuild(
     elog: EventLog,
     model: Model,
@@ -168,13 +193,19 @@ def rebuild(
     # History that is gone: the log now starts after where the record says it started.
     earliest = {p: _earliest(elog, p) for p in parts}
     gaps: dict[str, str] = {}
+    rewritten: set[str] = set()
     for p in parts:
         rec = recorded[p]
         if rec and rec[0].first is not None:
             first = MessageId.parse(rec[0].first)
             e = earliest[p]
             if e is None or e.position > first.position:
-                gaps[p] = f"{p}: the log now starts at {e} but entry 0 was {first} when recorded"
+                if _remaining_agrees(elog, p, rec, e) is False:
+                    # not lost history: the log now holds other entries than the ones recorded
+                    rewritten.add(p)
+                    notes.append(f"{p}: the log no longer matches its recorded checkpoints (rewritten?)")
+                else:
+                    gaps[p] = f"{p}: the log now starts at {e} but entry 0 was {first} when recorded"
 
     chosen: Snapshot | None = None
     if not full and until_time is None:
@@ -206,6 +237,9 @@ def rebuild(
                     if e is not None and e.position <= mid.position and not _holds(
                             elog, pos.partition, mid, pos.chain.get("last_leaf")):
                         reason = f"the log no longer holds entry {mid} as it was when the snapshot was taken"
+                        break
+                    if (e is None or e.position > mid.position) and pos.partition in rewritten:
+                        reason = "the log was rewritten after the snapshot's position"
                         break
                     if e is None or e.position > mid.position:
                         notes.append(f"{pos.partition}: the log starts after the snapshot's position ({mid}); "
