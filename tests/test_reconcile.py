@@ -331,8 +331,9 @@ def test_repair_gives_the_reference_states(tmp_path: Path, name: str) -> None:
         assert {c["stream"] for c in report.corrections} == set(exp["divergent"])
         assert all(c["idempotency_key"] and c["log_head"] == doc["log"]["head"] for c in report.corrections)
         assert doc["replayed"]["events"] > 0
-    else:  # handling diverged, every state right: nothing to repair
-        assert doc["verdict"] == "divergent" and report.repaired_states is None
+    else:  # handling diverged, every state right: the export already is the corrected state
+        assert doc["verdict"] == "repaired" and report.repaired_states == exp["states"]
+        assert not report.corrections
 
 
 def test_log_head_matches_an_independent_computation(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 import logging
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .envelope import Event
 from .errors import BadInput, HistoryUnrecoverable, MalformedInputLine
 from .fold import Folder, Model, render_json
 from .jsonl import iter_json_lines
-from .log import Entry, EventLog, MessageId
+from .log import Entry, EventLog, MessageId, partition_index
 from .scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
 from .snapshots import topic_dir
 from .tracker import leaves_path_for
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("chainfold.reconcile")
+
+_LOW = (1 << 40) - 1
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -220,16 +223,32 @@ class ReconcileReport:
 # --- the reference -----------------------------------------------------------------------------------
 
 
-@dataclass
 class _Ref:
-    """The reference sequence of one partition (parallel lists, in log order)."""
+    """The reference sequence of one partition, in log order, kept compact (about 40 bytes per
+    event besides the id strings): positions and message ids in typed arrays, streams numbered."""
 
-    partition: str
-    index: list[int] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-    streams: list[str] = field(default_factory=list)
-    mids: list[MessageId] = field(default_factory=list)
-    leaves: list[bytes] | None = None
+    def __init__(self, partition: str, partition_index: int, stream_names: list[str],
+                 stream_numbers: dict[str, int], leaves: bool) -> None:
+        self.partition = partition
+        self.pindex = partition_index
+        self.index = array("q")
+        self.ids: list[str] = []
+        self.stream_no = array("l")
+        self.ledger = array("q")
+        self.entry = array("q")
+        self.batch = array("l")
+        self.leaves: list[bytes] | None = [] if leaves else None
+        self._names = stream_names
+        self._numbers = stream_numbers
+
+    def stream(self, j: int) -> str:
+        return self._names[self.stream_no[j]]
+
+    def message_id(self, j: int) -> MessageId:
+        return MessageId(self.ledger[j], self.entry[j], self.pindex, self.batch[j])
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def _delta(expected: Any, actual: Any) -> Any:
@@ -292,18 +311,29 @@ def reconcile(
     refs: list[_Ref] = []
     scans: list[PartitionScan] = []
     done = 0
+    stream_names: list[str] = []
+    stream_numbers: dict[str, int] = {}
     for p in parts:
-        ref = _Ref(p, leaves=[] if want_leaves else None)
+        ref = _Ref(p, partition_index(p), stream_names, stream_numbers, want_leaves)
         refs.append(ref)
-        r_index, r_ids, r_streams, r_mids = ref.index.append, ref.ids.append, ref.streams.append, ref.mids.append
+        r_index, r_ids, r_sno = ref.index.append, ref.ids.append, ref.stream_no.append
+        r_led, r_ent, r_bat = ref.ledger.append, ref.entry.append, ref.batch.append
         r_leaves = ref.leaves.append if ref.leaves is not None else None
         sha = hashlib.sha256
+        numbers_get = stream_numbers.get
 
         def trace(index: int, entry: Entry, ev: Event) -> None:
             r_index(index)
             r_ids(ev.id)
-            r_streams(ev.stream)
-            r_mids(entry.message_id)
+            sno = numbers_get(ev.stream)
+            if sno is None:
+                sno = stream_numbers[ev.stream] = len(stream_names)
+                stream_names.append(ev.stream)
+            r_sno(sno)
+            mid = entry.message_id
+            r_led(mid.ledger)
+            r_ent(mid.entry)
+            r_bat(mid.batch)
             if r_leaves is not None:
                 r_leaves(sha(b"\x00" + entry.payload).digest())
 
@@ -319,7 +349,7 @@ def reconcile(
             notes.append(f"{p}: the log differs from its recorded checkpoints at entry {scan.mismatch.index}: "
                          f"{scan.mismatch.reason}")
         recorded = scan.recorded
-        if recorded and recorded[0].first is not None and scan.entries and ref.mids:
+        if recorded and recorded[0].first is not None and scan.entries and len(ref):
             first_now = None
             for e in elog.read(p, limit=1):
                 first_now = e.message_id
@@ -330,10 +360,14 @@ def reconcile(
                 )
 
     # 2. Check the evidence names only what the log has.
-    where: dict[str, tuple[int, int]] = {}  # event id -> (partition number, position in its reference)
+    # event id -> position in its partition's reference (+ partition number << 40)
+    where: dict[str, int] = {}
     for pi, ref in enumerate(refs):
-        for j, eid in enumerate(ref.ids):
-            where[eid] = (pi, j)
+        if pi == 0:
+            where = dict(zip(ref.ids, range(len(ref.ids))))
+        else:
+            base = pi << 40
+            where.update(zip(ref.ids, range(base, base + len(ref.ids))))
     if processed is not None:
         unknown = [(line, eid) for eid, line in zip(processed.ids, processed.lines) if eid not in where]
         if unknown:
@@ -341,7 +375,7 @@ def reconcile(
             more = f" (and {len(unknown) - 1} more: " + ", ".join(repr(u[1]) for u in unknown[1:6]) \
                 + (" ..." if len(unknown) > 6 else "") + ")" if len(unknown) > 1 else ""
             raise MalformedInputLine(processed.path, line, f"unknown event id {eid!r}: not in {elog.topic}{more}")
-    log_streams = {s for ref in refs for s in ref.streams}
+    log_streams = set(stream_names)
     strangers = [s for s in state if s not in log_streams]  # in the export's order
     if strangers:
         more = f" (and {len(strangers) - 1} more: " + ", ".join(map(repr, strangers[1:6])) \
@@ -363,7 +397,7 @@ def reconcile(
         ref = refs[pi]
         if j < len(ref.ids):
             idx = ref.index[j]
-            d = {"index": idx, "segment": idx // LS[pi], "event_id": ref.ids[j], "message_id": str(ref.mids[j])}
+            d = {"index": idx, "segment": idx // LS[pi], "event_id": ref.ids[j], "message_id": str(ref.message_id(j))}
         else:
             idx = scans[pi].entries
             d = {"index": idx, "segment": idx // LS[pi], "event_id": extra, "message_id": None}
@@ -381,7 +415,7 @@ def reconcile(
         # per partition: the worker's handling of that partition's events, against its reference
         per_part: list[list[str]] = [[] for _ in refs]
         for eid in processed.ids:
-            per_part[where[eid][0]].append(eid)
+            per_part[where[eid] >> 40].append(eid)
         for pi, (ref, w) in enumerate(zip(refs, per_part)):
             ids = ref.ids
             j = 0
@@ -390,17 +424,18 @@ def reconcile(
                 j += 1
             if j < len(w) or j < len(ids):
                 cand = divergence_at(pi, j, w[j] if j < len(w) else None)
-                if first is None or (len(parts) > 1 and False):
+                if first is None:
                     first = cand
         # out of order: a first handling after a later event (in log order) of the same stream
-        max_pos: dict[str, int] = {}
+        max_pos: dict[int, int] = {}
         firsts: set[str] = set()
         for eid in processed.ids:
             if eid in firsts:
                 continue
             firsts.add(eid)
-            pi, j = where[eid]
-            stream = refs[pi].streams[j]
+            w = where[eid]
+            pi, j = w >> 40, w & _LOW
+            stream = refs[pi].stream_no[j]
             top = max_pos.get(stream, -1)
             if j < top:
                 out_of_order.append(eid)
@@ -466,7 +501,7 @@ def reconcile(
             divergent.append({"stream": s, "expected": exp, "actual": act, "delta": _delta(exp, act)})
 
     log_dups = {d.event_id for d in folder.duplicates}
-    order = {eid: (pi, j) for eid, (pi, j) in where.items() if eid in dup_worker or eid in log_dups}
+    order = {eid: where[eid] for eid in dup_worker | log_dups if eid in where}
     duplicates = sorted(order, key=lambda e: order[e])
     malformed = [m.message_id for m in folder.malformed]
     divergent_found = first is not None or bool(divergent)
@@ -517,6 +552,11 @@ def reconcile(
             report.verdict = "repaired"
             report.details["validated"] = {"streams": len(streams), "against": "fresh rebuild from the start of the log"}
     elif repair and first is not None:
-        notes.append("the worker's handling diverged but every stream's state is right: nothing to repair")
+        # the handling departed from the reference, yet every state is right (e.g. a duplicate
+        # whose second application changed nothing): the export is already the corrected state
+        notes.append("the worker's handling diverged but every stream's state is right: nothing to replay")
+        report.repaired_states = dict(sorted((s, render_json(v)) for s, v in state.items()))
+        report.verdict = "repaired"
+        report.details["validated"] = {"streams": len(expected), "against": "fresh rebuild from the start of the log"}
     report.seconds = time.monotonic() - t0
     return report

@@ -34,6 +34,10 @@ state), redeliveries included:
     ``FeeCharged`` charged twice, ``Opened`` with its currency dropped, ``Closed`` ignored. The
     handling order stays right; only the state is wrong.
 
+Its own bookkeeping, ``worker.json`` in the evidence directory (written with every commit): messages
+received so far, runs, crash points, the ids it skipped and mishandled, and the places of the
+mishandled ones in its handling order (so a test can recompute its state independently).
+
 Run it as ``python -m chainfold.worker --topic T --service-url URL --evidence DIR --state FILE``.
 It stops when no message came for ``--idle`` seconds (default 2) or after ``--count`` messages,
 commits, acks, and prints a JSON summary of the run on stdout (logs go to stderr). Exit 0; a
@@ -310,13 +314,17 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
     pending: list[Any] = []
     last = time.monotonic()
     n = 0
+    # before the first message, wait longer: a failover subscription on Apache Pulsar holds the
+    # first delivery back for a second (activeConsumerFailoverDelayTimeMillis)
+    wait = max(idle, 10.0)
     while count is None or n < count:
         try:
             msg = consumer.receive(timeout_millis=200)
         except pulsar.Timeout:
-            if time.monotonic() - last >= idle:
+            if time.monotonic() - last >= wait:
                 break
             continue
+        wait = idle
         last = time.monotonic()
         n += 1
         worker.handle(msg.data(), msg.message_id())

@@ -16,5 +16,6 @@ from . import verify_cmd as _verify  # noqa: F401,E402
 from . import rebuild_cmd as _rebuild  # noqa: F401,E402
 from . import reconcile_cmd as _reconcile  # noqa: F401,E402
 from . import snapshots_cmd as _snapshots  # noqa: F401,E402
+from . import demo_cmd as _demo  # noqa: F401,E402
 
 __all__ = ["main", "cli"]
