@@ -34,7 +34,7 @@ import cbor2
 
 from .broker import BrokerOptions, connect, resolve_url
 from .envelope import Event, encode
-from .errors import ChainfoldError
+from .errors import BadInput, ChainfoldError
 from .examples import accounts
 from .fold import load_model
 from .pulsar_log import PulsarLog
@@ -136,6 +136,8 @@ def run_demo(
     state_path = wd / "worker-state.json"
     repaired_path = wd / "repaired-state.json"
     corrections_path = wd / "corrections.jsonl"
+    if state_path.exists() or evidence.exists():
+        raise BadInput(f"{wd} already holds a demo run (its worker would resume it): give a fresh --workdir")
     url = resolve_url(broker)  # the embedded broker (started if needed) or the given one
     opts = replace(broker, service_url=url)
     name = f"demo-accounts-{uuid.uuid4().hex[:8]}"
@@ -236,7 +238,7 @@ def run_demo(
         handled_ids = set(processed.ids)
         late = sorted(skipped & handled_ids)
         narrate(f"   missed: {len(fdoc['missing'])} (the worker skipped {len(skipped)}; "
-                f"{len(late)} of those came back in a redelivered batch and were handled late)")
+                f"{len(late)} of those came back, redelivered or as the other producer's copy, and were handled late)")
         worker_dups = {e for e, c in _counts(processed.ids).items() if c > 1}
         again_ids = {e.id for e in foreign_dups} & worker_dups
         narrate(f"   duplicated: {len(fdoc['duplicates'])} event ids: {len(worker_dups)} handled twice by the worker "

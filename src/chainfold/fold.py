@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .envelope import Event, decode
 from .errors import MalformedEnvelope, ModelError, ModelNotFound
 from .log import Entry
 
-__all__ = ["Model", "load_model", "Folder", "Malformed", "Duplicate", "render_json"]
+__all__ = ["Model", "load_model", "Folder", "Malformed", "Duplicate", "render_json", "shard_of"]
 
 def render_json(value: Any) -> Any:
     """A JSON-compatible copy of a rendered state (tuples → lists, bytes → hex, keys → str)."""
@@ -157,6 +158,20 @@ class Duplicate:
     event_id: str
 
 
+_MISSING = object()
+
+
+def unresolved_index(message_id: str) -> int | None:
+    """The log position in a ``@index`` placeholder of a routed fold (see :meth:`Folder.feed`), or None."""
+    return int(message_id[1:]) if message_id.startswith("@") else None
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard (0 .. shards-1) of a message key or stream id: CRC-32 of its UTF-8 bytes, mod
+    ``shards``. Stable across processes and versions (unlike ``hash``)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % shards
+
+
 @dataclass
 class Folder:
     """Folds entries into one state per stream; each event id once; malformed entries reported.
@@ -164,6 +179,13 @@ class Folder:
     ``states`` and ``seen`` may come from a snapshot. ``streams`` restricts folding to those
     streams (others are decoded, deduplicated and counted, not applied). ``index`` is the log
     position of the next entry fed (entries covered so far).
+
+    ``shard=(i, n)`` folds only the streams of shard ``i`` of ``n`` (:func:`shard_of`), for
+    parallel replay: an entry whose message key belongs to another shard is skipped without
+    decoding its payload; an entry without a key is decoded and folded only if its stream is in
+    the shard (and reported as malformed by shard 0 only). An entry whose key and stream fall in
+    different shards cannot be folded by either alone: it is counted in ``misrouted`` (the caller
+    then replays serially).
     """
 
     model: Model
@@ -174,16 +196,31 @@ class Folder:
     streams: frozenset[str] | None = None
     malformed: list[Malformed] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
+    shard: tuple[int, int] | None = None
+    misrouted: int = 0
 
     def feed(self, entries: Iterable[Entry], *, on_entry: Callable[[Entry], Any] | None = None,
-             trace: Callable[[int, Entry, Event], Any] | None = None) -> None:
+             trace: Callable[[int, Entry, Event], Any] | None = None, hasher: Any = None,
+             stops: tuple[int, Callable[[int, Entry], int]] | None = None, routed: bool = False) -> None:
         """Fold ``entries`` in order. ``on_entry(entry)`` is called for every entry first;
         ``trace(index, entry, event)`` for every event folded at its first entry (the reference
         sequence reconcile compares a worker with), whether or not its stream is selected.
 
+        ``hasher`` and ``stops`` are :func:`chainfold.scan.scan_partition`'s, which folds and hashes
+        in this one loop (it runs once per entry of every replay): ``hasher`` adds each entry's leaf
+        hash to the chain before the entry is folded; ``stops=(n, callback)`` calls
+        ``callback(entries fed so far, entry)`` once ``n`` entries are fed and folded, and again at
+        the count it returns (-1: never).
+
+        ``routed=True`` takes ``(index, payload, key)`` triples instead of entries (what a parallel
+        rebuild's reader sends a fold worker, with the log positions of the entries): message ids
+        are then unknown, and reports name an entry ``@index`` (:func:`unresolved_index`) for the
+        reader to resolve.
+
         Raises :class:`ModelError` when the model raises; ``index`` then points at the failing entry.
         """
         states = self.states
+        states_get = states.get
         seen = self.seen
         seen_add = seen.add
         initial = self.model.initial
@@ -191,34 +228,86 @@ class Folder:
         only = self.streams
         index = self.index
         applied = self.applied
+        malformed_add = self.malformed.append
+        duplicates_add = self.duplicates.append
+        missing = _MISSING
+        hashing = hasher is not None
+        if hashing:
+            sha = hashlib.sha256
+            add_leaf = hasher.chain.add_leaf
+            leaves_add = hasher.leaves.append
+            entries_add = hasher.entries.append
+            close_segment = hasher.close_segment
+            lazy = hasher.lazy_ids
+        next_stop, on_stop = stops if stops is not None else (-1, None)
+        sharded = self.shard is not None
+        if sharded:
+            mine, n_shards = self.shard  # type: ignore[misc]
+            shard_cache: dict[str, int] = {}
+        n = 0
+        key = None
         try:
             for entry in entries:
+                if routed:
+                    index, payload, key = entry
+                else:
+                    payload = entry.payload
+                n += 1
+                if hashing:
+                    leaf = sha(b"\x00" + payload).digest()
+                    leaves_add(leaf)
+                    entries_add(entry)
+                    cp = add_leaf(leaf, entry if lazy else entry.message_id)
+                    if cp is not None:
+                        close_segment(cp)
                 if on_entry is not None:
                     on_entry(entry)
+                if sharded:
+                    if not routed:
+                        key = entry.key
+                    if key is not None:
+                        s = shard_cache.get(key)
+                        if s is None:
+                            if len(shard_cache) > 100_000:
+                                shard_cache.clear()
+                            s = shard_cache[key] = shard_of(key, n_shards)
+                        if s != mine:  # another worker's: not even decoded
+                            index += 1
+                            if n == next_stop:
+                                next_stop = on_stop(n, entry)
+                            continue
                 try:
-                    ev = decode(entry.payload)
+                    ev = decode(payload)
                 except MalformedEnvelope as exc:
-                    self.malformed.append(Malformed(index, str(entry.message_id), exc.reason))
-                    index += 1
-                    continue
-                eid = ev.id
-                if eid in seen:
-                    self.duplicates.append(Duplicate(index, str(entry.message_id), eid))
-                    index += 1
-                    continue
-                seen_add(eid)
-                if trace is not None:
-                    trace(index, entry, ev)
-                stream = ev.stream
-                if only is None or stream in only:
-                    try:
-                        state = states[stream] if stream in states else initial(stream)
-                        states[stream] = apply(state, ev)
-                    except Exception as exc:
-                        seen.discard(eid)
-                        raise ModelError(stream, eid, str(entry.message_id), exc) from exc
-                    applied += 1
+                    if not sharded or key is not None or mine == 0:
+                        malformed_add(Malformed(index, f"@{index}" if routed else str(entry.message_id), exc.reason))
+                else:
+                    stream = ev.stream
+                    if sharded and (stream != key) and shard_of(stream, n_shards) != mine:
+                        if key is not None:
+                            self.misrouted += 1
+                    else:
+                        eid = ev.id
+                        if eid in seen:
+                            duplicates_add(Duplicate(index, f"@{index}" if routed else str(entry.message_id), eid))
+                        else:
+                            seen_add(eid)
+                            if trace is not None:
+                                trace(index, entry, ev)
+                            if only is None or stream in only:
+                                state = states_get(stream, missing)
+                                try:
+                                    if state is missing:
+                                        state = initial(stream)
+                                    states[stream] = apply(state, ev)
+                                except Exception as exc:
+                                    seen.discard(eid)
+                                    raise ModelError(stream, eid, f"@{index}" if routed else str(entry.message_id),
+                                                     exc) from exc
+                                applied += 1
                 index += 1
+                if n == next_stop:
+                    next_stop = on_stop(n, entry)
         finally:
             self.index = index
             self.applied = applied

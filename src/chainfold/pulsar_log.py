@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from operator import itemgetter
 
 import pulsar
 import _pulsar
@@ -35,15 +36,78 @@ _Timeout = _pulsar.Timeout
 _PulsarException = _pulsar.PulsarException
 _CONNECTION_ERRORS = (_pulsar.ConnectError, _pulsar.NotConnected, _pulsar.AlreadyClosed, _Timeout,
                       _pulsar.ServiceUnitNotReady, _pulsar.LookupError)
-_READ_TIMEOUT_MS = 300
-_RECEIVER_QUEUE = 5000
+_READ_TIMEOUT_MS = 100  # then ask the broker whether more is coming (the end of the log costs this)
+_RECEIVER_QUEUE = 20000  # pulsar-lite re-delivers far more with smaller queues
+_STALL_TIMEOUTS = 10  # read timeouts in a row, with messages available, before re-creating the reader
 
 
 def _retry_seconds() -> float:
     return float(os.environ.get("CHAINFOLD_RETRY_SECONDS", "60"))
 
 
+class _PulsarEntry(tuple):
+    """A log entry read from Pulsar, with the attributes of :class:`~chainfold.log.Entry`.
+
+    The payload is taken from the message at once; the message id, key and times only when asked
+    for, since a replay needs them for a few entries only (segment bounds, malformed entries,
+    duplicates) and each costs several calls into pulsar-client. ``str(entry)`` is its message id,
+    so the entry can stand in where only that text is needed (checkpoints' ``first``/``last``).
+    """
+
+    __slots__ = ()
+
+    payload = property(itemgetter(0), doc="The payload bytes, exactly as stored.")
+
+    @property
+    def message_id(self) -> MessageId:
+        mid = self[2]
+        return MessageId(mid.ledger_id(), mid.entry_id(), mid.partition(), mid.batch_index())
+
+    @property
+    def key(self) -> str | None:
+        return self[1].partition_key() or None
+
+    @property
+    def publish_time(self) -> int:
+        return self[1].publish_timestamp()
+
+    @property
+    def event_time(self) -> int | None:
+        return self[1].event_timestamp() or None
+
+    event = Entry.event
+
+    def to_entry(self) -> Entry:
+        """The plain :class:`~chainfold.log.Entry`."""
+        return Entry(self.message_id, self.key, self.publish_time, self.event_time, self.payload)
+
+    def __str__(self) -> str:
+        return str(self.message_id)
+
+    def __repr__(self) -> str:
+        return repr(self.to_entry())
+
+
+_new_entry = tuple.__new__
+
+
+def _native(m: MessageId | None, partition: int) -> object | None:
+    """The pulsar-client message id of ``m`` (compared natively: ledger, entry, batch)."""
+    return None if m is None else pulsar.MessageId(partition, m.ledger, m.entry, m.batch)._msg_id
+
+
 class _PulsarReader(LogReader):
+    """Entries of one partition. Redeliveries are told apart by comparing message ids inside
+    pulsar-client (one call per message), and entries are :class:`_PulsarEntry` (lazy metadata).
+
+    A reader that receives nothing while the broker says messages are available is re-created
+    after the last entry yielded: pulsar-lite can leave a reader subscribed right after another
+    one closed without ever dispatching to it.
+    """
+
+    lazy_ids = True
+    """Entries' ``str()`` is their message id (see :class:`_PulsarEntry`)."""
+
     def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self._client = client
@@ -52,12 +116,27 @@ class _PulsarReader(LogReader):
         self._retry = retry_seconds
         self._reader: pulsar.Reader | None = None
         self._open_error: BaseException | None = None
+        self._last_native: object | None = None
         self.reconnects = 0
+        self.stalls = 0
+
+    @property  # type: ignore[override]
+    def last(self) -> MessageId | None:
+        """The message id of the last entry yielded."""
+        n = self._last_native
+        if n is None:
+            return None
+        return MessageId(n.ledger_id(), n.entry_id(), n.partition(), n.batch_index())
+
+    @last.setter
+    def last(self, value: MessageId | None) -> None:
+        self._last_native = _native(value, self._partition) if value is not None else None
 
     def _open(self) -> None:
         p = self._partition
-        if self.last is not None:  # resume strictly after what was yielded
-            m = self.last
+        last = self.last
+        if last is not None:  # resume strictly after what was yielded
+            m = last
             start, inclusive = pulsar.MessageId(p, m.ledger, m.entry, m.batch), False
         elif self.after is not None:
             m = self.after
@@ -67,8 +146,9 @@ class _PulsarReader(LogReader):
             start, inclusive = pulsar.MessageId(p, m.ledger, m.entry, m.batch), True
         else:
             start, inclusive = pulsar.MessageId.earliest, False
+        queue = _RECEIVER_QUEUE if self.limit is None else max(100, min(self.limit, _RECEIVER_QUEUE))
         self._reader = self._client.create_reader(
-            self._topic, start, receiver_queue_size=_RECEIVER_QUEUE, start_message_id_inclusive=inclusive
+            self._topic, start, receiver_queue_size=queue, start_message_id_inclusive=inclusive
         )
 
     def close(self) -> None:
@@ -101,46 +181,97 @@ class _PulsarReader(LogReader):
             self._open_error = err  # the next read fails again and comes back here
         return deadline
 
-    def _raw(self) -> Iterator[Entry]:
+    def _raw(self) -> Iterator[Entry]:  # pragma: no cover - __iter__ reads directly
+        return iter(self)
+
+    def __iter__(self) -> Iterator[Entry]:  # type: ignore[override]
+        # LogReader.__iter__'s contract, fused with the reading loop: this runs once per message.
+        p = self._partition
+        start = _native(self.start, p)
+        until = _native(self.until, p)
+        until_time = self.until_time
+        limit = self.limit
+        if limit is not None and limit <= 0:
+            return
+        last = _native(self.after, p)  # the filter: nothing at or before it is yielded
+        got = self._last_native
+        count = self.count
+        new = _new_entry
+        E = _PulsarEntry
         deadline: float | None = None
+        idle = 0
+
+        def sync() -> None:
+            self._last_native = got
+            self.count = count
+
         try:
-            self._open()
-        except _PulsarException as exc:
-            deadline = self._recover(exc, deadline)
-        MID = MessageId
-        ENTRY = Entry
-        while True:
-            reader = self._reader
-            if reader is None:
-                deadline = self._recover(self._open_error or RuntimeError("cannot open a reader"), deadline)
-                continue
-            raw = reader._reader
             try:
-                while True:
-                    m = raw.read_next(_READ_TIMEOUT_MS)
-                    mid = m.message_id()
-                    yield ENTRY(
-                        MID(mid.ledger_id(), mid.entry_id(), mid.partition(), mid.batch_index()),
-                        m.partition_key() or None,
-                        m.publish_timestamp(),
-                        m.event_timestamp() or None,
-                        m.data(),
-                    )
-                    deadline = None
-            except _Timeout:
-                try:
-                    if not reader.has_message_available():
-                        return
-                except _CONNECTION_ERRORS as exc:
-                    deadline = self._recover(exc, deadline)
-                except _PulsarException as exc:
-                    # pulsar-lite cannot answer getLastMessageId on a topic that holds nothing yet
-                    if self.last is None and reader.is_connected():
-                        log.debug("%s: no last message id (%s): treating the topic as empty", self._topic, exc)
-                        return
-                    deadline = self._recover(exc, deadline)
+                self._open()
             except _PulsarException as exc:
+                self._open_error = exc
                 deadline = self._recover(exc, deadline)
+            while True:
+                reader = self._reader
+                if reader is None:
+                    sync()
+                    deadline = self._recover(self._open_error or RuntimeError("cannot open a reader"), deadline)
+                    continue
+                read_next = reader._reader.read_next
+                try:
+                    while True:
+                        m = read_next(_READ_TIMEOUT_MS)
+                        idle = 0
+                        mid = m.message_id()
+                        if last is not None and mid <= last:
+                            if count:  # before the first yield it is positioning, not redelivery
+                                self.redelivered += 1
+                            continue
+                        if start is not None and mid < start:
+                            continue
+                        if until_time is not None and m.publish_timestamp() > until_time:
+                            return
+                        last = got = self._last_native = mid
+                        count += 1
+                        self.count = count
+                        yield new(E, (m.data(), m, mid))
+                        deadline = None
+                        if until is not None and mid >= until:
+                            return
+                        if limit is not None and count >= limit:
+                            return
+                except _Timeout:
+                    sync()
+                    try:
+                        if not reader.has_message_available():
+                            return
+                    except _CONNECTION_ERRORS as exc:
+                        deadline = self._recover(exc, deadline)
+                        continue
+                    except _PulsarException as exc:
+                        # pulsar-lite cannot answer getLastMessageId on a topic that holds nothing yet
+                        if got is None and reader.is_connected():
+                            log.debug("%s: no last message id (%s): treating the topic as empty", self._topic, exc)
+                            return
+                        deadline = self._recover(exc, deadline)
+                        continue
+                    idle += 1
+                    if idle >= _STALL_TIMEOUTS:  # messages are there, but none arrive: re-create the reader
+                        log.info("%s: reader stalled after %s; re-creating it", self._topic, self.last)
+                        idle = 0
+                        self.stalls += 1
+                        self.close()
+                        try:
+                            self._open()
+                        except _PulsarException as exc:
+                            self._open_error = exc
+                            deadline = self._recover(exc, deadline)
+                except _PulsarException as exc:
+                    sync()
+                    deadline = self._recover(exc, deadline)
+        finally:
+            sync()
+            self.close()
 
 
 class PulsarLog(EventLog):

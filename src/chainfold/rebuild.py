@@ -50,6 +50,9 @@ class RebuildResult:
     written: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    workers: int = 1
+    worker_peak_rss: list[int] = field(default_factory=list)
+    """Peak resident memory (bytes) of each worker process, when rebuilt in parallel."""
 
     @property
     def from_snapshot(self) -> int | None:
@@ -81,6 +84,7 @@ class RebuildResult:
             "redeliveries_dropped": sum(s.redelivered for s in self.scans),
             "notes": self.notes,
             "seconds": round(self.seconds, 3),
+            **({"workers": self.workers} if self.workers > 1 else {}),
         }
 
 
@@ -148,7 +152,7 @@ def _remaining_agrees(elog: EventLog, part: str, recorded: list[Checkpoint], ear
     return None
 
 
-def rebuild(
+def _prepare(
     elog: EventLog,
     model: Model,
     *,
@@ -163,13 +167,9 @@ def rebuild(
     streams: frozenset[str] | None = None,
     max_snapshot_entries: int | None = None,
     on_progress: Callable[[int], None] | None = None,
-) -> RebuildResult:
-    """Rebuild the states of ``elog`` with ``model``; see the module docstring.
-
-    ``streams`` restricts folding to those streams (targeted repair); snapshots are then neither
-    written nor required to be complete for other streams. ``max_snapshot_entries`` ignores
-    snapshots covering more entries (repair replays from before a divergence).
-    """
+) -> _Replay:
+    """Everything :func:`rebuild` decides before folding: records, the snapshot to start from
+    (or why each was rejected), lost history."""
     t0 = time.monotonic()
     parts = elog.partitions()
     tdir = topic_dir(snapshots_root, elog.topic)
@@ -278,19 +278,51 @@ def rebuild(
         positions = {pos.partition: pos for pos in chosen.partitions}
         log.info("using snapshot %s (%d entries)", result.snapshot_path, chosen.entries)
 
-    # Fold partition by partition, snapshotting every ``snapshot_every`` entries and at the end.
-    scans = result.scans
-    done_positions: dict[str, PartitionPosition] = dict(positions)
-    progress_base = 0
-    last_total = [chosen.entries if chosen is not None else 0]
+    return _Replay(
+        t0=t0, elog=elog, model=model, parts=parts, records=records, seg=seg, store=store, folder=folder,
+        result=result, chosen=chosen, positions=positions, write_snapshots=write_snapshots,
+        snapshot_every=snapshot_every, until=until, until_time=until_time, on_progress=on_progress,
+    )
 
-    def take_snapshot(current: str, chain: ChainBuilder, last: MessageId | None) -> None:
-        cur = dict(done_positions)
+
+@dataclass
+class _Replay:
+    """A rebuild between deciding where to start and the end: what folding needs, and the final
+    snapshot. :func:`rebuild` folds serially; :func:`chainfold.parallel.parallel_rebuild` in
+    worker processes."""
+
+    t0: float
+    elog: EventLog
+    model: Model
+    parts: list[str]
+    records: dict[str, PartitionRecord]
+    seg: int
+    store: SnapshotStore
+    folder: Folder
+    result: RebuildResult
+    chosen: Snapshot | None
+    positions: dict[str, PartitionPosition]
+    write_snapshots: bool
+    snapshot_every: int
+    until: MessageId | None
+    until_time: int | None
+    on_progress: Callable[[int], None] | None
+    done_positions: dict[str, PartitionPosition] = field(default_factory=dict)
+    last_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.done_positions = dict(self.positions)
+        self.last_total = self.chosen.entries if self.chosen is not None else 0
+
+    def take_snapshot(self, current: str, chain: ChainBuilder, last: MessageId | None) -> None:
+        """Write a snapshot of the folder's states, ``current`` being at ``chain`` after ``last``."""
+        folder, model, chosen, seg = self.folder, self.model, self.chosen, self.seg
+        cur = dict(self.done_positions)
         st = chain.state()
         cur[current] = PartitionPosition(current, chain.size, str(last) if last is not None else None, st)
-        ordered = tuple(cur.get(p) or PartitionPosition(p, 0, None, ChainBuilder(seg).state()) for p in parts)
+        ordered = tuple(cur.get(p) or PartitionPosition(p, 0, None, ChainBuilder(seg).state()) for p in self.parts)
         snap = Snapshot(
-            topic=elog.topic,
+            topic=self.elog.topic,
             partitions=ordered,
             model_name=model.name,
             model_fingerprint=model.fingerprint,
@@ -301,48 +333,100 @@ def rebuild(
             stats={"malformed": len(folder.malformed) + (chosen.stats.get("malformed", 0) if chosen else 0),
                    "duplicates": len(folder.duplicates) + (chosen.stats.get("duplicates", 0) if chosen else 0)},
         )
-        path = store.write(snap)
-        last_total[0] = snap.entries
-        result.written.append(str(path))
+        path = self.store.write(snap)
+        self.last_total = snap.entries
+        self.result.written.append(str(path))
 
-    for p in parts:
-        pos = positions.get(p)
+    def start_of(self, p: str) -> tuple[ChainBuilder | None, MessageId | None]:
+        """Where folding partition ``p`` starts: the snapshot's chain and last message id, or nothing."""
+        pos = self.positions.get(p)
         chain = ChainBuilder.from_state(pos.chain) if pos is not None and pos.entries else None
         after = MessageId.parse(pos.message_id) if pos is not None and pos.message_id else None
-        base = progress_base
+        return chain, after
 
-        def progress(n: int, base: int = base) -> None:
-            if on_progress is not None:
-                on_progress(base + n)
-
-        hook = None
-        if write_snapshots and snapshot_every > 0:
-            def hook(chain: ChainBuilder, last: MessageId, p: str = p) -> None:
-                take_snapshot(p, chain, last)
-
-        scan = scan_partition(
-            elog, p, record=records[p], chain=chain, after=after, folder=folder, segment_size=seg,
-            until=until, until_time=until_time, on_progress=progress,
-            every=(snapshot_every, hook) if hook is not None else None,
-            write_record=until is None and until_time is None,
-        )
-        scans.append(scan)
-        progress_base += scan.read
-        done_positions[p] = PartitionPosition(
+    def scanned(self, p: str, scan: PartitionScan) -> None:
+        """Record that partition ``p`` was folded to the end of ``scan``."""
+        pos = self.positions.get(p)
+        self.result.scans.append(scan)
+        self.done_positions[p] = PartitionPosition(
             p, scan.chain.size, str(scan.last) if scan.last is not None else (pos.message_id if pos else None),
             scan.chain.state(),
         )
         if scan.mismatch is not None:
-            notes.append(f"{p}: the log differs from its recorded checkpoints at entry {scan.mismatch.index} "
-                         f"({scan.mismatch.reason}); run `chainfold verify` for details")
-    total = sum(pos.entries for pos in done_positions.values())
-    if write_snapshots and sum(s.read for s in scans) > 0 and total != last_total[0]:
-        ordered_last = parts[-1]
-        last_scan = scans[-1]
-        take_snapshot(ordered_last, last_scan.chain, last_scan.last or (
-            MessageId.parse(done_positions[ordered_last].message_id) if done_positions[ordered_last].message_id else None))
-    result.seconds = time.monotonic() - t0
-    return result
+            self.result.notes.append(
+                f"{p}: the log differs from its recorded checkpoints at entry {scan.mismatch.index} "
+                f"({scan.mismatch.reason}); run `chainfold verify` for details")
+
+    def fold_serially(self) -> None:
+        """Fold partition by partition, snapshotting every ``snapshot_every`` entries."""
+        progress_base = 0
+        on_progress = self.on_progress
+        for p in self.parts:
+            chain, after = self.start_of(p)
+            base = progress_base
+
+            def progress(n: int, base: int = base) -> None:
+                if on_progress is not None:
+                    on_progress(base + n)
+
+            hook = None
+            if self.write_snapshots and self.snapshot_every > 0:
+                def hook(chain: ChainBuilder, last: MessageId, p: str = p) -> None:
+                    self.take_snapshot(p, chain, last)
+
+            scan = scan_partition(
+                self.elog, p, record=self.records[p], chain=chain, after=after, folder=self.folder,
+                segment_size=self.seg, until=self.until, until_time=self.until_time, on_progress=progress,
+                every=(self.snapshot_every, hook) if hook is not None else None,
+                write_record=self.until is None and self.until_time is None,
+            )
+            self.scanned(p, scan)
+            progress_base += scan.read
+
+    def finish(self) -> RebuildResult:
+        """The snapshot at the end (unless the last periodic one is there already), and the result."""
+        scans = self.result.scans
+        total = sum(pos.entries for pos in self.done_positions.values())
+        if self.write_snapshots and sum(s.read for s in scans) > 0 and total != self.last_total:
+            ordered_last = self.parts[-1]
+            last_scan = scans[-1]
+            last_mid = self.done_positions[ordered_last].message_id
+            self.take_snapshot(ordered_last, last_scan.chain, last_scan.last or (
+                MessageId.parse(last_mid) if last_mid else None))
+        self.result.seconds = time.monotonic() - self.t0
+        return self.result
+
+
+def rebuild(
+    elog: EventLog,
+    model: Model,
+    *,
+    snapshots_root: Path,
+    full: bool = False,
+    until: MessageId | None = None,
+    until_time: int | None = None,
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+    keep: int = 3,
+    write_snapshots: bool = True,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    streams: frozenset[str] | None = None,
+    max_snapshot_entries: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> RebuildResult:
+    """Rebuild the states of ``elog`` with ``model``; see the module docstring.
+
+    ``streams`` restricts folding to those streams (targeted repair); snapshots are then neither
+    written nor required to be complete for other streams. ``max_snapshot_entries`` ignores
+    snapshots covering more entries (repair replays from before a divergence).
+    """
+    replay = _prepare(
+        elog, model, snapshots_root=snapshots_root, full=full, until=until, until_time=until_time,
+        snapshot_every=snapshot_every, keep=keep, write_snapshots=write_snapshots,
+        segment_size=segment_size, streams=streams, max_snapshot_entries=max_snapshot_entries,
+        on_progress=on_progress,
+    )
+    replay.fold_serially()
+    return replay.finish()
 
 
 def states_digest(states: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +155,45 @@ def topic_head(scans: list[PartitionScan]) -> bytes:
     return h.digest()
 
 
+_RECORD_BATCH = 64  # segments recorded per write + fsync
+
+
+class _Segments:
+    """The current segment while scanning: its leaf hashes and entries, and the chain they go into
+    (read by :meth:`chainfold.fold.Folder.feed`, which hashes and folds in one loop)."""
+
+    __slots__ = ("chain", "leaves", "entries", "close_segment", "lazy_ids")
+
+    def __init__(self, chain: ChainBuilder) -> None:
+        self.chain = chain
+        self.leaves: list[bytes] = []
+        self.entries: list[Entry] = []
+        self.close_segment: Callable[[Checkpoint], None] = lambda cp: None
+        self.lazy_ids = False  # entries' str() is their message id (cheaper than .message_id)
+
+
+def _hash_only(reader: Iterable[Entry], seg: _Segments, next_stop: int,
+               on_stop: Callable[[int, Entry], int]) -> None:
+    """The scan without a fold: hash every entry into ``seg``."""
+    sha = hashlib.sha256
+    add_leaf = seg.chain.add_leaf
+    leaves_add = seg.leaves.append
+    entries_add = seg.entries.append
+    close_segment = seg.close_segment
+    lazy = seg.lazy_ids
+    n = 0
+    for e in reader:
+        leaf = sha(b"\x00" + e.payload).digest()
+        leaves_add(leaf)
+        entries_add(e)
+        cp = add_leaf(leaf, e if lazy else e.message_id)
+        if cp is not None:
+            close_segment(cp)
+        n += 1
+        if n == next_stop:
+            next_stop = on_stop(n, e)
+
+
 def _event_id(payload: bytes) -> str | None:
     try:
         return decode(payload).id
@@ -214,8 +253,9 @@ def scan_partition(
 
     # The current segment's entries (for leaves and for naming a mismatching entry). When resuming
     # inside a segment, re-read its first part so the segment is complete (and checked) again.
-    seg_entries: list[Entry] = []
-    seg_leaves: list[bytes] = []
+    seg = _Segments(chain)
+    seg_entries = seg.entries
+    seg_leaves = seg.leaves
     offset = chain.size % S
     if offset:
         st = chain.state()
@@ -229,14 +269,16 @@ def scan_partition(
         if len(seg_entries) != offset or refill.state()["segment_frontier"] != st["segment_frontier"]:
             log.warning("%s: entries before the snapshot position in segment %d changed or are gone",
                         partition, chain.size // S)
-            seg_entries, seg_leaves = [], []
+            seg_entries.clear()
+            seg_leaves.clear()
             write_record = False
 
     cps = scan.checkpoints
-    sha = hashlib.sha256
-    add_leaf = chain.add_leaf
     mismatch: Mismatch | None = None
     n_file = n_full_recorded  # full segments in the checkpoint file
+    # Segments to record, written (and fsynced) together every _RECORD_BATCH segments.
+    unwritten_cps: list[Checkpoint] = []
+    unwritten_leaves: list[bytes] = []
 
     def name(index: int, k: int, ents: list[Entry], reason: str, comparisons: int) -> Mismatch:
         j = index - k * S
@@ -274,8 +316,18 @@ def scan_partition(
         assert rec.head != cp.head
         return name(d.index, k, ents, reason, d.comparisons)
 
+    def flush_record() -> None:
+        nonlocal n_file
+        if unwritten_cps and record is not None:
+            record.write_leaves(unwritten_cps[0].segment * S, unwritten_leaves)
+            record.checkpoints.append(unwritten_cps)
+            n_file += len(unwritten_cps)
+            scan.recorded_new += len(unwritten_cps)
+        unwritten_cps.clear()
+        unwritten_leaves.clear()
+
     def close_segment(cp: Checkpoint) -> None:
-        nonlocal mismatch, n_file
+        nonlocal mismatch
         k = cp.segment
         cps.append(cp)
         if mismatch is None and k < len(recorded):
@@ -287,54 +339,63 @@ def scan_partition(
                 m = first_difference(k, seg_leaves, seg_entries, f"segment {k} differs from the provisional checkpoint recorded for it")
                 if m.index < rec.size:
                     mismatch = m
-        if write_record and mismatch is None and record is not None and k == n_file:
-            record.write_leaves(k * S, seg_leaves)
-            record.checkpoints.append([cp])
-            n_file += 1
-            scan.recorded_new += 1
+        if write_record and mismatch is None and record is not None and k == n_file + len(unwritten_cps):
+            unwritten_cps.append(cp)
+            unwritten_leaves.extend(seg_leaves)
+            if len(unwritten_cps) >= _RECORD_BATCH:
+                flush_record()
+        seg_leaves.clear()
+        seg_entries.clear()
 
-    def entries() -> Iterator[Entry]:
-        nonlocal seg_entries, seg_leaves
-        reader = elog.read(partition, after=after, until=until, until_time=until_time)
-        n = 0
-        every_n, every_hook = every if every is not None else (0, None)
-        pending_probes = sorted(p for p in (probes or ()) if p > chain.size)
-        next_probe = pending_probes.pop(0) if pending_probes else -1
-        if probes and chain.size in probes:
-            scan.probed[chain.size] = chain.state()
-        try:
-            for e in reader:
-                leaf = sha(b"\x00" + e.payload).digest()
-                seg_leaves.append(leaf)
-                seg_entries.append(e)
-                cp = add_leaf(leaf, e.message_id)
-                if cp is not None:
-                    close_segment(cp)
-                    seg_leaves = []
-                    seg_entries = []
-                n += 1
-                if chain.size == next_probe:
-                    scan.probed[next_probe] = chain.state()
-                    next_probe = pending_probes.pop(0) if pending_probes else -1
-                if on_progress is not None and not n % progress_every:
-                    on_progress(n)
-                yield e
-                if every_n and not n % every_n:
-                    every_hook(chain, e.message_id)
-        finally:
-            scan.redelivered = reader.redelivered
-            scan.read = n
-            if reader.last is not None:
-                scan.last = reader.last
-            if on_progress is not None:
-                on_progress(n)
+    seg.close_segment = close_segment
 
-    if folder is not None:
-        folder.index = chain.size  # indexes in reports are positions in this partition
-        folder.feed(entries(), trace=trace)
-    else:
-        for _ in entries():
-            pass
+    # What happens between entries, at given counts: progress, probes, periodic hooks.
+    start_size = chain.size
+    every_n, every_hook = every if every is not None else (0, None)
+    pending_probes = sorted(p - start_size for p in set(probes or ()) if p > start_size)
+    if probes and start_size in probes:
+        scan.probed[start_size] = chain.state()
+    report_every = progress_every if on_progress is not None else 0
+
+    def next_stop_after(n: int) -> int:
+        cands = [c for c in (
+            (n // report_every + 1) * report_every if report_every else 0,
+            (n // every_n + 1) * every_n if every_n else 0,
+            pending_probes[0] if pending_probes else 0,
+        ) if c > n]
+        return min(cands) if cands else -1
+
+    def on_stop(n: int, e: Entry) -> int:
+        while pending_probes and pending_probes[0] <= n:
+            if pending_probes.pop(0) == n:
+                scan.probed[start_size + n] = chain.state()
+        if report_every and not n % report_every:
+            on_progress(n)  # type: ignore[misc]
+        if every_n and not n % every_n:
+            flush_record()
+            every_hook(chain, e.message_id)  # type: ignore[misc]
+        return next_stop_after(n)
+
+    reader = elog.read(partition, after=after, until=until, until_time=until_time)
+    seg.lazy_ids = bool(getattr(reader, "lazy_ids", False))
+    try:
+        if folder is not None:
+            folder.index = chain.size  # indexes in reports are positions in this partition
+            folder.feed(reader, trace=trace, hasher=seg, stops=(next_stop_after(0), on_stop))
+        else:
+            _hash_only(reader, seg, next_stop_after(0), on_stop)
+    finally:
+        n = chain.size - start_size
+        scan.redelivered = reader.redelivered
+        scan.read = n
+        if reader.last is not None:
+            scan.last = reader.last
+        flush_record()
+        if on_progress is not None:
+            on_progress(n)
+
+    if seg.lazy_ids:  # the chain holds the last entries as their ids: keep just the text
+        chain = scan.chain = ChainBuilder.from_state(chain.state())
 
     # The end of the log: check the partial segment, and notice recorded entries that are gone.
     size = chain.size
@@ -346,7 +407,8 @@ def scan_partition(
                              f"segment {k} differs from the checkpoint recorded for it")
         if m.index < min(size, rec.size):
             mismatch = m
-        elif size < rec.size or len(recorded) > k + 1:
+        elif until is None and until_time is None and (size < rec.size or len(recorded) > k + 1):
+            # (a scan told to stop early did not read to the end: what follows is not gone)
             mismatch = Mismatch(size, k, None, None, f"entries recorded earlier are gone (log ends at {size})",
                                 m.comparisons)
     scan.mismatch = mismatch

@@ -42,6 +42,9 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     snapshots_checked: int = 0
     comparisons: int = 0
+    workers: int = 1
+    worker_peak_rss: list[int] = field(default_factory=list)
+    """Peak resident memory (bytes) of each worker process, when verified in parallel."""
 
     @property
     def intact(self) -> bool:
@@ -75,6 +78,8 @@ class VerifyReport:
         out["snapshots_checked"] = self.snapshots_checked
         out["redeliveries_dropped"] = sum(s.redelivered for s in self.scans)
         out["notes"] = self.notes
+        if self.workers > 1:
+            out["workers"] = self.workers
         return out
 
 
@@ -133,31 +138,38 @@ def verify_log(
         scan = scan_partition(elog, part, record=record, segment_size=segment_size,
                               probes=[p for p, _, _ in mine], on_progress=progress)
         done += scan.entries
-        scans.append(scan)
-        if scan.record_error:
-            report.notes.append(scan.record_error)
-        if scan.mismatch is not None and report.mismatch is None:
-            report.mismatch = scan.mismatch
-            report.mismatch_partition = part
-            report.comparisons = scan.mismatch.comparisons
-        for entries, state, path in mine:
-            report.snapshots_checked += 1
-            got = scan.probed.get(entries)
-            if got is None:
-                m = Mismatch(scan.entries, scan.entries // scan.chain.segment_size, None, None,
-                             f"snapshot {path} covers {entries} entries; the log now has {scan.entries}")
-            elif got["head"] != state.get("head") or got["segment_frontier"] != state.get("segment_frontier"):
-                k = entries // scan.chain.segment_size
-                m = Mismatch(k * scan.chain.segment_size, k, None, None,
-                             f"snapshot {path} recorded another chain at entry {entries}")
-            else:
-                continue
-            report.notes.append(m.reason)
-            if report.mismatch is None or m.index < report.mismatch.index:
-                if report.mismatch is None or report.mismatch_partition == part:
-                    report.mismatch = m
-                    report.mismatch_partition = part
+        conclude_partition(report, part, scan, mine)
     return report
+
+
+def conclude_partition(report: VerifyReport, part: str, scan: PartitionScan,
+                       probes: list[tuple[int, dict, str]]) -> None:
+    """Add partition ``part``'s scan to ``report``: its mismatch, and how the chain states that
+    snapshots recorded (``probes``, see :func:`_snapshot_probes`) compare with the log."""
+    report.scans.append(scan)
+    if scan.record_error:
+        report.notes.append(scan.record_error)
+    if scan.mismatch is not None and report.mismatch is None:
+        report.mismatch = scan.mismatch
+        report.mismatch_partition = part
+        report.comparisons = scan.mismatch.comparisons
+    for entries, state, path in probes:
+        report.snapshots_checked += 1
+        got = scan.probed.get(entries)
+        if got is None:
+            m = Mismatch(scan.entries, scan.entries // scan.chain.segment_size, None, None,
+                         f"snapshot {path} covers {entries} entries; the log now has {scan.entries}")
+        elif got["head"] != state.get("head") or got["segment_frontier"] != state.get("segment_frontier"):
+            k = entries // scan.chain.segment_size
+            m = Mismatch(k * scan.chain.segment_size, k, None, None,
+                         f"snapshot {path} recorded another chain at entry {entries}")
+        else:
+            continue
+        report.notes.append(m.reason)
+        if report.mismatch is None or m.index < report.mismatch.index:
+            if report.mismatch is None or report.mismatch_partition == part:
+                report.mismatch = m
+                report.mismatch_partition = part
 
 
 def _segment_leaves(elog: EventLog, part: str, cp: Checkpoint) -> tuple[list[bytes], list[Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -44,23 +45,38 @@ def write_state_export(path: str, states: dict) -> None:
               help="Take a snapshot every N entries (0: only at the end).")
 @click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True, help="Snapshots kept per topic.")
 @click.option("--no-snapshots", is_flag=True, help="Write no snapshots.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes: one per partition, or key shards of one topic (then only the "
+                   "final snapshot is taken).")
 @snapshots_option
 @broker_options
 @json_option
 def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str | None, snapshot_every: int,
-            keep: int, no_snapshots: bool, snapshots_dir: str, broker, as_json: bool) -> None:
+            keep: int, no_snapshots: bool, workers: int, snapshots_dir: str, broker, as_json: bool) -> None:
     """Rebuild every stream's state by folding TOPIC from the newest valid snapshot (or from the
     start with --full). Duplicated event ids fold once; malformed entries are reported, not folded."""
 
     def body() -> int:
         model = load_model(model_ref)
         until_id, until_time = _parse_until(until)
-        with open_log(topic, broker) as log, progress(f"rebuild {log.topic}") as update:
-            result = rebuild_log(
-                log, model, snapshots_root=Path(snapshots_dir), full=full, until=until_id,
-                until_time=until_time, snapshot_every=snapshot_every if not no_snapshots else 0,
-                keep=keep, write_snapshots=not no_snapshots, on_progress=update,
-            )
+        if workers > 1:
+            from ..broker import resolve_url
+            from ..parallel import PulsarSource, parallel_rebuild
+
+            source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
+            with progress(f"rebuild {topic} ({workers} workers)") as update:
+                result = parallel_rebuild(
+                    source, model_ref, workers=workers, snapshots_root=Path(snapshots_dir), full=full,
+                    until=until_id, until_time=until_time, keep=keep, write_snapshots=not no_snapshots,
+                    on_progress=update,
+                )
+        else:
+            with open_log(topic, broker) as log, progress(f"rebuild {log.topic}") as update:
+                result = rebuild_log(
+                    log, model, snapshots_root=Path(snapshots_dir), full=full, until=until_id,
+                    until_time=until_time, snapshot_every=snapshot_every if not no_snapshots else 0,
+                    keep=keep, write_snapshots=not no_snapshots, on_progress=update,
+                )
         if out:
             write_state_export(out, result.folder.rendered())
         doc = result.to_json()

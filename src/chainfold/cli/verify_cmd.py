@@ -33,12 +33,14 @@ segment_option = click.option("--segment-size", type=int, default=DEFAULT_SEGMEN
 @click.option("--against", metavar="OTHER", help="Compare with another log (e.g. a copy in another cluster).")
 @click.option("--against-service-url", metavar="URL", help="Broker of OTHER, if not the same.")
 @click.option("--reset", is_flag=True, help="Discard the recorded checkpoints and record the log as it is now.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes: one per partition, or ranges of the recorded segments of one topic.")
 @segment_option
 @snapshots_option
 @broker_options
 @json_option
-def verify(topic: str, against: str | None, against_service_url: str | None, reset: bool, segment_size: int,
-           snapshots_dir: str, broker, as_json: bool) -> None:
+def verify(topic: str, against: str | None, against_service_url: str | None, reset: bool, workers: int,
+           segment_size: int, snapshots_dir: str, broker, as_json: bool) -> None:
     """Recompute the hashes over TOPIC and compare them with the checkpoints recorded on earlier reads
     and with the snapshots' recorded chains (or with another log, --against). Names the first entry
     that differs. Exit 0 intact, 1 mismatch."""
@@ -60,6 +62,16 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                         report = compare_logs(log, other, segment_size=segment_size, on_progress=update)
                     finally:
                         other.close()
+                elif workers > 1:
+                    import dataclasses
+
+                    from ..broker import resolve_url
+                    from ..parallel import PulsarSource, parallel_verify
+
+                    source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
+                    report = parallel_verify(source, topic_dir(Path(snapshots_dir), log.topic), workers=workers,
+                                             snapshots_root=Path(snapshots_dir), segment_size=segment_size,
+                                             reset=reset, on_progress=update)
                 else:
                     report = verify_log(log, topic_dir(Path(snapshots_dir), log.topic),
                                         snapshots_root=Path(snapshots_dir), segment_size=segment_size,
