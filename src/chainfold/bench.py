@@ -28,13 +28,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,56 +69,8 @@ def peak_rss_mb() -> float:
 
 
 def story(n_events: int, n_streams: int, seed: int, start_time_ms: int = 1_700_000_000_000) -> Iterator[dict[str, Any]]:
-    """:func:`chainfold.examples.accounts.generate`, one event at a time: the same events for the same
-    arguments, in memory O(n_events) machine ints (not O(n_events) dicts), so 10M events fit."""
-    a = accounts
-    rng = random.Random(seed)
-    if n_events < 0 or n_streams < 1:
-        raise ValueError("need n_events >= 0 and n_streams >= 1")
-    first = min(n_streams, n_events)
-    slots = array("l", range(first))
-    randrange = rng.randrange
-    slots.extend(randrange(n_streams) for _ in range(n_events - first))
-    rng.shuffle(slots)  # type: ignore[arg-type]  # the same swaps as on the list generate() shuffles
-    remaining = array("l", [0]) * n_streams
-    for s in slots:
-        remaining[s] += 1
-    states: list[dict[str, Any] | None] = [None] * n_streams
-    closing = [False] * n_streams
-    width = max(4, len(str(n_streams)))
-    t = start_time_ms
-    apply, initial, Ev = a.apply, a.initial, a._Ev
-    for n, k in enumerate(slots, 1):
-        t += rng.randint(0, 40)
-        st = states[k]
-        left = remaining[k]
-        remaining[k] = left - 1
-        if st is None:
-            etype = "Opened"
-            data: dict[str, Any] = {"owner": f"{rng.choice(a._FIRST)} {rng.choice(a._LAST)}"}
-            currency = rng.choices(a._CURRENCIES, a._CURRENCY_WEIGHTS)[0]
-            if currency != a._DEFAULT_CURRENCY:
-                data["currency"] = currency
-            closing[k] = left >= 4 and rng.random() < 0.05
-            st = initial("")
-        elif closing[k] and left == 1:
-            etype, data = "Closed", {}
-        elif closing[k] and left == 2 and st["balance"] > 0:
-            etype, data = "Withdrawn", {"amount": st["balance"]}
-        else:
-            balance = st["balance"]
-            r = rng.random()
-            if balance <= 0 or r < 0.52:
-                etype = "Deposited"
-                data = {"amount": rng.randint(1, 2500) * 100 + rng.choice((0, 0, 0, 50, 99))}
-            elif r < 0.94:
-                etype = "Withdrawn"
-                data = {"amount": min(balance, rng.randint(1, 800) * 100 + rng.choice((0, 0, 25)))}
-            else:
-                etype, data = "FeeCharged", {"amount": rng.choice(a._FEES)}
-        ev_id = f"evt-{seed}-{n}"
-        states[k] = apply(st, Ev(ev_id, etype, data))
-        yield {"id": ev_id, "stream": f"acct-{k + 1:0{width}d}", "type": etype, "time": t, "data": data}
+    """:func:`chainfold.examples.accounts.generate`, one event at a time (so 10M events fit)."""
+    return accounts.iter_events(n_events, n_streams, seed, start_time_ms)
 
 
 def publish_story(service_url: str, topic: str, n: int, k: int, seed: int, chunk: int = 20_000) -> tuple[float, str]:

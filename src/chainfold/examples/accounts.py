@@ -31,6 +31,8 @@ object (``--model chainfold.examples.accounts:model``).
 from __future__ import annotations
 
 import random
+from array import array
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["version", "initial", "apply", "render", "model", "generate", "EVENT_TYPES"]
@@ -158,26 +160,26 @@ def _slots(rng: random.Random, n_events: int, n_streams: int) -> list[int]:
     return slots
 
 
-def generate(
+def iter_events(
     n_events: int, n_streams: int, seed: int, start_time_ms: int = 1_700_000_000_000
-) -> list[dict[str, Any]]:
-    """``n_events`` realistic account events over ``n_streams`` accounts, the same list for the same
-    arguments: JSON Lines ready dicts ``{"id", "stream", "type", "time", "data"}``.
-
-    Ids are ``evt-<seed>-<n>`` (n from 1), streams ``acct-0001``...; each account opens with its
-    first event; then mostly deposits and withdrawals (never beyond the balance), now and then a
-    fee, and a few accounts are paid out and closed at their end. Every event is accepted by the
-    model (nothing is ``rejected`` or ``ignored``). Times increase by 0-40 ms per event.
-    """
+) -> Iterator[dict[str, Any]]:
+    """The events of :func:`generate`, one at a time, in O(streams + events/8) memory (the
+    stream of each position is kept in a typed array): for stories too large for a list."""
+    if n_events < 0 or n_streams < 1:
+        raise ValueError("need n_events >= 0 and n_streams >= 1")
     rng = random.Random(seed)
-    slots = _slots(rng, n_events, n_streams)
-    remaining = [0] * n_streams
+    # as _slots, in a typed array (the same draws and the same shuffle swaps)
+    first = min(n_streams, n_events)
+    slots = array("l", range(first))
+    randrange = rng.randrange
+    slots.extend(randrange(n_streams) for _ in range(n_events - first))
+    rng.shuffle(slots)  # type: ignore[arg-type]
+    remaining = array("l", [0]) * n_streams
     for s in slots:
         remaining[s] += 1
     states: list[dict[str, Any] | None] = [None] * n_streams
     closing = [False] * n_streams
     width = max(4, len(str(n_streams)))
-    out: list[dict[str, Any]] = []
     t = start_time_ms
     for n, k in enumerate(slots, 1):
         t += rng.randint(0, 40)
@@ -208,10 +210,22 @@ def generate(
             else:
                 etype, data = "FeeCharged", {"amount": rng.choice(_FEES)}
         ev_id = f"evt-{seed}-{n}"
-        stream = f"acct-{k + 1:0{width}d}"
         states[k] = apply(st, _Ev(ev_id, etype, data))
-        out.append({"id": ev_id, "stream": stream, "type": etype, "time": t, "data": data})
-    return out
+        yield {"id": ev_id, "stream": f"acct-{k + 1:0{width}d}", "type": etype, "time": t, "data": data}
+
+
+def generate(
+    n_events: int, n_streams: int, seed: int, start_time_ms: int = 1_700_000_000_000
+) -> list[dict[str, Any]]:
+    """``n_events`` realistic account events over ``n_streams`` accounts, the same list for the same
+    arguments: JSON Lines ready dicts ``{"id", "stream", "type", "time", "data"}``.
+
+    Ids are ``evt-<seed>-<n>`` (n from 1), streams ``acct-0001``...; each account opens with its
+    first event; then mostly deposits and withdrawals (never beyond the balance), now and then a
+    fee, and a few accounts are paid out and closed at their end. Every event is accepted by the
+    model (nothing is ``rejected`` or ``ignored``). Times increase by 0-40 ms per event.
+    """
+    return list(iter_events(n_events, n_streams, seed, start_time_ms))
 
 
 class _Ev:
