@@ -47,7 +47,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` crash-safe: temp file, fsync, rename, fsync of the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -246,7 +247,7 @@ class CheckpointFile:
         why = _links(self._tail(), cp)
         if why:
             raise ValueError(f"cannot record provisional checkpoint for {self.path}: {why}")
-        _atomic_write(self.partial_path, _line(cp))
+        atomic_write(self.partial_path, _line(cp))
 
     def clear_provisional(self) -> None:
         """Remove ``PATH.partial`` if present."""
@@ -264,7 +265,7 @@ class CheckpointFile:
         kept = self._read_lines(upto=segment + 1)
         if not self.path.exists():
             return kept
-        _atomic_write(self.path, b"".join(_line(cp) for cp in kept))
+        atomic_write(self.path, b"".join(_line(cp) for cp in kept))
         try:
             keep_partial = self._provisional(kept[-1] if kept else None) is not None
         except CheckpointCorrupt:

@@ -231,16 +231,21 @@ class EventLog(ABC):
         events = list(events)
         report = AppendReport()
         if assign_seq:
-            seqs = self.stream_seqs()
-            stamped = []
-            for ev in events:
-                n = seqs.get(ev.stream, 0) + 1
-                seqs[ev.stream] = n
-                stamped.append(ev._replace(seq=n))
-                report.seqs.append(n)
-            events = stamped
+            events = stamp_seqs(events, self.stream_seqs(), report)
         report.message_ids = self.append_payloads((encode(ev), ev.stream, ev.time) for ev in events)
         return report
+
+
+def stamp_seqs(events: list[Event], seqs: dict[str, int], report: AppendReport) -> list[Event]:
+    """The events with the next ``seq`` of their stream, continuing from ``seqs`` (the highest seq
+    per stream so far; updated), recorded in ``report.seqs``."""
+    stamped = []
+    for ev in events:
+        n = seqs.get(ev.stream, 0) + 1
+        seqs[ev.stream] = n
+        stamped.append(ev._replace(seq=n))
+        report.seqs.append(n)
+    return stamped
 
 
 _SHORT_TOPIC = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -26,7 +26,7 @@ import _pulsar
 from .broker import BrokerOptions
 from .errors import BadInput, BrokerUnavailable, MalformedEnvelope
 from .envelope import Event, decode, encode
-from .log import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index
+from .log import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index, stamp_seqs
 
 __all__ = ["PulsarLog"]
 
@@ -368,13 +368,7 @@ class PulsarLog(EventLog):
             log.info("producer %s: the log already holds %d of %d events; sending the rest",
                      self.producer_name, report.skipped, len(events))
         if assign_seq:
-            stamped = []
-            for ev in rest:
-                n = seqs.get(ev.stream, 0) + 1
-                seqs[ev.stream] = n
-                stamped.append(ev._replace(seq=n))
-                report.seqs.append(n)
-            rest = stamped
+            rest = stamp_seqs(rest, seqs, report)
         base = max(self.last_sequence_id(), 0)
         report.message_ids = self.append_payloads(
             ((encode(ev), ev.stream, ev.time) for ev in rest),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from ..checkpoints import atomic_write
 from ..fold import load_model
 from ..pulsar_log import open_log
 from ..rebuild import DEFAULT_SNAPSHOT_EVERY, rebuild as rebuild_log
@@ -24,14 +24,7 @@ def write_state_export(path: str, states: dict) -> None:
     if path == "-":
         sys.stdout.write(text)
         return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    atomic_write(Path(path), text.encode())
 
 
 @cli.command()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..checkpoints import atomic_write
 from ..errors import BadInput, HistoryUnrecoverable
 from ..fold import load_model
 from ..pulsar_log import open_log
@@ -18,11 +19,8 @@ from .rebuild_cmd import write_state_export
 
 
 def write_corrections(path: str, corrections: list[dict]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(json.dumps(c, sort_keys=True) + "\n" for c in corrections))
-    tmp.replace(p)
+    """The corrections as JSON Lines, written crash-safe."""
+    atomic_write(Path(path), "".join(json.dumps(c, sort_keys=True) + "\n" for c in corrections).encode())
 
 
 @cli.command()
