@@ -17,7 +17,7 @@ import platform
 import sys
 import time
 
-from chainfold.chain import ChainBuilder
+from chainfold.hashing.chain import ChainBuilder
 from chainfold.merkle import CompactRange, leaf_hash
 
 

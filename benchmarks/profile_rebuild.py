@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from chainfold.bench import publish_story, story
     from chainfold.envelope import Event, encode
-    from chainfold.fold import load_model
-    from chainfold.rebuild import rebuild
+    from chainfold.replay.fold import load_model
+    from chainfold.ops.rebuild import rebuild
 
     if args.memory:
         from chainfold.log import MemoryLog
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.service_url:
             ap.error("give SERVICE_URL (or --memory)")
-        from chainfold.broker import BrokerOptions
-        from chainfold.pulsar_log import open_log
+        from chainfold.log.broker import BrokerOptions
+        from chainfold.log.pulsar import open_log
 
         topic = args.topic
         if topic is None:

@@ -32,10 +32,10 @@ import uuid
 import _pulsar
 import pulsar
 
-from chainfold.broker import pulsar_logger
+from chainfold.log.broker import pulsar_logger
 from chainfold.envelope import event_from_json
 from chainfold.examples import accounts
-from chainfold.pulsar_log import PulsarLog
+from chainfold.log.pulsar import PulsarLog
 
 
 def publish(client: pulsar.Client, topic: str, n: int) -> float:

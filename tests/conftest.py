@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from chainfold.broker import EmbeddedBroker
+from chainfold.log.broker import EmbeddedBroker
 from chainfold.log import EventLog, MemoryLog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def broker_url() -> Iterator[str]:
 def pulsar_client(broker_url: str):
     import pulsar
 
-    from chainfold.broker import pulsar_logger
+    from chainfold.log.broker import pulsar_logger
 
     client = pulsar.Client(broker_url, logger=pulsar_logger(), operation_timeout_seconds=20)
     yield client
@@ -79,7 +79,7 @@ def make_log(request: pytest.FixtureRequest) -> Iterator[Callable[..., EventLog]
         if request.param == "memory":
             lg: EventLog = MemoryLog(unique_topic(), **kw)  # type: ignore[arg-type]
         else:
-            from chainfold.pulsar_log import PulsarLog
+            from chainfold.log.pulsar import PulsarLog
 
             client = request.getfixturevalue("pulsar_client")
             lg = PulsarLog(client, unique_topic(), **kw)  # type: ignore[arg-type]

@@ -23,8 +23,8 @@ import pytest
 
 from chainfold.envelope import decode, encode, event_from_json
 from chainfold.examples import accounts
-from chainfold.pulsar_log import PulsarLog
-from chainfold.snapshots import topic_dir
+from chainfold.log.pulsar import PulsarLog
+from chainfold.store.snapshots import topic_dir
 
 from .conftest import ROOT, unique_topic
 

@@ -1,4 +1,4 @@
-"""chainfold.chain and chainfold.checkpoints against the SPEC §2 formulas, computed naively here."""
+"""chainfold.hashing.chain and chainfold.hashing.checkpoints against the SPEC §2 formulas, computed naively here."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chainfold import merkle
-from chainfold.chain import ZERO_HEAD, ChainBuilder, Checkpoint, Divergence, chain_head, find_divergence
-from chainfold.checkpoints import CheckpointFile
+from chainfold.hashing.chain import ZERO_HEAD, ChainBuilder, Checkpoint, Divergence, chain_head, find_divergence
+from chainfold.hashing.checkpoints import CheckpointFile
 from chainfold.errors import CheckpointCorrupt
 
 SEGMENT_SIZES = [1, 2, 4, 8, 16, 64]

@@ -11,7 +11,7 @@ import pulsar
 import pytest
 
 from chainfold.envelope import decode
-from chainfold.pulsar_log import PulsarLog
+from chainfold.log.pulsar import PulsarLog
 
 from .conftest import run_cli, unique_topic
 
@@ -129,7 +129,7 @@ def test_embedded_broker_starts_reuses_and_leaves_nothing(tmp_path: Path) -> Non
     subprocess.run([sys.executable, "-m", "chainfold", "broker", "stop", "--data-dir", str(data)],
                    env=env, timeout=60, check=True, capture_output=True)
     assert not (data / "broker.json").exists()
-    from chainfold.broker import _alive
+    from chainfold.log.broker import _alive
 
     assert not _alive(st["pid"])  # gone (or a zombie left to its new parent)
 

@@ -9,17 +9,17 @@ from typing import Any
 
 import pytest
 
-from chainfold.broker import BrokerOptions
+from chainfold.log.broker import BrokerOptions
 from chainfold.envelope import Event, encode, event_from_json
 from chainfold.errors import ModelError
 from chainfold.examples import accounts
-from chainfold.fold import Folder, load_model, shard_of
+from chainfold.replay.fold import Folder, load_model, shard_of
 from chainfold.log import EventLog, MemoryLog
-from chainfold.parallel import PulsarSource, chain_at, parallel_rebuild, parallel_verify
-from chainfold.rebuild import rebuild
-from chainfold.scan import PartitionRecord
-from chainfold.snapshots import topic_dir
-from chainfold.verify import verify_log
+from chainfold.engines.parallel import PulsarSource, chain_at, parallel_rebuild, parallel_verify
+from chainfold.ops.rebuild import rebuild
+from chainfold.hashing.scan import PartitionRecord
+from chainfold.store.snapshots import topic_dir
+from chainfold.ops.verify import verify_log
 
 from .conftest import unique_topic
 
@@ -256,7 +256,7 @@ def test_chain_at_continues_the_recorded_chain(tmp_path: Path) -> None:
     messy(log, 1000)
     verify_log(log, tmp_path, segment_size=SEG)
     rec = [c for c in PartitionRecord(tmp_path, log.partitions()[0]).load() if c.full]
-    from chainfold.chain import ChainBuilder
+    from chainfold.hashing.chain import ChainBuilder
 
     b = ChainBuilder(SEG)
     for e in log.entries()[: 5 * SEG]:
@@ -271,7 +271,7 @@ def test_chain_at_continues_the_recorded_chain(tmp_path: Path) -> None:
 @pytest.mark.broker
 @pytest.mark.parametrize("split", SPLITS)
 def test_parallel_rebuild_and_verify_on_the_broker(broker_url: str, tmp_path: Path, split: str) -> None:
-    from chainfold.pulsar_log import open_log
+    from chainfold.log.pulsar import open_log
 
     topic = unique_topic("par")
     opts = BrokerOptions(service_url=broker_url)

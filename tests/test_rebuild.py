@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from chainfold.envelope import Event, encode
 from chainfold.errors import HistoryUnrecoverable, ModelError
 from chainfold.examples import accounts, counters, orders
-from chainfold.fold import load_model
+from chainfold.replay.fold import load_model
 from chainfold.log import MemoryLog
-from chainfold.rebuild import rebuild
-from chainfold.snapshots import SnapshotStore
+from chainfold.ops.rebuild import rebuild
+from chainfold.store.snapshots import SnapshotStore
 
 from chainfold.examples import es_accounts
 
@@ -128,7 +128,7 @@ def test_snapshot_whose_head_disagrees_with_the_log_is_rejected(tmp_path: Path) 
     log2.append(events_for("accounts", 500, 10, 2))
     import shutil
 
-    from chainfold.snapshots import topic_dir
+    from chainfold.store.snapshots import topic_dir
 
     d = topic_dir(tmp_path, log.topic)
     for f in d.glob("checkpoints*"):

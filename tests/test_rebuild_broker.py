@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chainfold.examples import accounts
-from chainfold.snapshots import SnapshotStore
+from chainfold.store.snapshots import SnapshotStore
 
 from .conftest import unique_topic
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from chainfold.examples import accounts
-from chainfold.pulsar_log import PulsarLog
+from chainfold.log.pulsar import PulsarLog
 from chainfold.worker import CRASH_EXIT
 
 from .conftest import unique_topic

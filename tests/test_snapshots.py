@@ -22,14 +22,14 @@ from hypothesis import strategies as st
 
 import chainfold.cli.snapshots_cmd  # noqa: F401  (registers the command until cli/__init__ imports it)
 from chainfold import merkle
-from chainfold.chain import ChainBuilder
+from chainfold.hashing.chain import ChainBuilder
 from chainfold.cli import common
 from chainfold.envelope import event_from_json
 from chainfold.errors import BadInput, SnapshotRejected
 from chainfold.examples import accounts
-from chainfold.fold import Folder, load_model
+from chainfold.replay.fold import Folder, load_model
 from chainfold.log import MemoryLog
-from chainfold.snapshots import (
+from chainfold.store.snapshots import (
     FORMAT,
     PartitionPosition,
     Snapshot,
@@ -452,8 +452,8 @@ def test_stale_temp_files_are_cleaned_by_the_next_write(store: SnapshotStore, sa
 _WRITER = textwrap.dedent(
     """
     import os, sys, time
-    from chainfold.chain import ChainBuilder
-    from chainfold.snapshots import PartitionPosition, Snapshot, SnapshotStore
+    from chainfold.hashing.chain import ChainBuilder
+    from chainfold.store.snapshots import PartitionPosition, Snapshot, SnapshotStore
 
     root, topic, n_streams, slow = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "slow"
     if slow:  # widen the window between the temp file's data and its rename

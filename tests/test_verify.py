@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from chainfold.envelope import Event, encode
 from chainfold.errors import CheckpointCorrupt
 from chainfold.log import MemoryLog
-from chainfold.verify import compare_logs, verify_log
+from chainfold.ops.verify import compare_logs, verify_log
 
 FAULTS = ["drop", "duplicate", "swap", "alter", "insert", "truncate"]
 

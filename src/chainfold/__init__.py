@@ -1,14 +1,14 @@
 """chainfold: rebuild event-sourced state from Apache Pulsar, prove it with hash chains, repair only
 what diverged.
 
-The data's path, one module each: :mod:`~chainfold.envelope` (bytes → events) →
-:mod:`~chainfold.log` / :mod:`~chainfold.pulsar_log` (the append-only log) →
-:mod:`~chainfold.merkle` / :mod:`~chainfold.chain` / :mod:`~chainfold.checkpoints` (hashes over the log) →
-:mod:`~chainfold.fold` (models and the fold) → :mod:`~chainfold.snapshots` → :mod:`~chainfold.reconcile`
-→ :mod:`~chainfold.cli`.
+The data's path, one subpackage each: :mod:`~chainfold.envelope` (bytes → events) →
+:mod:`~chainfold.log` (the append-only log: memory, Pulsar) → :mod:`~chainfold.merkle` and
+:mod:`~chainfold.hashing` (hashes over the log) → :mod:`~chainfold.replay` (the fold) →
+:mod:`~chainfold.store` (snapshots) → :mod:`~chainfold.ops` (verify, rebuild, reconcile) →
+:mod:`~chainfold.cli`.
 """
 
-from .chain import Checkpoint, ChainBuilder, Divergence, find_divergence
+from .hashing.chain import Checkpoint, ChainBuilder, Divergence, find_divergence
 from .envelope import Event, decode, encode
 from .errors import (
     BadInput,
@@ -22,7 +22,7 @@ from .errors import (
     ModelNotFound,
     SnapshotRejected,
 )
-from .fold import Folder, Model, load_model
+from .replay.fold import Folder, Model, load_model
 from .log import Entry, EventLog, MemoryLog, MessageId
 from .tracker import Tracker
 

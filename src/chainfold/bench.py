@@ -6,8 +6,8 @@ covering 90% of the topic; then it measures, one after another, each step in its
 peak memory is the step's own, ``VmHWM`` of that process and of its workers):
 
 ``read_limit``             a bare pulsar-client read loop over the topic, no decoding: the ceiling
-``verify``                 hashes only (:func:`chainfold.verify.verify_log`)
-``rebuild``                decode + hash + fold, the whole log (:func:`chainfold.rebuild.rebuild`,
+``verify``                 hashes only (:func:`chainfold.ops.verify.verify_log`)
+``rebuild``                decode + hash + fold, the whole log (:func:`chainfold.ops.rebuild.rebuild`,
                            ``full=True``, no snapshot written)
 ``rebuild_from_snapshot``  the same from the snapshot: the last 10% only
 ``eventsourcing``          ``app.repository.get(id)`` for every account of an eventsourcing
@@ -60,7 +60,7 @@ _MB = 1024 * 1024
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, MB (``VmHWM``)."""
-    from .parallel import peak_rss
+    from .engines.parallel import peak_rss
 
     return peak_rss() / _MB
 
@@ -75,9 +75,9 @@ def story(n_events: int, n_streams: int, seed: int, start_time_ms: int = 1_700_0
 
 def publish_story(service_url: str, topic: str, n: int, k: int, seed: int, chunk: int = 20_000) -> tuple[float, str]:
     """Append the story to a fresh topic, ``seq`` per stream, keyed by stream; (seconds, last message id)."""
-    from .broker import BrokerOptions
+    from .log.broker import BrokerOptions
     from .envelope import Event, encode
-    from .pulsar_log import open_log
+    from .log.pulsar import open_log
 
     t0 = time.perf_counter()
     seqs: dict[str, int] = {}
@@ -151,11 +151,11 @@ def es_ids(k: int, seed: int) -> list[Any]:
 
 def prepare_snapshot(service_url: str, topic: str, snapshots: str, n: int) -> int:
     """Record the topic's checkpoints and leave one snapshot, at ``SNAPSHOT_FRACTION`` of it."""
-    from .broker import BrokerOptions
-    from .fold import load_model
-    from .pulsar_log import open_log
-    from .rebuild import rebuild
-    from .snapshots import SnapshotStore
+    from .log.broker import BrokerOptions
+    from .replay.fold import load_model
+    from .log.pulsar import open_log
+    from .ops.rebuild import rebuild
+    from .store.snapshots import SnapshotStore
 
     at = max(1, int(n * SNAPSHOT_FRACTION))
     with open_log(topic, BrokerOptions(service_url=service_url)) as elog:
@@ -218,9 +218,9 @@ def _step_read_limit(cfg: BenchConfig) -> StepResult:
     import _pulsar
     import pulsar
 
-    from .broker import client_logger
+    from .log.broker import client_logger
     from .log import MessageId
-    from .pulsar_log import _RECEIVER_QUEUE
+    from .log.pulsar import _RECEIVER_QUEUE
 
     client = pulsar.Client(cfg.service_url, logger=client_logger(), io_threads=1)
     last = MessageId.parse(cfg.last_message_id)
@@ -244,15 +244,15 @@ def _step_read_limit(cfg: BenchConfig) -> StepResult:
 
 
 def _open(cfg: BenchConfig) -> Any:
-    from .broker import BrokerOptions
-    from .pulsar_log import open_log
+    from .log.broker import BrokerOptions
+    from .log.pulsar import open_log
 
     return open_log(cfg.topic, BrokerOptions(service_url=cfg.service_url))
 
 
 def _source(cfg: BenchConfig) -> Any:
-    from .broker import BrokerOptions
-    from .parallel import PulsarSource
+    from .log.broker import BrokerOptions
+    from .engines.parallel import PulsarSource
 
     return PulsarSource(cfg.topic, BrokerOptions(service_url=cfg.service_url))
 
@@ -266,9 +266,9 @@ def _with_workers(r: StepResult, workers: int, peaks: list[int]) -> StepResult:
 
 
 def _step_verify(cfg: BenchConfig, name: str = "verify") -> StepResult:
-    from .parallel import parallel_verify
-    from .snapshots import topic_dir
-    from .verify import verify_log
+    from .engines.parallel import parallel_verify
+    from .store.snapshots import topic_dir
+    from .ops.verify import verify_log
 
     snaps = Path(cfg.snapshots)
     with _open(cfg) as elog:
@@ -287,9 +287,9 @@ def _step_verify(cfg: BenchConfig, name: str = "verify") -> StepResult:
 
 
 def _step_rebuild(cfg: BenchConfig, name: str = "rebuild", full: bool = True) -> StepResult:
-    from .fold import load_model
-    from .parallel import parallel_rebuild
-    from .rebuild import rebuild
+    from .replay.fold import load_model
+    from .engines.parallel import parallel_rebuild
+    from .ops.rebuild import rebuild
 
     snaps = Path(cfg.snapshots)
     with _open(cfg) as elog:

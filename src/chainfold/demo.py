@@ -5,7 +5,7 @@
 2. **run the worker** (:mod:`chainfold.worker`, a real Pulsar consumer, as a subprocess) with faults:
    it skips some messages, applies one event type wrongly for a while, and crashes after committing
    but before acking; restarted, it handles the redelivered messages again;
-3. **detect**: :func:`~chainfold.reconcile.reconcile` with the worker's state export, processed log
+3. **detect**: :func:`~chainfold.ops.reconcile.reconcile` with the worker's state export, processed log
    and tracker checkpoints: the first divergence, what was missed, doubled, reordered, and the
    streams whose state is wrong;
 4. **replay and repair**: the divergent streams replayed, the corrected state export and the
@@ -32,16 +32,16 @@ from typing import Any
 
 import cbor2
 
-from .broker import BrokerOptions, connect, resolve_url
+from .log.broker import BrokerOptions, connect, resolve_url
 from .envelope import Event, encode
 from .errors import BadInput, ChainfoldError
 from .examples import accounts
-from .fold import load_model
-from .pulsar_log import PulsarLog
-from .rebuild import rebuild
-from .reconcile import load_processed, load_state_export, load_tracker, reconcile
-from .snapshots import topic_dir
-from .verify import verify_log
+from .replay.fold import load_model
+from .log.pulsar import PulsarLog
+from .ops.rebuild import rebuild
+from .ops.reconcile import load_processed, load_state_export, load_tracker, reconcile
+from .store.snapshots import topic_dir
+from .ops.verify import verify_log
 from .worker import CRASH_EXIT, META_NAME
 
 __all__ = ["run_demo", "DemoFailed", "MODEL"]

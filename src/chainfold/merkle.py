@@ -13,7 +13,7 @@ never raise: any malformed input makes them return ``False``.
 
 :class:`CompactRange` is the incremental form: the roots of the perfect subtrees covering
 ``[0, size)`` (one per set bit of ``size``), enough to append and to compute the root in
-O(log n) memory. It is what the per-segment hashing of :mod:`chainfold.chain` is built on.
+O(log n) memory. It is what the per-segment hashing of :mod:`chainfold.hashing.chain` is built on.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .chain import ChainBuilder, Checkpoint
-from .checkpoints import CheckpointFile
+from .hashing.chain import ChainBuilder, Checkpoint
+from .hashing.checkpoints import CheckpointFile
 from .envelope import decode
 from .errors import MalformedEnvelope
 

@@ -356,7 +356,7 @@ def run_worker(*, topic: str, service_url: str | None, evidence: str, state: str
     """Subscribe to ``topic`` and run the worker until idle (or ``count`` messages)."""
     import pulsar
 
-    from .broker import BrokerOptions, connect
+    from .log.broker import BrokerOptions, connect
     from .log import full_topic_name
 
     opts = BrokerOptions.from_env(service_url=service_url, data_dir=data_dir)

@@ -61,7 +61,7 @@ def bench(events: int, streams: int, seed: int, workers: int, steps: tuple[str, 
     memory of each. The topic stays on the broker."""
 
     def body() -> int:
-        from ..broker import resolve_url
+        from ..log.broker import resolve_url
 
         url = resolve_url(broker)  # the embedded broker stays up for the whole run
         workdir = keep_dir or tempfile.mkdtemp(prefix="chainfold-bench-")

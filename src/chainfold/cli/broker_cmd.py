@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..broker import EmbeddedBroker
+from ..log.broker import EmbeddedBroker
 from .common import cli, emit_json, run, stderr
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from ..broker import BrokerOptions
+from ..log.broker import BrokerOptions
 from ..errors import BadInput, ChainfoldError
 
 __all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "emit_json", "stderr", "stdout", "run"]

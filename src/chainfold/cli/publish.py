@@ -12,7 +12,7 @@ import click
 from ..errors import BadInput
 from ..jsonl import entry_to_json, read_events
 from ..log import MessageId
-from ..pulsar_log import open_log
+from ..log.pulsar import open_log
 from .common import broker_options, cli, emit_json, json_option, run, stderr
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from ..checkpoints import atomic_write
-from ..fold import load_model
-from ..pulsar_log import open_log
-from ..rebuild import DEFAULT_SNAPSHOT_EVERY, rebuild as rebuild_log
+from ..store.atomic import atomic_write
+from ..replay.fold import load_model
+from ..log.pulsar import open_log
+from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, rebuild as rebuild_log
 from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stdout
 from .progress import progress
 from .publish import _parse_until
@@ -53,8 +53,8 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
         model = load_model(model_ref)
         until_id, until_time = _parse_until(until)
         if workers > 1:
-            from ..broker import resolve_url
-            from ..parallel import PulsarSource, parallel_rebuild
+            from ..log.broker import resolve_url
+            from ..engines.parallel import PulsarSource, parallel_rebuild
 
             source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
             with progress(f"rebuild {topic} ({workers} workers)") as update:

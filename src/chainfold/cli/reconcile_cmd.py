@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ..checkpoints import atomic_write
+from ..store.atomic import atomic_write
 from ..errors import BadInput, HistoryUnrecoverable
-from ..fold import load_model
-from ..pulsar_log import open_log
-from ..reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
+from ..replay.fold import load_model
+from ..log.pulsar import open_log
+from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
 from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stderr, stdout
 from .progress import progress
 from .rebuild_cmd import write_state_export

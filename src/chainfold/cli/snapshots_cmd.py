@@ -10,8 +10,8 @@ from rich import box
 from rich.table import Table
 
 from ..errors import BadInput
-from ..fold import load_model
-from ..snapshots import SnapshotStore
+from ..replay.fold import load_model
+from ..store.snapshots import SnapshotStore
 from .common import cli, emit_json, json_option, run, snapshots_option, stdout
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from .. import proofs
+from ..ops import proofs
 from ..errors import BadInput
-from ..pulsar_log import open_log
-from ..scan import DEFAULT_SEGMENT_SIZE
-from ..verify import compare_logs, verify_log
+from ..log.pulsar import open_log
+from ..hashing.scan import DEFAULT_SEGMENT_SIZE
+from ..ops.verify import compare_logs, verify_log
 from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stdout
 from .progress import progress
 
@@ -46,7 +46,7 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
     that differs. Exit 0 intact, 1 mismatch."""
 
     def body() -> int:
-        from ..snapshots import topic_dir
+        from ..store.snapshots import topic_dir
 
         with open_log(topic, broker) as log:
             with progress(f"verify {log.topic}") as update:
@@ -65,8 +65,8 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                 elif workers > 1:
                     import dataclasses
 
-                    from ..broker import resolve_url
-                    from ..parallel import PulsarSource, parallel_verify
+                    from ..log.broker import resolve_url
+                    from ..engines.parallel import PulsarSource, parallel_verify
 
                     source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
                     report = parallel_verify(source, topic_dir(Path(snapshots_dir), log.topic), workers=workers,

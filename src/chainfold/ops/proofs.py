@@ -12,10 +12,10 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from . import merkle
-from .envelope import decode
-from .errors import BadInput, MalformedEnvelope
-from .log import EventLog
+from .. import merkle
+from ..envelope import decode
+from ..errors import BadInput, MalformedEnvelope
+from ..log import EventLog
 
 __all__ = ["inclusion", "consistency", "check"]
 

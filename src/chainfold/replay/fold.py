@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .envelope import Event, decode
-from .errors import MalformedEnvelope, ModelError, ModelNotFound
-from .log import Entry
+from ..envelope import Event, decode
+from ..errors import MalformedEnvelope, ModelError, ModelNotFound
+from ..log import Entry
 
 __all__ = ["Model", "load_model", "Folder", "Malformed", "Duplicate", "render_json", "shard_of"]
 
@@ -206,7 +206,7 @@ class Folder:
         ``trace(index, entry, event)`` for every event folded at its first entry (the reference
         sequence reconcile compares a worker with), whether or not its stream is selected.
 
-        ``hasher`` and ``stops`` are :func:`chainfold.scan.scan_partition`'s, which folds and hashes
+        ``hasher`` and ``stops`` are :func:`chainfold.hashing.scan.scan_partition`'s, which folds and hashes
         in this one loop (it runs once per entry of every replay): ``hasher`` adds each entry's leaf
         hash to the chain before the entry is folded; ``stops=(n, callback)`` calls
         ``callback(entries fed so far, entry)`` once ``n`` entries are fed and folded, and again at

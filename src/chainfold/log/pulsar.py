@@ -24,9 +24,9 @@ import pulsar
 import _pulsar
 
 from .broker import BrokerOptions
-from .errors import BadInput, BrokerUnavailable, MalformedEnvelope
-from .envelope import Event, decode, encode
-from .log import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index, stamp_seqs
+from ..errors import BadInput, BrokerUnavailable, MalformedEnvelope
+from ..envelope import Event, decode, encode
+from . import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index, stamp_seqs
 
 __all__ = ["PulsarLog"]
 

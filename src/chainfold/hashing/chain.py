@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .merkle import EMPTY_ROOT, HASH_SIZE, CompactRange
+from ..merkle import EMPTY_ROOT, HASH_SIZE, CompactRange
 
 __all__ = [
     "ZERO_HEAD",

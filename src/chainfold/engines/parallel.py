@@ -2,12 +2,12 @@
 
 * **A partitioned topic**: one worker per partition (``workers`` at a time); each folds and hashes
   its partition, and records its checkpoints (every partition has its own record).
-* **One topic, rebuild**: the streams are sharded on the message key (:func:`chainfold.fold.shard_of`;
+* **One topic, rebuild**: the streams are sharded on the message key (:func:`chainfold.replay.fold.shard_of`;
   a stream is its key, so streams never span shards and the states combine without conflict).
   Two ways to share the topic out (``split``):
 
   - ``"fanout"`` (default): this process reads the topic once, hashes it, checks it against the
-    recorded checkpoints and records new ones (:func:`chainfold.scan.scan_partition`), and sends
+    recorded checkpoints and records new ones (:func:`chainfold.hashing.scan.scan_partition`), and sends
     each payload, undecoded, to the fold worker of its key's shard; the workers decode and fold.
     Message ids are not sent: a worker names a malformed or duplicated entry by its log position,
     and this process looks the ids up afterwards (one read, from the first such entry).
@@ -46,20 +46,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .broker import BrokerOptions
-from .chain import ZERO_HEAD, ChainBuilder, Checkpoint
-from .errors import ChainfoldError, ModelError
-from .fold import Duplicate, Folder, Malformed, load_model, shard_of, unresolved_index
-from .log import EventLog, MessageId
-from .merkle import CompactRange
-from .rebuild import RebuildResult, _prepare, rebuild
-from .scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition
-from .snapshots import SnapshotStore, topic_dir
-from .verify import VerifyReport, _snapshot_probes, conclude_partition, verify_log
+from ..log.broker import BrokerOptions
+from ..hashing.chain import ZERO_HEAD, ChainBuilder, Checkpoint
+from ..errors import ChainfoldError, ModelError
+from ..replay.fold import Duplicate, Folder, Malformed, load_model, shard_of, unresolved_index
+from ..log import EventLog, MessageId
+from ..merkle import CompactRange
+from ..ops.rebuild import RebuildResult, _prepare, rebuild
+from ..hashing.scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition
+from ..store.snapshots import SnapshotStore, topic_dir
+from ..ops.verify import VerifyReport, _snapshot_probes, conclude_partition, verify_log
 
 __all__ = ["LogSource", "PulsarSource", "parallel_rebuild", "parallel_verify", "chain_at", "peak_rss"]
 
-log = logging.getLogger("chainfold.parallel")
+log = logging.getLogger("chainfold.engines.parallel")
 
 LogSource = Callable[[], EventLog]
 """A picklable callable that opens the log, called once in each worker (and in the caller)."""
@@ -73,7 +73,7 @@ class PulsarSource:
     broker: BrokerOptions
 
     def __call__(self) -> EventLog:
-        from .pulsar_log import open_log
+        from ..log.pulsar import open_log
 
         return open_log(self.topic, self.broker)
 
@@ -125,7 +125,7 @@ def _context() -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["chainfold.parallel"])
+        ctx.set_forkserver_preload(["chainfold.engines.parallel"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -326,7 +326,7 @@ def parallel_rebuild(
     on_progress: Callable[[int], None] | None = None,
     split: str = "fanout",
 ) -> RebuildResult:
-    """:func:`chainfold.rebuild.rebuild` in ``workers`` processes (see the module docstring).
+    """:func:`chainfold.ops.rebuild.rebuild` in ``workers`` processes (see the module docstring).
 
     ``model`` is a model reference (``package.module:attr`` or ``file.py:attr``): each worker loads
     it. ``split`` says how one topic is shared out: ``"fanout"`` (this process reads and hashes,
@@ -411,8 +411,8 @@ _END = b""
 
 
 class _Router:
-    """The reading side of a fanned-out rebuild, in the place of the :class:`~chainfold.fold.Folder`
-    that :func:`~chainfold.scan.scan_partition` feeds: it hashes each entry (as ``Folder.feed``
+    """The reading side of a fanned-out rebuild, in the place of the :class:`~chainfold.replay.fold.Folder`
+    that :func:`~chainfold.hashing.scan.scan_partition` feeds: it hashes each entry (as ``Folder.feed``
     does) and sends ``(index, payload, key)`` to the fold worker of the key's shard, in batches;
     an entry without a key goes to every worker (only its stream's shard folds it)."""
 
@@ -747,7 +747,7 @@ def parallel_verify(
     reset: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """:func:`chainfold.verify.verify_log` in ``workers`` processes (see the module docstring)."""
+    """:func:`chainfold.ops.verify.verify_log` in ``workers`` processes (see the module docstring)."""
     source = _as_source(source)
     elog = source()
     try:

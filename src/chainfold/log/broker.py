@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import BadInput, BrokerUnavailable
+from ..errors import BadInput, BrokerUnavailable
 
 __all__ = ["BrokerOptions", "EmbeddedBroker", "connect", "check_reachable", "pulsar_logger", "client_logger"]
 
-log = logging.getLogger("chainfold.broker")
+log = logging.getLogger("chainfold.log.broker")
 
 ENV_SERVICE_URL = "CHAINFOLD_SERVICE_URL"
 DEFAULT_DATA_DIR = ".chainfold"

@@ -26,41 +26,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .chain import ZERO_HEAD, Checkpoint, chain_head
-from .errors import CheckpointCorrupt
+from ..errors import CheckpointCorrupt
+from ..store.atomic import atomic_write, fsync_dir
 
 __all__ = ["CheckpointFile"]
 
 _TAIL_CHUNK = 4096
 _TORN = "truncated last line (no trailing newline): torn write?"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` crash-safe: temp file, fsync, rename, fsync of the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _line(cp: Checkpoint) -> bytes:
@@ -235,7 +207,7 @@ class CheckpointFile:
             f.flush()
             os.fsync(f.fileno())
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def write_provisional(self, cp: Checkpoint) -> None:
         """Replace ``PATH.partial`` atomically with the provisional checkpoint ``cp``.

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chain import ChainBuilder, Checkpoint, find_divergence
-from .envelope import decode
-from .errors import MalformedEnvelope, SnapshotRejected
-from .log import EventLog, MessageId
-from .scan import DEFAULT_SEGMENT_SIZE, Mismatch, PartitionRecord, PartitionScan, scan_partition, topic_head
+from ..hashing.chain import ChainBuilder, Checkpoint, find_divergence
+from ..envelope import decode
+from ..errors import MalformedEnvelope, SnapshotRejected
+from ..log import EventLog, MessageId
+from ..hashing.scan import DEFAULT_SEGMENT_SIZE, Mismatch, PartitionRecord, PartitionScan, scan_partition, topic_head
 
 __all__ = ["VerifyReport", "verify_log", "compare_logs"]
 
-log = logging.getLogger("chainfold.verify")
+log = logging.getLogger("chainfold.ops.verify")
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _snapshot_probes(snapshots_root: Path | None, topic: str) -> dict[str, list[
     """``{partition: [(entries, chain state, snapshot path)]}`` from the topic's valid snapshots."""
     if snapshots_root is None:
         return {}
-    from .snapshots import SnapshotStore
+    from ..store.snapshots import SnapshotStore
 
     store = SnapshotStore(snapshots_root, topic)
     probes: dict[str, list[tuple[int, dict, str]]] = {}

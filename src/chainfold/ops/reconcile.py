@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chain import ChainBuilder, Checkpoint, find_divergence
-from .checkpoints import CheckpointFile
-from .envelope import Event
-from .errors import BadInput, HistoryUnrecoverable, MalformedInputLine
-from .fold import Folder, Model, render_json
-from .jsonl import iter_json_lines
-from .log import Entry, EventLog, MessageId, partition_index
-from .scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
-from .snapshots import topic_dir
-from .tracker import leaves_path_for
+from ..hashing.chain import ChainBuilder, Checkpoint, find_divergence
+from ..hashing.checkpoints import CheckpointFile
+from ..envelope import Event
+from ..errors import BadInput, HistoryUnrecoverable, MalformedInputLine
+from ..replay.fold import Folder, Model, render_json
+from ..jsonl import iter_json_lines
+from ..log import Entry, EventLog, MessageId, partition_index
+from ..hashing.scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
+from ..store.snapshots import topic_dir
+from ..tracker import leaves_path_for
 
 __all__ = [
     "Processed",
@@ -48,7 +48,7 @@ __all__ = [
     "reconcile",
 ]
 
-log = logging.getLogger("chainfold.reconcile")
+log = logging.getLogger("chainfold.ops.reconcile")
 
 _LOW = (1 << 40) - 1
 

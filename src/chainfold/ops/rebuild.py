@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import merkle
-from .chain import ChainBuilder, Checkpoint
-from .errors import CheckpointCorrupt, HistoryUnrecoverable, SnapshotRejected
-from .fold import Folder, Model
-from .log import EventLog, MessageId
-from .scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
-from .snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
+from .. import merkle
+from ..hashing.chain import ChainBuilder, Checkpoint
+from ..errors import CheckpointCorrupt, HistoryUnrecoverable, SnapshotRejected
+from ..replay.fold import Folder, Model
+from ..log import EventLog, MessageId
+from ..hashing.scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
+from ..store.snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
 
 __all__ = ["RebuildResult", "rebuild", "DEFAULT_SNAPSHOT_EVERY"]
 
-log = logging.getLogger("chainfold.rebuild")
+log = logging.getLogger("chainfold.ops.rebuild")
 
 DEFAULT_SNAPSHOT_EVERY = 100_000
 
@@ -288,7 +288,7 @@ def _prepare(
 @dataclass
 class _Replay:
     """A rebuild between deciding where to start and the end: what folding needs, and the final
-    snapshot. :func:`rebuild` folds serially; :func:`chainfold.parallel.parallel_rebuild` in
+    snapshot. :func:`rebuild` folds serially; :func:`chainfold.engines.parallel.parallel_rebuild` in
     worker processes."""
 
     t0: float

@@ -2,7 +2,7 @@
 
 One file per snapshot, in one folder per topic (:func:`topic_dir`) under the store's root (default
 ``snapshots/``). A :class:`Snapshot` records, for every partition, how many entries it covers, the
-last message id covered and the :class:`~chainfold.chain.ChainBuilder` state there (so the hash
+last message id covered and the :class:`~chainfold.hashing.chain.ChainBuilder` state there (so the hash
 chain continues without re-reading); the model's name and code fingerprint; the states per stream
 (as ``model.dump_state`` gives them); and the event ids already folded (so a duplicate of an old
 event in the tail is not folded twice).
@@ -47,12 +47,12 @@ from typing import Any
 
 import cbor2
 
-from .chain import ChainBuilder
-from .checkpoints import _fsync_dir
-from .errors import BadInput, SnapshotRejected
-from .fold import Model, render_json
-from .log import full_topic_name
-from .merkle import HASH_SIZE, root as merkle_root
+from ..hashing.chain import ChainBuilder
+from .atomic import fsync_dir
+from ..errors import BadInput, SnapshotRejected
+from ..replay.fold import Model, render_json
+from ..log import full_topic_name
+from ..merkle import HASH_SIZE, root as merkle_root
 
 __all__ = [
     "FORMAT",
@@ -708,7 +708,7 @@ class SnapshotStore:
         created_dir = not self.dir.is_dir()
         self.dir.mkdir(parents=True, exist_ok=True)
         if created_dir:
-            _fsync_dir(self.dir.parent)
+            fsync_dir(self.dir.parent)
         self._clean_temp()
         base = f"snap-{snap.entries:012d}-{snap.created:013d}"
         final = self.dir / f"{base}.cbor"
@@ -734,7 +734,7 @@ class SnapshotStore:
             raise
         finally:
             _in_progress.discard(tmp.name)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._prune(keep_path=final)
         return final
 
@@ -749,7 +749,7 @@ class SnapshotStore:
             except FileNotFoundError:
                 pass
         if removed:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def _clean_temp(self) -> None:
         """Remove temp files of writers that died (their process is gone, or they are very old)."""

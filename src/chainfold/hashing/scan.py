@@ -8,7 +8,7 @@ Every command that reads the log (verify, rebuild, reconcile, bench) goes throug
   (:class:`PartitionRecord`), and on the first difference locates the first differing entry,
 * records checkpoints (and leaf hashes) of segments not recorded before, so later runs can tell
   whether the log changed underneath them,
-* feeds the entries to a :class:`~chainfold.fold.Folder` when one is given.
+* feeds the entries to a :class:`~chainfold.replay.fold.Folder` when one is given.
 
 A partition's record lives in the topic's folder of the snapshot store:
 ``checkpoints[-pN].jsonl`` (+ ``.partial``), and ``leaves[-pN].bin`` (32-byte leaf hashes in log
@@ -26,14 +26,14 @@ from pathlib import Path
 
 from .chain import ChainBuilder, Checkpoint, find_divergence
 from .checkpoints import CheckpointFile
-from .envelope import decode
-from .errors import CheckpointCorrupt, MalformedEnvelope
-from .fold import Folder
-from .log import Entry, EventLog, MessageId, partition_index
+from ..envelope import decode
+from ..errors import CheckpointCorrupt, MalformedEnvelope
+from ..replay.fold import Folder
+from ..log import Entry, EventLog, MessageId, partition_index
 
 __all__ = ["PartitionRecord", "Mismatch", "PartitionScan", "scan_partition", "topic_head", "DEFAULT_SEGMENT_SIZE"]
 
-log = logging.getLogger("chainfold.scan")
+log = logging.getLogger("chainfold.hashing.scan")
 
 DEFAULT_SEGMENT_SIZE = 1024
 _HASH = 32
@@ -160,7 +160,7 @@ _RECORD_BATCH = 64  # segments recorded per write + fsync
 
 class _Segments:
     """The current segment while scanning: its leaf hashes and entries, and the chain they go into
-    (read by :meth:`chainfold.fold.Folder.feed`, which hashes and folds in one loop)."""
+    (read by :meth:`chainfold.replay.fold.Folder.feed`, which hashes and folds in one loop)."""
 
     __slots__ = ("chain", "leaves", "entries", "close_segment", "lazy_ids")
 

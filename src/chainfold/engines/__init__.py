@@ -1,0 +1,1 @@
+"""Engines that run a replay beyond one process: several processes on one machine (:mod:`.parallel`)."""

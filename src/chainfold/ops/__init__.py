@@ -1,0 +1,2 @@
+"""The library's commands, one call each for the CLI: :mod:`.verify`, :mod:`.rebuild`, :mod:`.reconcile`,
+:mod:`.proofs`."""

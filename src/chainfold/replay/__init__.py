@@ -1,0 +1,1 @@
+"""The replay: the fold of events into one state per stream (:mod:`.fold`: models, the folder)."""

@@ -1,0 +1,1 @@
+"""Where snapshots go: snapshot files (:mod:`.snapshots`) and crash-safe writes (:mod:`.atomic`)."""
