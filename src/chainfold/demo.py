@@ -42,6 +42,7 @@ from .ops.rebuild import rebuild
 from .ops.reconcile import load_processed, load_state_export, load_tracker, reconcile
 from .store.snapshots import topic_dir
 from .ops.verify import verify_log
+from .store.atomic import atomic_write
 from .worker import CRASH_EXIT, META_NAME
 
 __all__ = ["run_demo", "DemoFailed", "MODEL"]
@@ -58,9 +59,7 @@ class DemoFailed(ChainfoldError):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _events(n: int, streams: int, seed: int) -> list[Event]:

@@ -7,14 +7,22 @@ unrecoverable)::
 
     ChainfoldError
     ├── BadInput                      exit 2
+    │   ├── InvalidArgument           a call that breaks a documented precondition (also a ValueError)
+    │   │   └── SegmentSizeMismatch   two hash sequences cut into segments of different sizes
     │   ├── MalformedEnvelope         a payload that is not a SPEC §1 envelope
     │   ├── MalformedInputLine        a JSON Lines input line that cannot be accepted
     │   ├── ModelNotFound             --model names nothing loadable
     │   ├── ModelError                a model raised while folding an event
     │   └── CheckpointCorrupt         a checkpoint file that is truncated or fails its chain
+    ├── RootMismatch                  leaves that do not hash to the root recorded for them (also a ValueError)
     ├── SnapshotRejected              a snapshot that cannot be used (kept as a reason, never fatal)
+    ├── NotDurable                    exit 2: a write that could not be made crash-safe (fsync failed)
     ├── BrokerUnavailable             exit 3
+    ├── WorkerFailed                  exit 3: a worker process of a parallel replay died
     └── HistoryUnrecoverable          exit 3
+
+Errors that replace a ``ValueError`` of earlier versions also derive from ``ValueError``, so code
+that caught it goes on working.
 """
 
 from __future__ import annotations
@@ -22,6 +30,11 @@ from __future__ import annotations
 __all__ = [
     "ChainfoldError",
     "BadInput",
+    "InvalidArgument",
+    "SegmentSizeMismatch",
+    "RootMismatch",
+    "NotDurable",
+    "WorkerFailed",
     "MalformedEnvelope",
     "MalformedInputLine",
     "ModelNotFound",
@@ -33,16 +46,44 @@ __all__ = [
 ]
 
 
+def _restore(cls: type, args: tuple, state: dict) -> "ChainfoldError":
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class ChainfoldError(Exception):
     """Root of every error chainfold raises on purpose."""
 
     exit_code: int = 2
+
+    def __reduce__(self) -> tuple:
+        # Pickles with its evidence (attributes), whatever its constructor takes: errors travel
+        # back from worker processes.
+        return (_restore, (type(self), self.args, self.__dict__))
 
 
 class BadInput(ChainfoldError):
     """Input that chainfold refuses: usage errors, bad files, bad payloads (exit 2)."""
 
     exit_code = 2
+
+
+class InvalidArgument(BadInput, ValueError):
+    """An argument breaks the precondition the called function documents (a bad value, not bad
+    data from outside): a checkpoint of the wrong shape, a chain state that cannot be resumed, a
+    checkpoint that does not continue a file's chain."""
+
+
+class SegmentSizeMismatch(InvalidArgument):
+    """Two sequences of checkpoints (or a chain and a record) use different segment sizes, so they
+    cannot be compared segment by segment."""
+
+    def __init__(self, what: str, left: int, right: int) -> None:
+        self.left = left
+        self.right = right
+        super().__init__(f"{what}: segment size {left} on one side, {right} on the other")
 
 
 class MalformedEnvelope(BadInput):
@@ -74,13 +115,16 @@ class ModelNotFound(BadInput):
 
 
 class ModelError(BadInput):
-    """A model's ``apply`` raised on an event; folding stopped there."""
+    """A model's ``apply`` raised on an event; folding stopped there. ``index`` is the entry's log
+    position (in its partition) when known."""
 
-    def __init__(self, stream: str, event_id: str, message_id: str | None, cause: BaseException) -> None:
+    def __init__(self, stream: str, event_id: str, message_id: str | None, cause: BaseException,
+                 index: int | None = None) -> None:
         self.stream = stream
         self.event_id = event_id
         self.message_id = message_id
         self.cause = cause
+        self.index = index
         super().__init__(
             f"model failed on stream {stream!r}, event {event_id!r}"
             f" (message {message_id}): {type(cause).__name__}: {cause}"
@@ -96,6 +140,37 @@ class CheckpointCorrupt(BadInput):
         self.reason = reason
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"corrupt checkpoint file {where}: {reason}")
+
+
+class RootMismatch(ChainfoldError, ValueError):
+    """Leaf hashes given for a segment do not hash to the root recorded for it (so they are not the
+    leaves that checkpoint was made of): ``expected`` is the recorded root, ``calculated`` the root
+    of the leaves given, ``segment`` the segment and ``side`` which evidence they came from."""
+
+    def __init__(self, side: str, segment: int, expected: bytes, calculated: bytes, reason: str = "") -> None:
+        self.side = side
+        self.segment = segment
+        self.expected = expected
+        self.calculated = calculated
+        detail = reason or f"root {calculated.hex()[:16]}…, recorded {expected.hex()[:16]}…"
+        super().__init__(f"{side} segment {segment}: the leaves given do not match the checkpoint root ({detail})")
+
+
+class NotDurable(ChainfoldError):
+    """A write could not be made crash-safe: writing, fsync or rename failed (``path``, ``cause``)."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        self.path = path
+        self.cause = cause
+        super().__init__(f"cannot write {path} durably: {cause}")
+
+
+class WorkerFailed(ChainfoldError):
+    """A worker process of a parallel replay died without an answer; a rerun starts over."""
+
+    exit_code = 3
 
 
 class SnapshotRejected(ChainfoldError):

@@ -60,6 +60,7 @@ from typing import Any
 from .envelope import Event, decode
 from .errors import BadInput, ChainfoldError, MalformedEnvelope
 from .examples import accounts
+from .store.atomic import atomic_write
 from .tracker import Tracker
 
 __all__ = ["Faults", "AccountsWorker", "CRASH_EXIT", "main"]
@@ -181,16 +182,6 @@ _MISHANDLERS = {
 # --- the worker ----------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class RunStats:
     """What one run of the worker did (its JSON summary)."""
@@ -276,10 +267,10 @@ class AccountsWorker:
 
     def commit(self) -> None:
         """Write the state export, flush the evidence and bookkeeping: all durable before any ack."""
-        _write_atomic(self.state_path, json.dumps(self.states, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.state_path, (json.dumps(self.states, indent=1, sort_keys=True) + "\n").encode())
         self.tracker.flush()
         self.meta["received"] = self.received
-        _write_atomic(self.meta_path, json.dumps(self.meta, sort_keys=True))
+        atomic_write(self.meta_path, json.dumps(self.meta, sort_keys=True).encode())
         self.run.commits += 1
 
     def crash_due(self) -> bool:
@@ -332,7 +323,7 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
         if worker.crash_due():
             worker.commit()  # the state and evidence hold this message ...
             worker.meta["crashes"].append(worker.received)
-            _write_atomic(worker.meta_path, json.dumps(worker.meta, sort_keys=True))
+            atomic_write(worker.meta_path, json.dumps(worker.meta, sort_keys=True).encode())
             log.error("crash-before-ack: dying after message %d with %d message(s) handled and committed "
                       "but not acked", worker.received, len(pending))
             sys.stdout.flush()
