@@ -23,9 +23,10 @@ import pytest
 from chainfold.envelope import Event, encode
 from chainfold.errors import BadInput, MalformedInputLine
 from chainfold.examples import accounts
-from chainfold.replay.fold import load_model
+from chainfold.replay.model import load_model
 from chainfold.log import MemoryLog
-from chainfold.ops.reconcile import load_processed, load_state_export, load_tracker, reconcile
+from chainfold import reconcile
+from chainfold.ops.reconcile import load_processed, load_state_export, load_tracker
 from chainfold.tracker import Tracker
 
 MODEL = load_model("chainfold.examples.accounts")

@@ -36,7 +36,7 @@ from .log.broker import BrokerOptions, connect, resolve_url
 from .envelope import Event, encode
 from .errors import BadInput, ChainfoldError
 from .examples import accounts
-from .replay.fold import load_model
+from .replay.model import load_model
 from .log.pulsar import PulsarLog
 from .ops.rebuild import rebuild
 from .ops.reconcile import load_processed, load_state_export, load_tracker, reconcile
@@ -289,7 +289,7 @@ def run_demo(
         checks["streams_compared"] = len(set(fresh) | set(repaired))
         narrate(f"   fresh full rebuild vs repaired state: {checks['streams_compared']} accounts compared, "
                 + ("all equal" if not differ else f"{len(differ)} differ: {', '.join(differ[:5])}"))
-        vr = verify_log(log, topic_dir(snaps, topic), snapshots_root=snaps)
+        vr = verify_log(log, record_dir=topic_dir(snaps, topic), snapshots_root=snaps)
         vdoc = vr.to_json()
         checks["verify"] = vdoc["verdict"]
         narrate(f"   verify: {vdoc['verdict']} ({vdoc['log']['events']:,} entries, {vdoc['log']['segments']} "

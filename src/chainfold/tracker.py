@@ -26,7 +26,6 @@ Files in the tracker's directory (a reopened tracker continues them):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -36,7 +35,8 @@ from typing import Any
 from .hashing.chain import ChainBuilder, Checkpoint
 from .hashing.checkpoints import CheckpointFile
 from .envelope import decode
-from .errors import MalformedEnvelope
+from .errors import CheckpointCorrupt, MalformedEnvelope
+from .merkle import leaf_hash
 
 __all__ = ["Tracker", "leaves_path_for"]
 
@@ -46,16 +46,18 @@ def leaves_path_for(checkpoints_path: str | os.PathLike[str]) -> Path:
     return Path(checkpoints_path).with_suffix(".leaves")
 
 
-def _mid_text(message_id: Any) -> str | None:
-    if message_id is None:
+def _mid_text(position: Any) -> str | None:
+    """The message id text of what a worker passes: a :class:`~chainfold.log.Position` (or its
+    text), or the message id object of the Pulsar client the worker consumes with."""
+    if position is None:
         return None
-    if isinstance(message_id, str):
-        return message_id
-    # pulsar.MessageId or chainfold.MessageId
-    try:
-        return f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
-    except AttributeError:
-        return str(message_id)
+    if isinstance(position, str):
+        return position
+    if hasattr(position, "ledger_id"):  # pulsar-client's own message id
+        from .log.pulsar import message_id_of
+
+        return str(message_id_of(position))
+    return str(position)
 
 
 class Tracker:
@@ -96,12 +98,17 @@ class Tracker:
             leaves = self.leaves_path.read_bytes()
         n_leaves = len(leaves) // 32
         if n_leaves < size_full:
-            raise ValueError(f"{self.leaves_path}: {n_leaves} leaves but {size_full} checkpointed entries")
+            raise CheckpointCorrupt(str(self.leaves_path), None,
+                                    f"{n_leaves} leaves but {size_full} checkpointed entries in {self.checkpoints.path}")
         # re-add every recorded leaf: O(n) once at start-up, and it proves the files agree
-        for i in range(n_leaves):
-            cp = chain.add_leaf(leaves[i * 32:(i + 1) * 32])
+        hashes = [leaves[i * 32:(i + 1) * 32] for i in range(n_leaves)]
+        i = 0
+        while i < n_leaves:
+            cp = chain.add_leaves(hashes[i:i + chain.room()])
+            i = chain.size
             if cp is not None and cp.segment < len(full) and cp.head != full[cp.segment].head:
-                raise ValueError(f"{self.checkpoints.path}: segment {cp.segment} disagrees with {self.leaves_path}")
+                raise CheckpointCorrupt(str(self.checkpoints.path), cp.segment + 1,
+                                        f"segment {cp.segment} disagrees with the leaf hashes in {self.leaves_path}")
             if cp is not None and cp.segment >= len(full):
                 self._full.append(cp)  # checkpointed leaves whose checkpoint line was not written yet
         with open(self.leaves_path, "ab") as f:
@@ -115,7 +122,7 @@ class Tracker:
 
     def handled(self, payload: bytes, message_id: Any = None, event_id: str | None = None) -> None:
         """Record that the worker handled this message (its payload bytes exactly as received)."""
-        leaf = hashlib.sha256(b"\x00" + payload).digest()
+        leaf = leaf_hash(payload)
         with self._lock:
             cp = self._chain.add_leaf(leaf, _mid_text(message_id))
             self._leaves.append(leaf)

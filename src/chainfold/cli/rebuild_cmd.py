@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from ..store.atomic import atomic_write
-from ..replay.fold import load_model
+from ..replay.model import load_model
 from ..log.pulsar import open_log
-from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, rebuild as rebuild_log
+from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, rebuild as rebuild_log
 from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stdout
 from .progress import progress
 from .publish import _parse_until
@@ -52,24 +52,19 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
     def body() -> int:
         model = load_model(model_ref)
         until_id, until_time = _parse_until(until)
+        options = RebuildOptions(snapshots_root=Path(snapshots_dir), full=full, until=until_id, until_time=until_time,
+                                 snapshot_every=snapshot_every if not no_snapshots else 0, keep=keep,
+                                 write_snapshots=not no_snapshots)
         if workers > 1:
             from ..log.broker import resolve_url
             from ..engines.parallel import PulsarSource, parallel_rebuild
 
             source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
             with progress(f"rebuild {topic} ({workers} workers)") as update:
-                result = parallel_rebuild(
-                    source, model_ref, workers=workers, snapshots_root=Path(snapshots_dir), full=full,
-                    until=until_id, until_time=until_time, keep=keep, write_snapshots=not no_snapshots,
-                    on_progress=update,
-                )
+                result = parallel_rebuild(source, model_ref, options, workers=workers, on_progress=update)
         else:
             with open_log(topic, broker) as log, progress(f"rebuild {log.topic}") as update:
-                result = rebuild_log(
-                    log, model, snapshots_root=Path(snapshots_dir), full=full, until=until_id,
-                    until_time=until_time, snapshot_every=snapshot_every if not no_snapshots else 0,
-                    keep=keep, write_snapshots=not no_snapshots, on_progress=update,
-                )
+                result = rebuild_log(log, model, options, on_progress=update)
         if out:
             write_state_export(out, result.folder.rendered())
         doc = result.to_json()

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..store.atomic import atomic_write
 from ..errors import BadInput, HistoryUnrecoverable
-from ..replay.fold import load_model
+from ..replay.model import load_model
 from ..log.pulsar import open_log
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
 from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stderr, stdout

@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from ..errors import BadInput
-from ..replay.fold import load_model
+from ..replay.model import load_model
 from ..store.snapshots import SnapshotStore
 from .common import cli, emit_json, json_option, run, snapshots_option, stdout
 

@@ -11,8 +11,8 @@ from rich.table import Table
 from ..ops import proofs
 from ..errors import BadInput
 from ..log.pulsar import open_log
-from ..hashing.scan import DEFAULT_SEGMENT_SIZE
-from ..ops.verify import compare_logs, verify_log
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE
+from ..ops.verify import VerifyOptions, compare_logs, verify_log
 from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stdout
 from .progress import progress
 
@@ -49,6 +49,8 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
         from ..store.snapshots import topic_dir
 
         with open_log(topic, broker) as log:
+            options = VerifyOptions(record_dir=topic_dir(Path(snapshots_dir), log.topic), snapshots_root=Path(snapshots_dir),
+                                    segment_size=segment_size, reset=reset)
             with progress(f"verify {log.topic}") as update:
                 if against:
                     if against_service_url:
@@ -69,13 +71,9 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                     from ..engines.parallel import PulsarSource, parallel_verify
 
                     source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
-                    report = parallel_verify(source, topic_dir(Path(snapshots_dir), log.topic), workers=workers,
-                                             snapshots_root=Path(snapshots_dir), segment_size=segment_size,
-                                             reset=reset, on_progress=update)
+                    report = parallel_verify(source, options, workers=workers, on_progress=update)
                 else:
-                    report = verify_log(log, topic_dir(Path(snapshots_dir), log.topic),
-                                        snapshots_root=Path(snapshots_dir), segment_size=segment_size,
-                                        reset=reset, on_progress=update)
+                    report = verify_log(log, options, on_progress=update)
         doc = report.to_json()
         if as_json:
             emit_json(doc)

@@ -28,7 +28,7 @@ from ..errors import BadInput, BrokerUnavailable, MalformedEnvelope
 from ..envelope import Event, decode, encode
 from . import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index, stamp_seqs
 
-__all__ = ["PulsarLog"]
+__all__ = ["PulsarLog", "open_log", "message_id_of"]
 
 log = logging.getLogger("chainfold.log")
 
@@ -89,6 +89,11 @@ class _PulsarEntry(tuple):
 
 
 _new_entry = tuple.__new__
+
+
+def message_id_of(native: object) -> MessageId:
+    """The :class:`~chainfold.log.MessageId` (position) of a message id of pulsar-client."""
+    return MessageId(native.ledger_id(), native.entry_id(), native.partition(), native.batch_index())  # type: ignore[attr-defined]
 
 
 def _native(m: MessageId | None, partition: int) -> object | None:

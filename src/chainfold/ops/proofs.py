@@ -8,14 +8,15 @@ leaf hash itself.
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 from .. import merkle
 from ..envelope import decode
 from ..errors import BadInput, MalformedEnvelope
+from ..hashing.stage import leaf_hashes
 from ..log import EventLog
+from ..log.source import Source, Span
 
 __all__ = ["inclusion", "consistency", "check"]
 
@@ -24,15 +25,17 @@ ALGORITHM = "RFC9162_SHA256"
 
 def _leaves(elog: EventLog, partition: str, on_progress: Callable[[int], None] | None,
             want: Callable[[int, Any], bool] | None = None) -> tuple[list[bytes], dict[str, Any]]:
+    """Every leaf hash of the partition (source stage, :func:`leaf_hashes`), and the first entry
+    ``want(index, entry)`` accepts."""
     leaves: list[bytes] = []
     found: dict[str, Any] = {}
-    sha = hashlib.sha256
-    for i, e in enumerate(elog.read(partition)):
-        leaves.append(sha(b"\x00" + e.payload).digest())
-        if want is not None and not found and want(i, e):
-            found = {"index": i, "entry": e}
-        if on_progress is not None and not i % 16384:
-            on_progress(i)
+    for batch in Source(elog, Span(partition)):
+        start = len(leaves)
+        leaves.extend(leaf_hashes(batch))
+        if want is not None and not found:
+            found = next(({"index": start + k, "entry": e} for k, e in enumerate(batch) if want(start + k, e)), {})
+        if on_progress is not None:
+            on_progress(len(leaves))
     return leaves, found
 
 
