@@ -103,12 +103,18 @@ def decode(payload: bytes) -> Event:
 
 def _decode_checked(payload: bytes) -> Event:
     """:func:`decode` the slow way, naming what is wrong with a malformed payload."""
+    if not payload:
+        raise MalformedEnvelope("empty payload")
     dec = _local.__dict__.get("dec") or _decoder()
     fp = dec.fp = _BytesIO(payload)
     try:
         m = dec.decode()
     except Exception as exc:  # cbor2 raises several types, and ValueError/TypeError/etc.
-        raise MalformedEnvelope(f"not CBOR: {exc}") from None
+        raise MalformedEnvelope(_foreign(payload) or f"not CBOR: {exc}") from None
+    if fp.tell() != len(payload) or type(m) is not dict:
+        foreign = _foreign(payload)
+        if foreign:
+            raise MalformedEnvelope(foreign)
     if fp.tell() != len(payload):
         raise MalformedEnvelope(f"{len(payload) - fp.tell()} byte(s) after the CBOR item")
     if type(m) is not dict:
@@ -135,6 +141,33 @@ def _decode_checked(payload: bytes) -> Event:
     if seq is not None and not (_is_uint(seq) and seq >= 1):
         raise MalformedEnvelope("'seq' must be an unsigned integer >= 1")
     return Event(eid, stream, seq, etype, etime, data)
+
+
+def _foreign(payload: bytes) -> str | None:
+    """What a payload that is not a CBOR envelope looks like, when it is recognisably something else
+    (JSON or plain text, as a producer that does not use chainfold's writer sends); else None."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    stripped = text.strip()
+    try:
+        json.loads(stripped)
+    except ValueError:
+        pass
+    else:
+        return "looks like JSON, expected a CBOR map (the event envelope, docs/formats.md)"
+    if stripped and stripped.isprintable():
+        preview = stripped if len(stripped) <= 40 else stripped[:39] + "…"
+        return f"looks like text ({preview!r}), expected a CBOR map (the event envelope, docs/formats.md)"
+    return None
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """``bad JSON: <what> at column <n>`` for a JSON parse error (callers name the file and line);
+    some of json's messages end in "at" themselves ("Invalid control character at")."""
+    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    return f"bad JSON: {msg} at column {exc.colno}"
 
 
 def event_to_json(event: Event) -> dict[str, Any]:
@@ -187,4 +220,4 @@ def parse_json_line(text: str, *, path: str, line: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MalformedInputLine(path, line, f"bad JSON: {exc.msg} at column {exc.colno}") from None
+        raise MalformedInputLine(path, line, json_error(exc)) from None

@@ -29,13 +29,14 @@ from typing import Any
 
 from ..hashing.chain import ChainBuilder, Checkpoint, find_divergence
 from ..hashing.checkpoints import CheckpointFile
-from ..envelope import Event
+from ..envelope import Event, json_error
 from ..errors import BadInput, HistoryUnrecoverable, MalformedInputLine
 from ..replay.fold import Folder, Model, render_json
 from ..jsonl import iter_json_lines
 from ..log import Entry, EventLog, MessageId, partition_index
 from ..hashing.scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
 from ..store.snapshots import topic_dir
+from .positions import report_positions
 from ..tracker import leaves_path_for
 
 __all__ = [
@@ -99,9 +100,10 @@ def load_state_export(path: str) -> dict[str, Any]:
             doc = json.load(f)
     except OSError as exc:
         raise BadInput(f"cannot read {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        line = getattr(exc, "lineno", 0)
-        raise MalformedInputLine(path, line, f"bad JSON: {getattr(exc, 'msg', exc)}") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedInputLine(path, exc.lineno, json_error(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise MalformedInputLine(path, 0, f"not UTF-8 text: {exc.reason}") from None
     if not isinstance(doc, dict):
         raise MalformedInputLine(path, 1, f"a state export is one JSON object {{stream: state}}, not {type(doc).__name__}")
     return doc
@@ -514,6 +516,11 @@ def reconcile(
             for d in divergent
         ], replayed, notes, details=details,
     )
+    report.details["positions"] = report_positions(  # where the listed entries sit (for reports that draw the log)
+        partitions=parts, entries=[sc.entries for sc in scans], segment_size=LS[0] if LS else DEFAULT_SEGMENT_SIZE,
+        locate=lambda eid: (where[eid] >> 40, refs[where[eid] >> 40].index[where[eid] & _LOW]) if eid in where else None,
+        missing=missing, duplicates=duplicates, out_of_order=out_of_order, malformed=folder.malformed,
+        stored_again=folder.duplicates)
 
     # 5. Repair: replay only the divergent streams from the newest valid snapshot before the first
     #    divergence, then check the result against the fresh rebuild of step 1.
