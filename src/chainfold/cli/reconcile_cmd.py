@@ -36,6 +36,9 @@ def write_corrections(path: str, corrections: list[dict]) -> None:
 @click.option("--corrections", "corrections_out", metavar="FILE", type=click.Path(dir_okay=False),
               help="With --repair: where the corrections go (JSON Lines); default OUT's name + .corrections.jsonl.")
 @click.option("--publish-corrections", metavar="TOPIC2", help="With --repair: also publish the corrections to TOPIC2.")
+@click.option("--evidence-out", "evidence_out", metavar="DIR", type=click.Path(file_okay=False),
+              help="With --repair: write fresh tracker evidence for the repaired worker to DIR (a new "
+                   "directory): what a correct worker would have recorded (docs/incidents.md).")
 @click.option("--html", "html_out", metavar="FILE", type=click.Path(dir_okay=False),
               help="Also write the report as one self-contained HTML page (docs/cli.md#the-html-report).")
 @snapshots_option
@@ -43,7 +46,8 @@ def write_corrections(path: str, corrections: list[dict]) -> None:
 @json_option
 def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str | None, checkpoints_path: str | None,
               repair_out: str | None, corrections_out: str | None, publish_corrections: str | None,
-              html_out: str | None, snapshots_dir: str, broker, as_json: bool) -> None:
+              evidence_out: str | None, html_out: str | None, snapshots_dir: str, broker,
+              as_json: bool) -> None:
     """Find what the worker that folded TOPIC missed, doubled, reordered or got wrong, from its state
     export and its processed log and/or tracker checkpoints. Exit 0 consistent (or repaired),
     1 divergent, 2 bad input, 3 unrecoverable."""
@@ -55,6 +59,8 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
         tracker = load_tracker(checkpoints_path) if checkpoints_path else None
         if publish_corrections and not repair_out:
             raise BadInput("--publish-corrections needs --repair OUT")
+        if evidence_out and not repair_out:
+            raise BadInput("--evidence-out needs --repair OUT")
         with open_log(topic, broker) as log:
             try:
                 with progress(f"reconcile {log.topic}") as update:
@@ -76,6 +82,11 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                 cpath = corrections_out or str(Path(repair_out).with_suffix("")) + ".corrections.jsonl"
                 write_corrections(cpath, report.corrections)
                 doc["repair"] = {"state": repair_out, "corrections": cpath, "streams": len(report.corrections)}
+                if evidence_out:
+                    from ..ops.evidence import write_reference_evidence
+
+                    doc["repair"]["evidence"] = write_reference_evidence(log, evidence_out,
+                                                                         entries=doc["log"]["events"])
                 if publish_corrections:
                     from ..envelope import Event
 

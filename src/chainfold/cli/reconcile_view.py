@@ -125,7 +125,11 @@ def print_reconcile(doc: dict[str, Any]) -> None:
     if "repair" in doc:
         r = doc["repair"]
         _say(f"[green]repaired[/] {r['streams']} stream(s), validated against a fresh rebuild: "
-                     f"state → {esc(r['state'])}, corrections → {esc(r['corrections'])}")
+             f"state → {esc(r['state'])}, corrections → {esc(r['corrections'])}")
+        ev = r.get("evidence")
+        if ev:
+            _say(f"fresh evidence for the repaired worker → {esc(ev['dir'])} ({ev['events']:,} events); "
+                 f"resume the worker after message {esc(ev['resume_after'])}")
     if doc.get("html"):
         _say(f"report for a browser: {esc(doc['html'])}")
     for n in doc.get("notes", []):
