@@ -13,7 +13,7 @@
 5. **validate**: a fresh full rebuild equals the repaired state for every stream, ``verify`` finds
    the log intact, and the repaired export reconciles clean.
 
-:func:`run_demo` does it all and returns the repair's reconcile report (SPEC §4) with a ``demo``
+:func:`run_demo` does it all and returns the repair's reconcile report (docs/cli.md) with a ``demo``
 section; ``narrate`` receives the story line by line (rich markup allowed).
 """
 

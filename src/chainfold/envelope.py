@@ -1,4 +1,4 @@
-"""Where bytes become events: the format-1 event envelope of SPEC §1.
+"""Where bytes become events: the format-1 event envelope of docs/formats.md.
 
 One event is one Pulsar message whose payload is a CBOR map in deterministic encoding
 (RFC 8949 §4.2.1). :func:`encode` always produces the same bytes for the same event;
@@ -38,7 +38,7 @@ def _decoder() -> cbor2.CBORDecoder:
 
 
 class Event(NamedTuple):
-    """One event, as a model sees it (SPEC §1 and §5). Immutable.
+    """One event, as a model sees it (docs/formats.md, docs/models.md). Immutable.
 
     ``seq`` is the 1-based position in its stream; ``None`` when a foreign producer did not set it.
     ``time`` is milliseconds since the Unix epoch.
@@ -73,7 +73,7 @@ def _is_uint(v: object) -> bool:
 def decode(payload: bytes) -> Event:
     """Decode one payload; raise :class:`MalformedEnvelope` (without message id) if it is not one.
 
-    Keys other than those of SPEC §1 are tolerated and ignored. Bytes after the map, and a key
+    Keys other than those of the envelope (docs/formats.md) are tolerated and ignored. Bytes after the map, and a key
     repeated inside it, make the payload malformed.
     """
     # The hot path of every replay: one C call decodes, the checks are one expression, and the
@@ -180,7 +180,7 @@ def event_to_json(event: Event) -> dict[str, Any]:
 
 
 def event_from_json(obj: Any, *, path: str = "-", line: int = 0, now_ms: int | None = None) -> Event:
-    """Validate one parsed JSON Lines input object (SPEC §4 ``publish``) and make an :class:`Event`.
+    """Validate one parsed JSON Lines input object (``publish``, docs/cli.md) and make an :class:`Event`.
 
     ``id``, ``stream``, ``type`` and ``data`` are required; ``time`` defaults to now. A ``seq`` in the
     input is checked for type but the writer assigns the real one. Raises :class:`MalformedInputLine`.

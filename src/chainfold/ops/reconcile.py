@@ -1,6 +1,6 @@
 """``reconcile``: what a real-time worker missed, doubled, reordered or got wrong, and the repair.
 
-The reference is what a correct worker handles (SPEC §4): the log's well-formed entries in log
+The reference is what a correct worker handles (docs/worker-evidence.md): the log's well-formed entries in log
 order, each event id once, at its first entry. chainfold compares the worker's evidence with it:
 
 * a **processed log** (ids in handling order) gives the exact first divergence, and the missing,
@@ -59,7 +59,7 @@ _LOW = (1 << 40) - 1
 
 @dataclass
 class Processed:
-    """A processed log (SPEC §3): event ids in handling order, with their line numbers."""
+    """A processed log (docs/worker-evidence.md): event ids in handling order, with their line numbers."""
 
     path: str
     ids: list[str]
@@ -94,7 +94,7 @@ def load_processed(path: str) -> Processed:
 
 
 def load_state_export(path: str) -> dict[str, Any]:
-    """Read a state export (SPEC §3): one JSON object ``{stream id: state}``."""
+    """Read a state export (docs/worker-evidence.md): one JSON object ``{stream id: state}``."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -163,7 +163,7 @@ class TrackerEvidence:
 
 
 def load_tracker(path: str) -> TrackerEvidence:
-    """Read tracker checkpoints (a SPEC §2 checkpoint file; ``CheckpointCorrupt`` if untrustworthy)."""
+    """Read tracker checkpoints (a checkpoint file, docs/formats.md; ``CheckpointCorrupt`` if untrustworthy)."""
     p = Path(path)
     cf = CheckpointFile(p)
     lp = leaves_path_for(p)
@@ -179,7 +179,7 @@ def load_tracker(path: str) -> TrackerEvidence:
 
 @dataclass
 class ReconcileReport:
-    """Everything reconcile found; ``to_json()`` has every key of SPEC §4."""
+    """Everything reconcile found; ``to_json()`` has every key docs/cli.md lists as always present."""
 
     topic: str
     verdict: str
