@@ -55,6 +55,10 @@ def _n(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _e("-" if value is None else value)
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
 # --- the log strip ---------------------------------------------------------------------------------
 
 
@@ -126,8 +130,8 @@ def _strip(doc: Mapping[str, Any], part: int, n: int, seg: int,
                        f'<span>first divergence · entry {fd["index"]:,}</span></div>')
     lanes = "".join(_lane(k, label, css, per_kind.get(k, []), n) for k, label, css in KINDS if per_kind.get(k))
     return (f'<div class="strip" data-partition="{part}" data-entries="{n}">'
-            f'<div class="strip-title">{_e(title)}: {n:,} entries, {max(1, -(-n // seg)) if n else 0:,} '
-            f'segments of {seg:,}</div>'
+            f'<div class="strip-title">{_e(title)}: {_count(n, "entry", "entries")}, '
+            f'{_count(max(1, -(-n // seg)) if n else 0, "segment")} of {seg:,}</div>'
             f'<div class="strip-body"><div class="bands">{_bands(n, seg)}</div>{lanes}{fd_line}</div></div>')
 
 
@@ -263,7 +267,7 @@ def _generic(value: Any, depth: int = 0) -> str:
 
 
 def _other_section(doc: Mapping[str, Any]) -> str:
-    extra = {k: v for k, v in doc.items() if k not in _KNOWN}
+    extra = {k: v for k, v in doc.items() if k not in _KNOWN and v is not None}
     if not extra:
         return ""
     blocks = "".join(f'<div class="extra" data-key="{_e(k)}"><h3>{_e(k.replace("_", " "))}</h3>{_generic(v)}</div>'

@@ -80,8 +80,8 @@ def _changes(d: dict[str, Any], width: int) -> str:
 def _streams_table(ds: list[dict[str, Any]], width: int) -> Table:
     t = Table(title=f"divergent streams ({len(ds):,}): field: expected → worker's (difference)",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_lines=False)
-    name_w = min(28, max(6, *(len(str(d.get("stream"))) for d in ds[:STREAMS_SHOWN])))
-    t.add_column("stream", no_wrap=True, overflow="ellipsis", max_width=name_w)
+    name_w = min(max(16, width // 3), max(6, *(len(str(d.get("stream"))) for d in ds[:STREAMS_SHOWN])))
+    t.add_column("stream", overflow="fold", max_width=name_w)  # whole ids, folded if long: people copy them
     t.add_column("differences", overflow="fold")
     for d in ds[:STREAMS_SHOWN]:
         t.add_row(esc(d.get("stream")), _changes(d, width - name_w - 4))
