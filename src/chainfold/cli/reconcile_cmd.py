@@ -6,21 +6,17 @@ import json
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
-from ..store.atomic import atomic_write
 from ..errors import BadInput, HistoryUnrecoverable
 from ..replay.fold import load_model
 from ..log.pulsar import open_log
+from ..ops.corrections import producer_name_for, publish_corrections as publish, write_corrections
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
 from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stderr, stdout
 from .progress import progress
 from .rebuild_cmd import write_state_export
-
-
-def write_corrections(path: str, corrections: list[dict]) -> None:
-    """The corrections as JSON Lines, written crash-safe."""
-    atomic_write(Path(path), "".join(json.dumps(c, sort_keys=True) + "\n" for c in corrections).encode())
 
 
 @cli.command()
@@ -73,16 +69,13 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                 write_corrections(cpath, report.corrections)
                 doc["repair"] = {"state": repair_out, "corrections": cpath, "streams": len(report.corrections)}
                 if publish_corrections:
-                    from ..envelope import Event
-
-                    target = type(log)(log.client, publish_corrections)
+                    target = type(log)(log.client, publish_corrections, producer_name=producer_name_for(log.topic))
                     try:
-                        events = [Event(c["idempotency_key"], c["stream"], None, "Correction",
-                                        _now_ms(), c) for c in report.corrections]
-                        target.append(events)
+                        published = publish(target, report.corrections)
                     finally:
                         target.close()
                     doc["repair"]["published_to"] = target.topic
+                    doc["repair"]["publish"] = published.to_json()
         if as_json:
             emit_json(doc)
         else:
@@ -108,12 +101,6 @@ def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
         "replayed": {"from_snapshot": None, "events": 0},
         "error": reason,
     }
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 def _short(v: object, width: int = 60) -> str:
@@ -158,5 +145,9 @@ def print_reconcile(doc: dict) -> None:
         r = doc["repair"]
         stdout.print(f"[green]repaired[/] {r['streams']} stream(s), validated against a fresh rebuild: "
                      f"state → {r['state']}, corrections → {r['corrections']}")
+        if "publish" in r:
+            pb = r["publish"]
+            stdout.print(f"corrections published to {escape(pb['topic'])}: {pb['published']} sent, "
+                         f"{pb['already_published']} already there (exactly once per idempotency key)")
     for n in doc.get("notes", []):
         stdout.print(f"[yellow]note:[/] {n}")
