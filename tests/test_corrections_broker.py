@@ -87,7 +87,7 @@ def read_corrections(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(x) for x in Path(doc["repair"]["corrections"]).read_text().splitlines()]
 
 
-def test_retry_publishes_each_key_once(cli, pulsar_client, tmp_path: Path) -> None:
+def test_retry_publishes_each_key_once(cli, pulsar_client, broker_url, tmp_path: Path) -> None:
     topic, _, expected, state = world(pulsar_client, tmp_path, events=300, streams=12, wrong=3)
     topic2 = unique_topic("corr-out")
     r1 = cli(*reconcile_args(topic, state, tmp_path / "fixed.json", topic2))
@@ -110,6 +110,20 @@ def test_retry_publishes_each_key_once(cli, pulsar_client, tmp_path: Path) -> No
     events = topic2_events(pulsar_client, topic2)
     assert len(events) == 3
     assert_each_key_once(events, corrections)
+
+    # the consumer-side example brings a copy of the worker's figures in line, each key once: a
+    # second subscription receives every correction again and applies none
+    from chainfold.examples.apply_corrections import CorrectionApplier
+
+    figures = tmp_path / "figures.json"
+    CorrectionApplier(json.loads(state.read_text())).save(figures)
+    for sub, applied in (("downstream", 3), ("downstream-replay", 0)):
+        r = subprocess.run([sys.executable, "-m", "chainfold.examples.apply_corrections", "--figures", str(figures),
+                            "--topic", topic2, "--subscription", sub, "--service-url", broker_url,
+                            "--idle-ms", "1500"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"received": 3, "applied": applied, "conflicts": []}
+    assert json.loads(figures.read_text())["figures"] == expected
 
 
 def test_unrelated_log_growth_keeps_the_key(cli, pulsar_client, tmp_path: Path) -> None:
