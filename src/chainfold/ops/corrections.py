@@ -132,5 +132,7 @@ def publish_corrections(target: EventLog, corrections: list[Mapping[str, Any]]) 
     name = getattr(target, "producer_name", None)
     if not name:
         raise ValueError("publish_corrections needs a log that appends each id once (a PulsarLog with producer_name)")
+    if not corrections:  # nothing to send: TOPIC2 is not read (nor created)
+        return PublishReport(target.topic, name, 0, 0)
     report = target.append(correction_events(corrections))
     return PublishReport(target.topic, name, len(corrections) - report.skipped, report.skipped)
