@@ -18,5 +18,6 @@ from . import reconcile_cmd as _reconcile  # noqa: F401,E402
 from . import snapshots_cmd as _snapshots  # noqa: F401,E402
 from . import demo_cmd as _demo  # noqa: F401,E402
 from . import bench_cmd as _bench  # noqa: F401,E402
+from . import rewind_cmd as _rewind  # noqa: F401,E402
 
 __all__ = ["main", "cli"]

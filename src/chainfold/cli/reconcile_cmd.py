@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
+
 from ..store.atomic import atomic_write
 from ..errors import BadInput, HistoryUnrecoverable
 from ..replay.fold import load_model
 from ..log.pulsar import open_log
+from ..ops.corrections import producer_name_for, publish_corrections as publish, write_corrections
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
 from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr
 from .progress import progress
 from .reconcile_view import print_reconcile
 from .rebuild_cmd import write_state_export
-
-
-def write_corrections(path: str, corrections: list[dict]) -> None:
-    """The corrections as JSON Lines, written crash-safe."""
-    atomic_write(Path(path), "".join(json.dumps(c, sort_keys=True) + "\n" for c in corrections).encode())
 
 
 @cli.command()
@@ -88,16 +84,13 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                     doc["repair"]["evidence"] = write_reference_evidence(log, evidence_out,
                                                                          entries=doc["log"]["events"])
                 if publish_corrections:
-                    from ..envelope import Event
-
-                    target = type(log)(log.client, publish_corrections)
+                    target = type(log)(log.client, publish_corrections, producer_name=producer_name_for(log.topic))
                     try:
-                        events = [Event(c["idempotency_key"], c["stream"], None, "Correction",
-                                        _now_ms(), c) for c in report.corrections]
-                        target.append(events)
+                        published = publish(target, report.corrections)
                     finally:
                         target.close()
                     doc["repair"]["published_to"] = target.topic
+                    doc["repair"]["publish"] = published.to_json()
         if html_out:
             write_html_report(html_out, doc)
             doc["html"] = html_out
@@ -136,7 +129,3 @@ def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
     }
 
 
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)

@@ -126,6 +126,10 @@ def print_reconcile(doc: dict[str, Any]) -> None:
         r = doc["repair"]
         _say(f"[green]repaired[/] {r['streams']} stream(s), validated against a fresh rebuild: "
              f"state → {esc(r['state'])}, corrections → {esc(r['corrections'])}")
+        pb = r.get("publish")
+        if pb:
+            _say(f"corrections published to {esc(pb['topic'])}: {pb['published']} sent, "
+                 f"{pb['already_published']} already there (exactly once per idempotency key)")
         ev = r.get("evidence")
         if ev:
             _say(f"fresh evidence for the repaired worker → {esc(ev['dir'])} ({ev['events']:,} events); "

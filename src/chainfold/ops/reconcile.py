@@ -36,6 +36,7 @@ from ..jsonl import iter_json_lines
 from ..log import Entry, EventLog, MessageId, partition_index
 from ..hashing.scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
 from ..store.snapshots import topic_dir
+from .corrections import make_corrections
 from .positions import report_positions
 from ..tracker import leaves_path_for
 
@@ -549,13 +550,7 @@ def reconcile(
                 else:
                     repaired.pop(s, None)
             report.repaired_states = dict(sorted(repaired.items()))
-            head = topic_head(scans).hex()
-            for d in divergent:
-                key = hashlib.sha256(json.dumps(
-                    [elog.topic, d["stream"], head, d["expected"], d["actual"]], sort_keys=True).encode()
-                ).hexdigest()[:32]
-                report.corrections.append({"stream": d["stream"], "expected": d["expected"], "actual": d["actual"],
-                                           "delta": d["delta"], "idempotency_key": key, "log_head": head})
+            report.corrections = make_corrections(elog.topic, divergent)
             report.verdict = "repaired"
             report.details["validated"] = {"streams": len(streams), "against": "fresh rebuild from the start of the log"}
     elif repair and first is not None:
