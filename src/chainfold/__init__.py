@@ -3,7 +3,7 @@ what diverged.
 
 The data's path, one subpackage each, a stage per step of a replay::
 
-    envelope.py          bytes → events (SPEC §1)
+    envelope.py          bytes → events (docs/formats.md)
     log/                 the append-only log (memory, Pulsar); source.py: the source stage
     merkle.py, hashing/  RFC 9162 hashes; hashing/stage.py: the hash stage (chained segments, record)
     replay/              decode.py (decode + dedup stage), fold.py (the fold stage), pipeline.py

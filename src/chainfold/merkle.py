@@ -1,4 +1,4 @@
-"""RFC 9162 Merkle tree hashes over the log (SPEC §2): hasher, roots, proofs, compact ranges.
+"""RFC 9162 Merkle tree hashes over the log (docs/formats.md): hasher, roots, proofs, compact ranges.
 
 The tree is the one of RFC 9162 §2.1 (identical to RFC 6962), with SHA-256::
 
@@ -8,8 +8,9 @@ The tree is the one of RFC 9162 §2.1 (identical to RFC 6962), with SHA-256::
 
 Every function taking ``leaves`` takes *leaf hashes* (the output of :func:`leaf_hash`), never raw
 payloads. Builders (:func:`root`, :func:`inclusion_proof`, :func:`consistency_proof`) raise
-``ValueError`` on bad arguments; verifiers (:func:`verify_inclusion`, :func:`verify_consistency`)
-never raise: any malformed input makes them return ``False``.
+:class:`~chainfold.errors.InvalidArgument` (a ``ValueError``) on bad arguments; verifiers
+(:func:`verify_inclusion`, :func:`verify_consistency`) never raise: any malformed input makes them
+return ``False``.
 
 :class:`CompactRange` is the incremental form: the roots of the perfect subtrees covering leaves
 ``[begin, end)``, enough to append, to merge with the adjacent range and to compute the root in
@@ -93,18 +94,18 @@ def _check_leaves(leaves: Sequence[bytes]) -> int:
     n = len(leaves)
     for h in leaves:
         if type(h) is not bytes or len(h) != HASH_SIZE:
-            raise ValueError("leaves must be 32-byte leaf hashes")
+            raise InvalidArgument("leaves must be 32-byte leaf hashes")
     return n
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """The audit path of leaf ``index`` in the tree over ``leaves`` (RFC 9162 §2.1.3.1), leaf to root.
 
-    Raises ``ValueError`` unless ``0 <= index < len(leaves)``.
+    Raises :class:`~chainfold.errors.InvalidArgument` unless ``0 <= index < len(leaves)``.
     """
     n = _check_leaves(leaves)
     if type(index) is not int or not 0 <= index < n:
-        raise ValueError(f"index {index!r} out of range for a tree of size {n}")
+        raise InvalidArgument(f"index {index!r} out of range for a tree of size {n}")
     path: list[bytes] = []
     lo, hi, m = 0, n, index
     while hi - lo > 1:
@@ -122,12 +123,12 @@ def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
     """The proof that the tree over ``leaves[:old_size]`` is a prefix of the tree over ``leaves``.
 
-    RFC 9162 §2.1.4.1 (SUBPROOF). Raises ``ValueError`` unless ``0 < old_size <= len(leaves)``;
+    RFC 9162 §2.1.4.1 (SUBPROOF). Raises :class:`~chainfold.errors.InvalidArgument` unless ``0 < old_size <= len(leaves)``;
     ``old_size == len(leaves)`` gives the empty proof.
     """
     n = _check_leaves(leaves)
     if type(old_size) is not int or not 0 < old_size <= n:
-        raise ValueError(f"old_size {old_size!r} out of range for a tree of size {n}")
+        raise InvalidArgument(f"old_size {old_size!r} out of range for a tree of size {n}")
     proof: list[bytes] = []
     lo, hi, m, complete = 0, n, old_size, True
     while m != hi - lo:

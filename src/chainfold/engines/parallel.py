@@ -56,7 +56,8 @@ from ..replay.model import load_model
 from ..replay.pipeline import Stops, run_pass
 from ..replay.seen import SeenSet
 from ..store.snapshots import SnapshotStore, topic_dir
-from .pool import LogSource, Outcome, PulsarSource, as_source, context, peak_rss, peaks, publish_progress, run_tasks
+from .pool import (LogSource, Outcome, PulsarSource, as_source, context, peak_rss, peaks, publish_progress, run_task,
+                   run_tasks)
 
 __all__ = ["LogSource", "PulsarSource", "parallel_rebuild", "parallel_verify", "peak_rss"]
 
@@ -108,33 +109,27 @@ class _FoldTask:
                               write=not self.options.bounded)
 
     def __call__(self) -> Outcome:
-        out = Outcome(self.task)
-        elog = self.source()
+        return run_task(self.task, self.source, self._fold)
+
+    def _fold(self, elog: EventLog, out: Outcome) -> None:
+        opts = self.options
+        folder, chain, after = self._start(elog, load_model(self.model))
+        before, known = dict(folder.states), frozenset(folder.seen.ids)  # type: ignore[attr-defined]
+        hasher = self._hasher(elog, chain)
+        source = Source(elog, Span(self.partition, after=after, until=opts.until, until_time=opts.until_time))
+        folder.index = chain.size if chain is not None else 0
         try:
-            opts = self.options
-            folder, chain, after = self._start(elog, load_model(self.model))
-            before, known = dict(folder.states), frozenset(folder.seen.ids)  # type: ignore[attr-defined]
-            hasher = self._hasher(elog, chain)
-            source = Source(elog, Span(self.partition, after=after, until=opts.until, until_time=opts.until_time))
-            folder.index = chain.size if chain is not None else 0
-            try:
-                run_pass(source, start=folder.index, hasher=hasher, decoder=folder.decoder, fold=folder.fold,
-                         stops=_progress(self.task))
-                if hasher is not None:
-                    out.scan = hasher.finish(source, read_to_end=not opts.bounded)
-            except ModelError as exc:
-                out.failed(exc)
-            finally:
-                if hasher is not None:
-                    hasher.flush()
-            out.read = source.read
-            out.take(folder, before, known)
-        except ChainfoldError as exc:
+            run_pass(source, start=folder.index, hasher=hasher, decoder=folder.decoder, fold=folder.fold,
+                     stops=_progress(self.task))
+            if hasher is not None:
+                out.scan = hasher.finish(source, read_to_end=not opts.bounded)
+        except ModelError as exc:
             out.failed(exc)
         finally:
-            elog.close()
-        publish_progress(self.task, out.read)
-        return out
+            if hasher is not None:
+                hasher.flush()
+        out.read = source.read
+        out.take(folder, before, known)
 
 
 def parallel_rebuild(source: EventLog | LogSource, model: str, options: RebuildOptions | None = None, /, *,
@@ -421,20 +416,14 @@ class _VerifyTask:
         return Span(self.partition, after=after, until=elog.position(rec[self.end - 1].last)), chain  # type: ignore[arg-type]
 
     def __call__(self) -> Outcome:
-        out = Outcome(self.task)
-        elog = self.source()
-        try:
-            span, chain = self._span(elog)
-            out.scan = hash_partition(elog, span, record=self.options.record(self.partition), chain=chain,
-                                      segment_size=self.segment_size, write=self.recorded is None,
-                                      probes=self.probes, on_progress=lambda n: publish_progress(self.task, n))
-            out.read = out.scan.read
-        except ChainfoldError as exc:
-            out.failed(exc)
-        finally:
-            elog.close()
-        publish_progress(self.task, out.read)
-        return out
+        return run_task(self.task, self.source, self._hash)
+
+    def _hash(self, elog: EventLog, out: Outcome) -> None:
+        span, chain = self._span(elog)
+        out.scan = hash_partition(elog, span, record=self.options.record(self.partition), chain=chain,
+                                  segment_size=self.segment_size, write=self.recorded is None,
+                                  probes=self.probes, on_progress=lambda n: publish_progress(self.task, n))
+        out.read = out.scan.read
 
 
 def _merge_scans(part: str, scans: list[PartitionScan]) -> PartitionScan:

@@ -26,7 +26,7 @@ from ..replay.decode import Decoder, Duplicate, Malformed
 from ..replay.fold import Folder
 
 __all__ = ["LogSource", "PulsarSource", "as_source", "peak_rss", "Outcome", "run_tasks", "publish_progress",
-           "context", "peaks"]
+           "context", "peaks", "run_task"]
 
 LogSource = Callable[[], EventLog]
 """A picklable callable that opens the log, called once in each worker (and in the caller)."""
@@ -151,6 +151,21 @@ class Outcome:
         if isinstance(self.error, ModelError):
             self.error = _portable(self.error)
         return self
+
+
+def run_task(task: int, source: LogSource, body: Callable[[EventLog, Outcome], None]) -> Outcome:
+    """Task ``task``'s outcome: ``body(log, outcome)`` on a log opened from ``source`` (closed
+    after); a chainfold error is kept in the outcome, the entries read are published."""
+    out = Outcome(task)
+    elog = source()
+    try:
+        body(elog, out)
+    except ChainfoldError as exc:
+        out.failed(exc)
+    finally:
+        elog.close()
+    publish_progress(task, out.read)
+    return out
 
 
 def _portable(exc: ModelError) -> ModelError:

@@ -1,7 +1,7 @@
 """The hash stage: where hashes are made.
 
 :class:`HashStage` takes one partition's entries in log order (batches from the source stage) and
-computes the chained checkpoints of SPEC §2: leaves → segment roots → heads, in O(log n) hashes
+computes the chained checkpoints of docs/formats.md: leaves → segment roots → heads, in O(log n) hashes
 held (:class:`~chainfold.hashing.chain.ChainBuilder`). Each completed segment is compared with the
 checkpoint recorded for it earlier (:class:`~chainfold.hashing.record.RecordCheck`), and while the
 log agrees with its record, segments not recorded before are recorded

@@ -48,7 +48,7 @@ class Position(Protocol):
 
     What chainfold relies on, and every log's positions provide: positions of one partition are
     totally ordered in log order (``<``, ``<=``, ``==``) and hashable; ``str(position)`` is the
-    message id text of SPEC §2 (``ledger:entry:partition:batch``) that reports, checkpoints and
+    message id text of docs/formats.md (``ledger:entry:partition:batch``) that reports, checkpoints and
     snapshots record; and :meth:`EventLog.position` turns that text back into a position of the
     same log. Nothing else (no ledger arithmetic) is assumed outside the log's own module.
     """
@@ -94,7 +94,7 @@ class MessageId(NamedTuple):
 
 class Entry(NamedTuple):
     """One log entry: a message as stored, with the metadata chainfold uses. ``message_id`` is its
-    :class:`Position` (``str()`` of it is the SPEC message id)."""
+    :class:`Position` (``str()`` of it is the message id, docs/formats.md)."""
 
     message_id: Position
     key: str | None

@@ -39,6 +39,7 @@ _CONNECTION_ERRORS = (_pulsar.ConnectError, _pulsar.NotConnected, _pulsar.Alread
 _READ_TIMEOUT_MS = 100  # then ask the broker whether more is coming (the end of the log costs this)
 _RECEIVER_QUEUE = 20000  # pulsar-lite re-delivers far more with smaller queues
 _STALL_TIMEOUTS = 10  # read timeouts in a row, with messages available, before re-creating the reader
+_CONFIRM_MS = 250  # how long a fresh reader waits for a first message before a topic counts as empty
 
 
 def _retry_seconds() -> float:
@@ -109,9 +110,6 @@ class _PulsarReader(LogReader):
     after the last entry yielded: pulsar-lite can leave a reader subscribed right after another
     one closed without ever dispatching to it.
     """
-
-    lazy_ids = True
-    """Entries' ``str()`` is their message id (see :class:`_PulsarEntry`)."""
 
     def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
@@ -186,6 +184,46 @@ class _PulsarReader(LogReader):
             self._open_error = err  # the next read fails again and comes back here
         return deadline
 
+    def _holds_nothing(self, exc: BaseException, reader: pulsar.Reader) -> bool:
+        """Whether ``exc``, raised by ``has_message_available`` before any entry was received, means
+        that the partition holds no message at all.
+
+        pulsar-lite cannot answer getLastMessageId on a partition that holds nothing ("Topic has no
+        messages"), and pulsar-client surfaces that only as ``UnknownError``; Apache Pulsar answers
+        it. A failure of the broker must never pass for an empty topic (a resumed rebuild would
+        replay nothing), so "empty" needs all of: that exact error, a connected reader, and a second,
+        fresh reader from the earliest position that receives nothing within ``_CONFIRM_MS`` and
+        then gets the same answer (or, on a broker that answers, "no message available"). A
+        partition that holds messages delivers one to the fresh reader or answers the question.
+        Anything else is a failure: the caller retries, then raises BrokerUnavailable.
+        """
+        if not isinstance(exc, _pulsar.UnknownError) or not reader.is_connected():
+            return False
+        try:
+            probe = self._client.create_reader(self._topic, pulsar.MessageId.earliest, receiver_queue_size=1)
+        except _PulsarException:
+            return False
+        try:
+            try:
+                probe.read_next(_CONFIRM_MS)
+                return False  # a message: the partition is not empty
+            except _Timeout:
+                pass
+            try:
+                empty = not probe.has_message_available()
+            except _pulsar.UnknownError:
+                empty = True
+            if empty:
+                log.debug("%s: holds no message (getLastMessageId: %s, confirmed by a fresh reader)", self._topic, exc)
+            return empty
+        except _PulsarException:
+            return False
+        finally:
+            try:
+                probe.close()
+            except _PulsarException:
+                pass
+
     def _raw(self) -> Iterator[Entry]:  # pragma: no cover - __iter__ reads directly
         return iter(self)
 
@@ -254,10 +292,8 @@ class _PulsarReader(LogReader):
                         deadline = self._recover(exc, deadline)
                         continue
                     except _PulsarException as exc:
-                        # pulsar-lite cannot answer getLastMessageId on a topic that holds nothing yet
-                        if got is None and reader.is_connected():
-                            log.debug("%s: no last message id (%s): treating the topic as empty", self._topic, exc)
-                            return
+                        if got is None and self._holds_nothing(exc, reader):
+                            return  # established, not assumed: see _holds_nothing
                         deadline = self._recover(exc, deadline)
                         continue
                     idle += 1

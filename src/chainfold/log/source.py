@@ -57,7 +57,7 @@ class Source:
     """Source stage: the entries of ``span`` from ``elog``, in batches of at most ``batch_size``.
 
     Contract: iterating yields non-empty lists of entries of the span's partition, in log order,
-    each message id at most once (the log's reader drops redeliveries, SPEC §2), until the span
+    each message id at most once (the log's reader drops redeliveries, docs/formats.md), until the span
     ends; then :attr:`read` entries were yielded, :attr:`last` is the position of the last one and
     :attr:`redelivered` counts the redeliveries dropped. A span that ``follow``\\ s the log polls
     every ``poll_seconds`` once it reaches the end, and ends when :meth:`stop` is called. Broker

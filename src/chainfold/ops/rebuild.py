@@ -97,21 +97,43 @@ OPTION_NAMES = frozenset(f.name for f in fields(RebuildOptions))
 
 @dataclass
 class RebuildResult:
-    """What a rebuild did. ``folder.states`` are the rebuilt states; ``to_json()`` is its report."""
+    """What a rebuild did. ``folder.states`` are the rebuilt states; ``to_json()`` is its report.
+    Where it started and what it decided before folding is its :class:`RebuildPlan`."""
 
-    topic: str
-    model: Model
+    plan: RebuildPlan
     folder: Folder
     scans: list[PartitionScan] = field(default_factory=list)
-    snapshot: Snapshot | None = None
-    snapshot_path: str | None = None
-    rejected: list[tuple[str, str]] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 1
     worker_peak_rss: list[int] = field(default_factory=list)
     """Peak resident memory (bytes) of each worker process, when rebuilt in parallel."""
+
+    @property
+    def topic(self) -> str:
+        return self.plan.elog.topic
+
+    @property
+    def model(self) -> Model:
+        return self.plan.model
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The snapshot the rebuild started from (None: the start of the log)."""
+        return self.plan.snapshot
+
+    @property
+    def snapshot_path(self) -> str | None:
+        return self.plan.snapshot_path
+
+    @property
+    def rejected(self) -> list[tuple[str, str]]:
+        """The snapshots not used, and why."""
+        return self.plan.rejected
+
+    @property
+    def notes(self) -> list[str]:
+        return self.plan.notes
 
     @property
     def from_snapshot(self) -> int | None:
@@ -227,6 +249,8 @@ class RebuildPlan:
     snapshot: Snapshot | None = None
     snapshot_path: str | None = None
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    passed_over: set[str] = field(default_factory=set)
+    """Rejected snapshots that are past where this replay must start: expected, not faults."""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -249,7 +273,11 @@ def plan_rebuild(elog: EventLog, model: Model, options: RebuildOptions) -> Rebui
     if not options.full and options.until_time is None:
         _choose_snapshot(plan, earliest, rewritten)
     for path, reason in plan.rejected:
-        log.warning("snapshot %s rejected: %s", path, reason)
+        # passed over by request (a replay that must start before a given entry, --until) is
+        # expected, not a problem with the snapshot: logged quietly; anything else stays a warning
+        expected = path in plan.passed_over
+        log.log(logging.INFO if expected else logging.WARNING, "snapshot %s %s: %s", path,
+                "not used" if expected else "rejected", reason)
     if gaps:
         _check_gaps(plan, gaps, earliest)
     if plan.snapshot is not None:
@@ -287,9 +315,11 @@ def _choose_snapshot(plan: RebuildPlan, earliest: dict[str, Position | None], re
             plan.rejected.append((path, cand.reason))
             continue
         notes: list[str] = []
-        reason = _unusable(plan, cand, earliest, rewritten, notes)
-        if reason:
-            plan.rejected.append((path, reason))
+        why = _unusable(plan, cand, earliest, rewritten, notes)
+        if why is not None:
+            plan.rejected.append((path, why[0]))
+            if why[1]:
+                plan.passed_over.add(path)
             continue
         plan.notes.extend(notes)
         plan.snapshot, plan.snapshot_path = cand, path
@@ -297,29 +327,30 @@ def _choose_snapshot(plan: RebuildPlan, earliest: dict[str, Position | None], re
 
 
 def _unusable(plan: RebuildPlan, cand: Snapshot, earliest: dict[str, Position | None], rewritten: set[str],
-              notes: list[str]) -> str | None:
-    """Why snapshot ``cand`` cannot start this rebuild, or None (``notes`` then say what to know)."""
+              notes: list[str]) -> tuple[str, bool] | None:
+    """Why snapshot ``cand`` cannot start this rebuild, and whether that is expected (it is past
+    where the replay must start); None if it can (``notes`` then say what to know)."""
     opts = plan.options
     if [pos.partition for pos in cand.partitions] != plan.parts:
-        return f"taken of partitions {[pos.partition for pos in cand.partitions]}, the log has {plan.parts}"
+        return f"taken of partitions {[pos.partition for pos in cand.partitions]}, the log has {plan.parts}", False
     if opts.max_snapshot_entries is not None and cand.entries > opts.max_snapshot_entries:
-        return f"covers {cand.entries} entries, past the replay start {opts.max_snapshot_entries}"
+        return f"covers {cand.entries} entries, past the replay start {opts.max_snapshot_entries}", True
     for pos in cand.partitions:
         reason = _check_against_record(pos, plan.recorded[pos.partition], plan.records[pos.partition])
         if reason:
-            return reason
+            return reason, False
         if pos.message_id is None:
             if pos.entries:
-                return "no message id recorded for its position"
+                return "no message id recorded for its position", False
             continue
         at = plan.elog.position(pos.message_id)
         if opts.until is not None and opts.until < at:
-            return f"covers entries past --until {opts.until}"
+            return f"covers entries past --until {opts.until}", True
         e = earliest[pos.partition]
         if e is not None and e <= at and not _holds(plan.elog, pos.partition, at, pos.chain.get("last_leaf")):
-            return f"the log no longer holds entry {at} as it was when the snapshot was taken"
+            return f"the log no longer holds entry {at} as it was when the snapshot was taken", False
         if (e is None or at < e) and pos.partition in rewritten:
-            return "the log was rewritten after the snapshot's position"
+            return "the log was rewritten after the snapshot's position", False
         if e is None or at < e:
             notes.append(f"{pos.partition}: the log starts after the snapshot's position ({at}); "
                          "entries between may be gone")
@@ -359,8 +390,7 @@ class RebuildRun:
                 states = {s: v for s, v in states.items() if s in opts.streams}
             folder = Folder(model, states, SeenSet.from_snapshot(snap.seen), index=snap.entries, streams=opts.streams)
         self.folder = folder
-        self.result = RebuildResult(plan.elog.topic, model, folder, snapshot=snap, snapshot_path=plan.snapshot_path,
-                                    rejected=plan.rejected, notes=plan.notes)
+        self.result = RebuildResult(plan, folder)
         self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap) \
             if opts.takes_snapshots else None
         self.start = {pos.partition: pos for pos in snap.partitions} if snap is not None else {}

@@ -1,6 +1,6 @@
 """``reconcile``: what a real-time worker missed, doubled, reordered or got wrong, and the repair.
 
-The reference is what a correct worker handles (SPEC §4): the log's well-formed entries in log
+The reference is what a correct worker handles (docs/worker-evidence.md): the log's well-formed entries in log
 order, each event id once, at its first entry. chainfold compares the worker's evidence with it:
 
 * a **processed log** (ids in handling order) gives the exact first divergence, and the missing,
@@ -17,7 +17,6 @@ streams from the start of the log, and returns the corrected state export and th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..envelope import json_error
 from ..errors import BadInput, HistoryUnrecoverable, MalformedInputLine, RootMismatch
 from ..hashing.chain import ChainBuilder, Checkpoint, bisect_heads, first_difference_in_segment
 from ..hashing.checkpoints import CheckpointFile
@@ -40,6 +40,8 @@ from ..replay.fold import Folder
 from ..replay.model import Model, render_json
 from ..replay.pipeline import Stops, run_pass
 from ..store.snapshots import topic_dir
+from .corrections import make_corrections
+from .positions import report_positions
 from ..tracker import leaves_path_for
 
 __all__ = [
@@ -70,7 +72,7 @@ _LOW = (1 << 40) - 1
 
 @dataclass
 class Processed:
-    """A processed log (SPEC §3): event ids in handling order, with their line numbers."""
+    """A processed log (docs/worker-evidence.md): event ids in handling order, with their line numbers."""
 
     path: str
     ids: list[str]
@@ -105,15 +107,16 @@ def load_processed(path: str) -> Processed:
 
 
 def load_state_export(path: str) -> dict[str, Any]:
-    """Read a state export (SPEC §3): one JSON object ``{stream id: state}``."""
+    """Read a state export (docs/worker-evidence.md): one JSON object ``{stream id: state}``."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except OSError as exc:
         raise BadInput(f"cannot read {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        line = getattr(exc, "lineno", 0)
-        raise MalformedInputLine(path, line, f"bad JSON: {getattr(exc, 'msg', exc)}") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedInputLine(path, exc.lineno, json_error(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise MalformedInputLine(path, 0, f"not UTF-8 text: {exc.reason}") from None
     if not isinstance(doc, dict):
         raise MalformedInputLine(path, 1, f"a state export is one JSON object {{stream: state}}, not {type(doc).__name__}")
     return doc
@@ -173,7 +176,7 @@ class TrackerEvidence:
 
 
 def load_tracker(path: str) -> TrackerEvidence:
-    """Read tracker checkpoints (a SPEC §2 checkpoint file; ``CheckpointCorrupt`` if untrustworthy)."""
+    """Read tracker checkpoints (a checkpoint file, docs/formats.md; ``CheckpointCorrupt`` if untrustworthy)."""
     p = Path(path)
     cf = CheckpointFile(p)
     lp = leaves_path_for(p)
@@ -189,7 +192,7 @@ def load_tracker(path: str) -> TrackerEvidence:
 
 @dataclass
 class ReconcileReport:
-    """Everything reconcile found; ``to_json()`` has every key of SPEC §4."""
+    """Everything reconcile found; ``to_json()`` has every key docs/cli.md lists as always present."""
 
     topic: str
     verdict: str
@@ -275,7 +278,7 @@ class PartitionReference:
 
 @dataclass
 class Reference:
-    """What a correct worker handles (SPEC §4): per partition, the reference sequence and the pass
+    """What a correct worker handles (docs/worker-evidence.md): per partition, the reference sequence and the pass
     over it (hashes, checked against and recorded into the log's record); the expected states."""
 
     topic: str
@@ -286,6 +289,9 @@ class Reference:
     notes: list[str] = field(default_factory=list)
     where: dict[str, int] = field(default_factory=dict)
     """event id → position in its partition's reference, plus the partition number << 40."""
+    malformed_in: list[int] = field(default_factory=list)
+    """The partition number of each of ``folder.malformed`` (and ``duplicates_in`` of its duplicates)."""
+    duplicates_in: list[int] = field(default_factory=list)
 
     def locate(self) -> None:
         for pi, ref in enumerate(self.refs):
@@ -319,6 +325,9 @@ def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leave
             hasher.flush()
         scan = hasher.finish(source)
         done += scan.entries
+        decoder = reference.folder.decoder
+        reference.malformed_in += [len(reference.refs)] * (len(decoder.malformed) - len(reference.malformed_in))
+        reference.duplicates_in += [len(reference.refs)] * (len(decoder.duplicates) - len(reference.duplicates_in))
         reference.refs.append(ref)
         reference.scans.append(scan)
         _note_record(reference, p, scan)
@@ -350,7 +359,7 @@ def _check_start(elog: EventLog, p: str, scan: PartitionScan, ref: PartitionRefe
 
 @dataclass
 class Evidence:
-    """What the worker left behind (SPEC §3): its state export (read from ``state_path``) and,
+    """What the worker left behind (docs/worker-evidence.md): its state export (read from ``state_path``) and,
     optionally, its processed log and tracker checkpoints."""
 
     state: dict[str, Any]
@@ -538,6 +547,23 @@ def diff_states(reference: Reference, state: dict[str, Any]) -> list[dict[str, A
     return out
 
 
+def positions(reference: Reference, report: ReconcileReport) -> dict[str, Any]:
+    """Where the entries the report lists sit in the log (for reports that draw it)."""
+    where, refs, folder = reference.where, reference.refs, reference.folder
+
+    def locate(eid: str) -> tuple[int, int] | None:
+        w = where.get(eid)
+        return None if w is None else (w >> 40, refs[w >> 40].index[w & _LOW])
+
+    scans = reference.scans
+    return report_positions(
+        partitions=[r.partition for r in refs], entries=[sc.entries for sc in scans],
+        segment_size=scans[0].chain.segment_size if scans else DEFAULT_SEGMENT_SIZE, locate=locate,
+        missing=report.missing, duplicates=report.duplicates, out_of_order=report.out_of_order,
+        malformed=list(zip(reference.malformed_in, folder.malformed)),
+        stored_again=list(zip(reference.duplicates_in, folder.duplicates)))
+
+
 def repair_states(elog: EventLog, model: Model, snapshots_root: Path, reference: Reference,
                   report: ReconcileReport, state: dict[str, Any]) -> None:
     """Replay only the divergent streams from the newest valid snapshot before the first
@@ -577,13 +603,7 @@ def repair_states(elog: EventLog, model: Model, snapshots_root: Path, reference:
         else:
             repaired.pop(s, None)
     report.repaired_states = dict(sorted(repaired.items()))
-    head = topic_head(reference.scans).hex()
-    for d in divergent:
-        key = hashlib.sha256(json.dumps(
-            [elog.topic, d["stream"], head, d["expected"], d["actual"]], sort_keys=True).encode()
-        ).hexdigest()[:32]
-        report.corrections.append({"stream": d["stream"], "expected": d["expected"], "actual": d["actual"],
-                                   "delta": d["delta"], "idempotency_key": key, "log_head": head})
+    report.corrections = make_corrections(elog.topic, divergent)
     report.verdict = "repaired"
     report.details["validated"] = {"streams": len(streams), "against": "fresh rebuild from the start of the log"}
 
@@ -640,6 +660,7 @@ def reconcile(
         sorted(order, key=lambda e: order[e]), out_of_order, [m.message_id for m in folder.malformed], divergent,
         {"from_snapshot": None, "events": sum(s.read for s in reference.scans)}, notes, details=details,
     )
+    report.details["positions"] = positions(reference, report)
     if repair:
         repair_states(elog, model, snapshots_root, reference, report, state)
     report.seconds = time.monotonic() - t0

@@ -2,7 +2,7 @@
 
 :class:`Decoder` takes a batch of entries (from the source and hash stages) and passes on the
 well-formed events whose id was never seen before, in log order (:class:`Decoded`), for the fold.
-A payload that is not a SPEC §1 envelope is a :class:`Malformed` entry (reported with its message
+A payload that is not an envelope (docs/formats.md) is a :class:`Malformed` entry (reported with its message
 id, never folded); an event whose id was folded at an earlier entry is a :class:`Duplicate`. Which
 ids were seen is a :class:`~chainfold.replay.seen.SeenIds`, asked once per batch.
 
@@ -15,7 +15,7 @@ to a worker process without their message ids, named ``@index`` until the sender
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -24,7 +24,8 @@ from ..errors import MalformedEnvelope
 from ..log import Entry
 from .seen import SeenIds, SeenSet
 
-__all__ = ["Malformed", "Duplicate", "Decoded", "Routed", "Shard", "Decoder", "shard_of", "unresolved_index"]
+__all__ = ["Malformed", "Duplicate", "Decoded", "Routed", "Shard", "Decoder", "SeqGap", "SeqGaps", "shard_of",
+           "unresolved_index"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,9 @@ class Decoder:
 
     seen: SeenIds = field(default_factory=SeenSet)
     shard: Shard | None = None
+    well_formed: Callable[[Decoded], None] | None = None
+    """Called with every batch's well-formed events, duplicates included, before deduplication
+    (what a per-stream ``seq`` check needs: :class:`SeqGaps`)."""
     malformed: list[Malformed] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
     misrouted: int = 0
@@ -183,6 +187,8 @@ class Decoder:
         if self.shard is not None and events:
             events, at = self._in_shard(events, at, keys)
         decoded = Decoded(events, at, indexes, entries, payloads)
+        if self.well_formed is not None:
+            self.well_formed(decoded)
         return self._first_seen(decoded) if events else decoded
 
     def _in_shard(self, events: list[Event], at: list[int] | None,
@@ -217,3 +223,39 @@ class Decoder:
                 self.duplicates.append(Duplicate(d.index(j), d.message_id(j), ev.id))
         return Decoded(kept, kept_at, d._indexes, d._entries, d._payloads)
 
+
+
+@dataclass(frozen=True, slots=True)
+class SeqGap:
+    """Events missing from the log itself: stream ``stream`` jumps to ``found_seq`` where
+    ``expected_seq`` was due (docs/cli.md, history)."""
+
+    stream: str
+    expected_seq: int
+    found_seq: int
+    message_id: str
+
+
+@dataclass
+class SeqGaps:
+    """The per-stream ``seq`` check, as a :attr:`Decoder.well_formed` hook: over a stream's
+    well-formed entries in log order, a first ``seq`` above 1 or one more than 1 above the highest
+    seen before it is a gap (a repeated or lower one, as a re-sent copy carries, is not); entries
+    without ``seq`` cannot be checked and are counted. Memory: one int per stream."""
+
+    highest: dict[str, int] = field(default_factory=dict)
+    gaps: list[SeqGap] = field(default_factory=list)
+    unverifiable: int = 0
+
+    def __call__(self, d: Decoded) -> None:
+        highest = self.highest
+        for j, ev in enumerate(d.events):
+            seq = ev.seq
+            if seq is None:
+                self.unverifiable += 1
+                continue
+            top = highest.get(ev.stream, 0)
+            if seq > top + 1:
+                self.gaps.append(SeqGap(ev.stream, top + 1, seq, d.message_id(j)))
+            if seq > top:
+                highest[ev.stream] = seq

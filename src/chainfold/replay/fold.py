@@ -4,11 +4,12 @@
 and applies the model (:mod:`chainfold.replay.model`) to each stream's state. Its memory grows
 with the number of streams, never with the events.
 
-What happens when the model raises is a policy (``on_error``, SPEC §4 "Poison events"): ``stop``
+What happens when the model raises is a policy (``on_error``; docs/cli.md, poison events): ``stop``
 (the default: :class:`~chainfold.errors.ModelError` names the stream, event and message id),
 ``skip-event`` (the stream folds on without that event) or ``skip-stream`` (the stream keeps its
-last good state and folds none of its later events); skipped events are listed in
-:attr:`FoldStage.skipped`.
+last good state and folds none of its later events); every event left out is listed in
+:attr:`FoldStage.skipped`. (Reports, exit codes and snapshots that record skipped events are the
+commands' part: not wired yet.)
 
 :class:`Folder` is the convenience the library offers for folding entries directly: the decode
 stage and the fold stage together.
@@ -65,7 +66,7 @@ class FoldStage:
         self.on_error = on_error
         self.applied = 0
         self.skipped: list[Skipped] = []
-        self.frozen: set[str] = set()  # streams skip-stream stopped folding
+        self.frozen: dict[str, str] = {}  # streams skip-stream stopped folding → the event that stopped them
 
     def _selector(self) -> Callable[[str], bool] | None:
         """Which streams are folded: None for all (the common case, checked once per event)."""
@@ -93,6 +94,7 @@ class FoldStage:
         events = batch.events if not start else batch.events[start:]
         j = start
         applied = 0
+        frozen = self.frozen
         try:
             for ev in events:
                 stream = ev.stream
@@ -102,6 +104,8 @@ class FoldStage:
                         state = initial(stream)
                     states[stream] = apply(state, ev)
                     applied += 1
+                elif stream in frozen:
+                    self._skip(batch, j, frozen[stream])
                 j += 1
         except Exception as exc:  # noqa: BLE001 - whatever the user's model raises is handled by the policy
             self.applied += applied
@@ -112,15 +116,18 @@ class FoldStage:
 
     def _failed(self, batch: Decoded, j: int, exc: Exception) -> None:
         ev = batch.events[j]
-        mid = batch.message_id(j)
         if self.on_error == "stop":
-            raise ModelError(ev.stream, ev.id, mid, exc, index=batch.index(j)) from exc
-        self.skipped.append(Skipped(batch.index(j), mid, ev.stream, ev.id, f"{type(exc).__name__}: {exc}"))
+            raise ModelError(ev.stream, ev.id, batch.message_id(j), exc, index=batch.index(j)) from exc
+        self._skip(batch, j, f"{type(exc).__name__}: {exc}")
         if self.on_error == "skip-stream":
-            self.frozen.add(ev.stream)
+            self.frozen[ev.stream] = f"stream {ev.stream!r} skipped since event {ev.id!r} failed"
+
+    def _skip(self, batch: Decoded, j: int, error: str) -> None:
+        ev = batch.events[j]
+        self.skipped.append(Skipped(batch.index(j), batch.message_id(j), ev.stream, ev.id, error))
 
     def rendered(self) -> dict[str, Any]:
-        """The state export of SPEC §3: ``{stream: rendered state}``, streams sorted."""
+        """The state export (docs/worker-evidence.md): ``{stream: rendered state}``, streams sorted."""
         render = self.model.render
         return {s: render(self.states[s]) for s in sorted(self.states)}
 
@@ -202,7 +209,7 @@ class Folder:
         return self.fold.skipped
 
     def rendered(self) -> dict[str, Any]:
-        """The state export of SPEC §3: ``{stream: rendered state}``, streams sorted."""
+        """The state export (docs/worker-evidence.md): ``{stream: rendered state}``, streams sorted."""
         return self.fold.rendered()
 
 

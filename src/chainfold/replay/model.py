@@ -1,4 +1,4 @@
-"""Models (SPEC §5): what folds, loaded by name.
+"""Models (docs/models.md): what folds, loaded by name.
 
 A model is any object with ``initial(stream)`` and a pure ``apply(state, event)``; optionally
 ``render(state)`` (how a state appears in reports and exports), ``version`` (explicit model version),
