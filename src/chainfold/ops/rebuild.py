@@ -35,7 +35,7 @@ from ..log.source import Source, Span
 from ..replay.fold import Folder
 from ..replay.model import Model
 from ..replay.pipeline import Stops, run_pass
-from ..replay.seen import SeenSet
+from ..replay import seen
 from ..store.sink import SnapshotSink
 from ..store.snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
 
@@ -388,7 +388,7 @@ class RebuildRun:
             states = snap.restore_states(model)
             if opts.streams is not None:
                 states = {s: v for s, v in states.items() if s in opts.streams}
-            folder = Folder(model, states, SeenSet.from_snapshot(snap.seen), index=snap.entries, streams=opts.streams)
+            folder = Folder(model, states, seen.restore(snap.seen), index=snap.entries, streams=opts.streams)
         self.folder = folder
         self.result = RebuildResult(plan, folder)
         self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap) \

@@ -57,6 +57,7 @@ __all__ = [
     "check_evidence",
     "diff_processed",
     "diff_tracker",
+    "diff_handling",
     "diff_states",
     "repair_states",
     "reconcile",
@@ -534,6 +535,37 @@ def _delta(expected: Any, actual: Any) -> Any:
     return None
 
 
+@dataclass
+class Handling:
+    """How the worker's handling departs from the reference, by all the evidence given."""
+
+    first: Divergence | None = None
+    missing: list[str] = field(default_factory=list)
+    duplicated: set[str] = field(default_factory=set)
+    out_of_order: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def diff_handling(reference: Reference, evidence: Evidence) -> Handling:
+    """The processed log's diff and the tracker's, together: the first divergence is the processed
+    log's when there is one (a note says where the tracker places it if elsewhere)."""
+    out = Handling()
+    if evidence.processed is not None:
+        pd = diff_processed(reference, evidence.processed)
+        out = Handling(pd.first, pd.missing, pd.duplicated, pd.out_of_order, {"tracker": None})
+    if evidence.tracker is not None:
+        td = diff_tracker(reference, evidence.tracker)
+        reference.notes.extend(td.notes)
+        if td.info:
+            out.details["tracker"] = td.info
+        if out.first is None:
+            out.first = td.first
+        elif td.first is not None and out.first.index != td.first.index:
+            reference.notes.append(f"tracker checkpoints place the first divergence at entry {td.first.index}, "
+                                   f"the processed log at {out.first.index}")
+    return out
+
+
 def diff_states(reference: Reference, state: dict[str, Any]) -> list[dict[str, Any]]:
     """Streams whose exported state differs from the expected one: expected, actual, and the
     difference (field by field for numbers)."""
@@ -629,36 +661,19 @@ def reconcile(
     evidence = Evidence(state, state_path, processed, tracker)
     reference = build_reference(elog, model, snapshots_root, leaves=tracker is not None, on_progress=on_progress)
     check_evidence(reference, evidence)
-    notes = reference.notes
-    first: Divergence | None = None
-    duplicated: set[str] = set()
-    details: dict[str, Any] = {}
-    missing: list[str] = []
-    out_of_order: list[str] = []
-    if processed is not None:
-        pd = diff_processed(reference, processed)
-        first, missing, duplicated, out_of_order = pd.first, pd.missing, pd.duplicated, pd.out_of_order
-        details["tracker"] = None
-    if tracker is not None:
-        td = diff_tracker(reference, tracker)
-        notes.extend(td.notes)
-        if td.info:
-            details["tracker"] = td.info
-        if first is None:
-            first = td.first
-        elif td.first is not None and first.index != td.first.index:
-            notes.append(f"tracker checkpoints place the first divergence at entry {td.first.index}, "
-                         f"the processed log at {first.index}")
+    handling = diff_handling(reference, evidence)
     divergent = diff_states(reference, state)
     folder = reference.folder
-    order = {eid: reference.where[eid] for eid in duplicated | {d.event_id for d in folder.duplicates}
+    order = {eid: reference.where[eid] for eid in handling.duplicated | {d.event_id for d in folder.duplicates}
              if eid in reference.where}
+    first = handling.first
     report = ReconcileReport(
         elog.topic, "divergent" if first is not None or divergent else "consistent", reference.scans,
         len(processed.ids) if processed is not None else (tracker.size if tracker else 0),
-        None if first is None else _divergence_json(elog, reference, first), missing,
-        sorted(order, key=lambda e: order[e]), out_of_order, [m.message_id for m in folder.malformed], divergent,
-        {"from_snapshot": None, "events": sum(s.read for s in reference.scans)}, notes, details=details,
+        None if first is None else _divergence_json(elog, reference, first), handling.missing,
+        sorted(order, key=lambda e: order[e]), handling.out_of_order, [m.message_id for m in folder.malformed],
+        divergent, {"from_snapshot": None, "events": sum(s.read for s in reference.scans)}, reference.notes,
+        details=handling.details,
     )
     report.details["positions"] = positions(reference, report)
     if repair:

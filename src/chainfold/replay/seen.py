@@ -8,10 +8,10 @@ protocol and plugs in without touching the stages.
 
 How a snapshot stores the ids (the snapshot sink's hook): the sink calls :meth:`SeenIds.snapshot`
 once per snapshot and stores what it returns as the snapshot's ``seen``; a rebuild that starts from
-that snapshot makes its index from the stored value again (for :class:`SeenSet`:
-:meth:`SeenSet.from_snapshot`). Snapshot format 1 stores every id (a sorted list); an index that
-stores immutable pieces beside the snapshots returns a description of them instead, with a format
-of its own.
+that snapshot makes its index from the stored value again with :func:`restore`. Snapshot format 1
+stores every id (a sorted list: :class:`SeenSet`); an index that stores immutable pieces beside the
+snapshots returns a description of them instead (with a snapshot format of its own), and
+:func:`restore` learns to tell that description apart.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["SeenIds", "SeenSet"]
+__all__ = ["SeenIds", "SeenSet", "restore"]
 
 
 @runtime_checkable
@@ -76,3 +76,9 @@ class SeenSet:
 
     def snapshot(self) -> frozenset[str]:
         return frozenset(self.ids)
+
+
+def restore(stored: object) -> SeenIds:
+    """The index of the ids a snapshot stored (what :meth:`SeenIds.snapshot` returned when it was
+    taken). Format 1 stores the ids themselves: a :class:`SeenSet`."""
+    return SeenSet.from_snapshot(stored)  # type: ignore[arg-type]
