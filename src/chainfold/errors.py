@@ -2,12 +2,12 @@
 
 Every error chainfold raises on purpose derives from :class:`ChainfoldError`, and each is named for
 the rule that broke. Each class carries the evidence as attributes, and ``exit_code`` says how the
-CLI ends when the error reaches it (SPEC §4: 2 usage or bad input, 3 broker unreachable or history
+CLI ends when the error reaches it (docs/cli.md: 2 usage or bad input, 3 broker unreachable or history
 unrecoverable)::
 
     ChainfoldError
     ├── BadInput                      exit 2
-    │   ├── MalformedEnvelope         a payload that is not a SPEC §1 envelope
+    │   ├── MalformedEnvelope         a payload that is not an envelope (docs/formats.md)
     │   ├── MalformedInputLine        a JSON Lines input line that cannot be accepted
     │   ├── ModelNotFound             --model names nothing loadable
     │   ├── ModelError                a model raised while folding an event
@@ -48,7 +48,7 @@ class BadInput(ChainfoldError):
 
 
 class MalformedEnvelope(BadInput):
-    """A payload is not a format-1 event envelope (SPEC §1).
+    """A payload is not a format-1 event envelope (docs/formats.md).
 
     ``reason`` says what is wrong; ``message_id`` is filled in by callers that know where the payload
     came from (a log entry), so the report can name it.

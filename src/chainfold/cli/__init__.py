@@ -1,4 +1,4 @@
-"""The ``chainfold`` command line: a thin layer over the library (SPEC §4).
+"""The ``chainfold`` command line: a thin layer over the library (docs/cli.md).
 
 Data (JSON Lines, ``--json`` reports, state exports) goes to stdout; progress, tables for people and
 logs go to stderr. Exit codes: 0 consistent/done, 1 divergence found, 2 usage or bad input,

@@ -1,4 +1,4 @@
-"""``chainfold rewind``: put a stopped worker back at an entry (SPEC §4 "Rewind a worker")."""
+"""``chainfold rewind``: put a stopped worker back at an entry (docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ _LOCATORS = ("file", "path", "line", "stream", "event_id", "message_id", "subscr
 
 
 def error_document(exc: ChainfoldError) -> dict[str, Any]:
-    """``{"error": message}`` plus what locates the problem, for ``--json`` failures (SPEC §4)."""
+    """``{"error": message}`` plus what locates the problem, for ``--json`` failures (docs/cli.md)."""
     doc: dict[str, Any] = {"error": str(exc)}
     for k in _LOCATORS:
         v = getattr(exc, k, None)
@@ -36,7 +36,7 @@ def error_document(exc: ChainfoldError) -> dict[str, Any]:
               help="Entry index the worker handles next, or divergence:DIR for the first divergence "
                    "reconcile names from a Tracker directory.")
 @click.option("--state-out", required=True, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Where the state export (SPEC §3) as of the entry before goes; the worker resumes from it.")
+              help="Where the state export (docs/worker-evidence.md) as of the entry before goes; the worker resumes from it.")
 @click.option("--admin-url", envvar="CHAINFOLD_ADMIN_URL", metavar="URL",
               help="Apache Pulsar's admin/HTTP URL (http://host:8080): names connected consumers and "
                    "checks that the subscription exists.")

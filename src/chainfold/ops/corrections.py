@@ -1,4 +1,4 @@
-"""Corrections: what a repair tells downstream consumers, each exactly once (SPEC §4 "Corrections").
+"""Corrections: what a repair tells downstream consumers, each exactly once (docs/corrections.md).
 
 A correction says "stream S of TOPIC was in state ACTUAL where the log says EXPECTED":
 ``{"stream", "expected", "actual", "delta", "idempotency_key"}``. ``delta`` is expected - actual,
@@ -10,14 +10,14 @@ end when it was computed::
     key = hex(SHA-256(CBOR_det(["chainfold/correction/1", TOPIC, STREAM, ACTUAL, EXPECTED])))
 
 ``CBOR_det`` is CBOR in deterministic encoding (RFC 8949 §4.2.1, ``cbor2.dumps(..., canonical=True)``,
-the encoding of SPEC §1 envelopes), ``TOPIC`` the source topic's full name
+the encoding of envelopes, docs/formats.md), ``TOPIC`` the source topic's full name
 (``persistent://tenant/namespace/name``, without a partition suffix), ``ACTUAL`` / ``EXPECTED`` the
 JSON values of the states as reports show them (``null`` for a stream one side does not have).
 Deterministic CBOR rather than canonical JSON (RFC 8785) because JCS cannot encode integers beyond
 2^53 exactly, and states hold such numbers (nanosecond timestamps, large counters). The same
 divergence therefore always gets the same key: on a retry, on a rerun, after unrelated streams grew.
 
-Published (``--publish-corrections TOPIC2``), each correction is one SPEC §1 envelope on TOPIC2:
+Published (``--publish-corrections TOPIC2``), each correction is one envelope (docs/formats.md) on TOPIC2:
 ``id`` = the key, ``stream`` = the corrected stream (also the message key), ``type`` =
 ``"Correction"``, ``data`` = the correction, ``seq`` = the next in that stream on TOPIC2.
 Publishing is exactly once per key: :func:`publish_corrections` goes through
@@ -76,7 +76,7 @@ def correction_key(topic: str, stream: str, actual: Any, expected: Any) -> str:
 
 
 def make_correction(topic: str, stream: str, expected: Any, actual: Any, delta: Any) -> dict[str, Any]:
-    """One correction record (SPEC §4): ``{"stream", "expected", "actual", "delta", "idempotency_key"}``."""
+    """One correction record (docs/corrections.md): ``{"stream", "expected", "actual", "delta", "idempotency_key"}``."""
     return {"stream": stream, "expected": expected, "actual": actual, "delta": delta,
             "idempotency_key": correction_key(topic, stream, actual, expected)}
 
@@ -87,7 +87,7 @@ def make_corrections(topic: str, divergent: Iterable[Mapping[str, Any]]) -> list
 
 
 def correction_events(corrections: Iterable[Mapping[str, Any]], *, time_ms: int | None = None) -> list[Event]:
-    """The SPEC §1 envelopes of ``corrections`` (``seq`` is left to the appending log)."""
+    """The envelopes (docs/formats.md) of ``corrections`` (``seq`` is left to the appending log)."""
     t = int(time.time() * 1000) if time_ms is None else time_ms
     return [Event(c["idempotency_key"], c["stream"], None, CORRECTION_TYPE, t, dict(c)) for c in corrections]
 

@@ -1,6 +1,6 @@
 """``rewind``: put a stopped worker back at an entry: a state export and its subscription's cursor.
 
-SPEC §4 "Rewind a worker". For entry ``INDEX`` of a (non-partitioned) topic:
+docs/cli.md, "chainfold rewind". For entry ``INDEX`` of a (non-partitioned) topic:
 
 1. **where**: the message ids of entry ``INDEX``, of the first message of its producer batch and of
    the entry before that, found from the log's recorded checkpoints (each names its segment's first
@@ -146,7 +146,7 @@ def locate(elog: EventLog, index: int, *, snapshots_root: Path) -> Target:
     parts = elog.partitions()
     if len(parts) != 1:
         raise BadInput(f"{elog.topic} has {len(parts)} partitions: a rewind moves one cursor over one "
-                       "partition's order (SPEC §2); rewind a non-partitioned topic")
+                       "partition's order; rewind a non-partitioned topic")
     if index < 0:
         raise BadInput(f"--to {index}: an entry index is 0 or more")
     p = parts[0]
@@ -384,7 +384,7 @@ def _place(guard: _Guard, client: Any, topic: str, subscription: str, target: Ta
 
 @dataclass
 class RewindReport:
-    """What :func:`rewind` did; ``to_json()`` has SPEC §4's ``position``, ``message_id``, ``streams``
+    """What :func:`rewind` did; ``to_json()`` has docs/cli.md's ``position``, ``message_id``, ``streams``
     (``position`` and ``message_id`` as the check after moving the cursor measured them)."""
 
     topic: str
