@@ -127,6 +127,12 @@ def spark_session(
     tried ``max_failures`` times before the job fails, in local mode too.
     """
     require_pyspark()
+    from pyspark import SparkContext
+
+    active = SparkContext._active_spark_context
+    if active is not None:
+        raise BadInput(f"a Spark session is already running in this process (master {active.master}); "
+                       "chainfold runs one at a time")
     os.environ["JAVA_HOME"] = find_java_home()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
