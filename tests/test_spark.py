@@ -22,7 +22,7 @@ from chainfold.engines.spark_io import plan_partition
 from chainfold.log.broker import BrokerOptions
 from chainfold.log.pulsar import PulsarLog
 
-from .conftest import ROOT, unique_topic
+from .conftest import APACHE, ROOT, unique_topic
 
 try:
     import pyspark  # noqa: F401
@@ -173,6 +173,7 @@ print(json.dumps([[i, p.hex()] for part in parts for i, p in part]))
 
 @pytest.mark.slow
 @pytest.mark.broker
+@pytest.mark.skipif(APACHE, reason="the cluster runs once, in the pulsar-lite tier")
 def test_standalone_cluster_reads_the_ranges(standalone_master: str, pulsar_client, broker_url: str) -> None:
     """A driver process (as the CLI will be) runs the read stage on the cluster's executors."""
     import json

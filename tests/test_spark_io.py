@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from chainfold.engines.spark_io import (
     LedgerSpan,
     LogShorterThanPlanned,
-    Position,
+    Point,
     RangeReader,
     ReadRange,
     fetch_internal_stats,
@@ -68,20 +68,20 @@ def test_split_layout_covers_every_entry_once(layout: list[LedgerSpan], per: int
     entries = _entries(layout)
     start = None
     if cut < len(entries):
-        start = Position(*entries[cut], batch)
+        start = Point(*entries[cut], batch)
         entries = entries[cut:]
     ranges = split_layout("p", layout, entries_per_range=per, start=start, first_index=5)
     assert [r.index for r in ranges] == list(range(len(ranges)))
     assert all(a.end == b.start for a, b in zip(ranges, ranges[1:])), "ranges are contiguous"
     for led, e in entries:  # every message position of every entry (from start on): in one range
-        for pos in (Position(led, e, -1), Position(led, e, 0), Position(led, e, 9)):
+        for pos in (Point(led, e, -1), Point(led, e, 0), Point(led, e, 9)):
             if start is None or pos >= start:
                 assert sum(r.start <= pos < r.end for r in ranges) == 1, f"{pos} not in exactly one range"
     assert sum(r.entries for r in ranges) == len(entries)  # type: ignore[misc]
     assert all(r.entries <= per for r in ranges)  # type: ignore[operator]
     if ranges:
-        assert ranges[0].start == (start or Position(*entries[0]))
-        assert ranges[-1].end == Position(entries[-1][0], entries[-1][1] + 1)
+        assert ranges[0].start == (start or Point(*entries[0]))
+        assert ranges[-1].end == Point(entries[-1][0], entries[-1][1] + 1)
         assert ranges[0].first_index == 5 and all(r.first_index is None for r in ranges[1:])
 
 
@@ -110,11 +110,11 @@ def test_recorded_ranges_are_message_exact() -> None:
     cps = _record(ids, [i.encode() for i in ids], 8)  # 8 full segments, boundaries inside batches
     ranges, tail = plan_recorded("p", cps, segments_per_range=3)
     assert [(r.first_index, r.messages) for r in ranges] == [(0, 24), (24, 24), (48, 16)]
-    pos = [Position.of(i) for i in ids]
+    pos = [Point.of(i) for i in ids]
     for r in ranges:
         inside = [i for i, p in enumerate(pos) if r.start <= p < r.end]
         assert inside == list(range(r.first_index, r.first_index + r.messages))  # type: ignore[operator]
-    assert tail == Position.of(ids[63]).next_message() == Position(3, 9, 1)
+    assert tail == Point.of(ids[63]).next_message() == Point(3, 9, 1)
     assert plan_recorded("p", [], segments_per_range=1) == ([], None)
 
 
@@ -196,8 +196,8 @@ def test_a_range_past_the_end_is_short_not_complete(pulsar_client) -> None:
     plog = PulsarLog(pulsar_client, unique_topic("short"))
     _fill(plog, pulsar_client, 300, 2)
     (rng,) = plan_partition(plog.topic, client=pulsar_client, target_ranges=1)
-    beyond = ReadRange(rng.partition, 0, rng.start, Position(rng.end.ledger, rng.end.entry + 5),
-                       Position(rng.end.ledger, rng.end.entry + 3))
+    beyond = ReadRange(rng.partition, 0, rng.start, Point(rng.end.ledger, rng.end.entry + 5),
+                       Point(rng.end.ledger, rng.end.entry + 3))
     with pytest.raises(LogShorterThanPlanned) as err:
         list(RangeReader(pulsar_client, beyond))
     assert err.value.exit_code == 3 and err.value.reach == beyond.reach

@@ -103,7 +103,7 @@ from ..log.broker import BrokerOptions, connect
 from ..log.pulsar import _PulsarEntry, _PulsarReader, _retry_seconds
 
 __all__ = [
-    "Position",
+    "Point",
     "LedgerSpan",
     "ReadRange",
     "LogShorterThanPlanned",
@@ -128,7 +128,7 @@ class LogShorterThanPlanned(HistoryUnrecoverable):
     """A range's read met the end of the topic before the position the plan saw there: entries that
     existed when the plan was made are gone (truncated or rewritten log)."""
 
-    def __init__(self, partition: str, index: int, reach: "Position | None", last: "Position | None") -> None:
+    def __init__(self, partition: str, index: int, reach: "Point | None", last: "Point | None") -> None:
         self.partition = partition
         self.index = index
         self.reach = reach
@@ -139,25 +139,26 @@ class LogShorterThanPlanned(HistoryUnrecoverable):
         )
 
 
-class Position(NamedTuple):
-    """A place in a partition's message order: ``(ledger, entry, batch)``, ordered as Pulsar orders
-    message ids; batch ``-1`` is before every message of a batched entry (and is the position of a
-    non-batched one)."""
+class Point(NamedTuple):
+    """A point in a partition's message order: ``(ledger, entry, batch)``, ordered as Pulsar orders
+    message ids (the partition aside); batch ``-1`` is before every message of a batched entry (and
+    is where a non-batched one is). Range bounds are points; so is every message's place. Written
+    ``ledger:entry:batch``."""
 
     ledger: int
     entry: int
     batch: int = -1
 
     @classmethod
-    def of(cls, mid: MessageId | str) -> "Position":
+    def of(cls, mid: MessageId | str) -> "Point":
         """The position of a message id (or its ``ledger:entry:partition:batch`` text)."""
         if isinstance(mid, str):
             mid = MessageId.parse(mid)
         return cls(mid.ledger, mid.entry, mid.batch)
 
-    def next_message(self) -> "Position":
+    def next_message(self) -> "Point":
         """The least position after this message's: an exclusive end that keeps this message."""
-        return Position(self.ledger, self.entry, self.batch + 1)
+        return Point(self.ledger, self.entry, self.batch + 1)
 
     def native(self, partition: int) -> Any:
         """pulsar-client's message id for this position (compares natively, by ledger, entry, batch)."""
@@ -179,20 +180,22 @@ class LedgerSpan(NamedTuple):
 class ReadRange:
     """Messages of ``partition`` at positions ``[start, end)``: the fixed unit of work of one task.
 
-    ``reach`` is the last position known to hold a message when the range was planned (its last
-    entry ``(L, E, -1)``, or the last message's exact position for recorded ranges): a read that
-    ends before reaching it is short. It is ``None`` for the one range that may be empty: the rest
-    of an entry whose first messages ended the recorded segments. ``entries`` is the planned entry count (entry-level ranges),
-    ``messages`` the planned message count and ``first_index`` the log index of its first message
-    (both known for ranges of recorded segments only, else ``None``). ``index`` orders the ranges of
-    one partition (log order); ranges of a plan are contiguous: each ``end`` is the next ``start``.
+    ``reach`` is the last point known to hold a message when the range was planned (its last entry
+    ``(L, E, -1)``, or the last message's exact point for recorded ranges): a read that ends before
+    reaching it is short. It is ``None`` for the one range that may be empty: the rest of an entry
+    whose first messages ended the recorded segments. ``entries`` is the planned entry count
+    (entry-level ranges), ``messages`` the planned message count (ranges of recorded segments), and
+    ``first_index`` the log index of the range's first message where it is known before reading (a
+    plan's first range; ranges of recorded segments; the first range after them). ``index`` orders
+    the ranges of one partition (log order); a plan's ranges are contiguous: each ``end`` is the
+    next ``start``.
     """
 
     partition: str
     index: int
-    start: Position
-    end: Position
-    reach: Position | None
+    start: Point
+    end: Point
+    reach: Point | None
     entries: int | None = None
     messages: int | None = None
     first_index: int | None = None
@@ -201,9 +204,6 @@ class ReadRange:
         if not (self.start < self.end if self.reach is None else self.start <= self.reach < self.end):
             raise BadInput(f"range {self.index} of {self.partition}: need start <= reach < end, "
                            f"not {self.start}, {self.reach}, {self.end}")
-
-    def describe(self) -> str:
-        return f"{self.partition} range {self.index} [{self.start}, {self.end})"
 
 
 class _RecordedSegment(Protocol):
@@ -221,7 +221,7 @@ class _RecordedSegment(Protocol):
 
 def plan_recorded(
     partition: str, checkpoints: Sequence[_RecordedSegment], *, segments_per_range: int
-) -> tuple[list[ReadRange], Position | None]:
+) -> tuple[list[ReadRange], Point | None]:
     """Message-exact ranges over the recorded *full* segments (whole segments per range), and the
     start of what follows them (``None`` when nothing is recorded).
 
@@ -239,9 +239,9 @@ def plan_recorded(
     for j in range(0, len(usable), segments_per_range):
         run = usable[j : j + segments_per_range]
         first, last = run[0], run[-1]
-        reach = Position.of(last.last)  # type: ignore[arg-type]
+        reach = Point.of(last.last)  # type: ignore[arg-type]
         ranges.append(ReadRange(
-            partition, len(ranges), Position.of(first.first), reach.next_message(), reach,  # type: ignore[arg-type]
+            partition, len(ranges), Point.of(first.first), reach.next_message(), reach,  # type: ignore[arg-type]
             messages=last.size - first.segment * first.segment_size,
             first_index=first.segment * first.segment_size,
         ))
@@ -253,7 +253,7 @@ def split_layout(
     layout: Sequence[LedgerSpan],
     *,
     entries_per_range: int,
-    start: Position | None = None,
+    start: Point | None = None,
     first_index: int | None = None,
     index: int = 0,
 ) -> list[ReadRange]:
@@ -267,7 +267,7 @@ def split_layout(
     if entries_per_range < 1:
         raise BadInput(f"entries_per_range must be >= 1, not {entries_per_range!r}")
     ranges: list[ReadRange] = []
-    begin: Position | None = None  # start of the range being filled
+    begin: Point | None = None  # start of the range being filled
     taken = 0  # entries in it
     last = None
     for sp in layout:
@@ -280,13 +280,13 @@ def split_layout(
                 e = max(e, start.entry)
         while e < stop:
             if begin is None:
-                begin = Position(sp.ledger, e)
+                begin = Point(sp.ledger, e)
                 if start is not None and not ranges:
                     begin = max(start, begin)
             n = min(stop - e, entries_per_range - taken)
             e += n
             taken += n
-            last = Position(sp.ledger, e - 1)
+            last = Point(sp.ledger, e - 1)
             if taken == entries_per_range:
                 ranges.append(_entry_range(partition, index + len(ranges), begin, last, taken, first_index, ranges))
                 begin, taken = None, 0
@@ -297,12 +297,12 @@ def split_layout(
     return ranges
 
 
-def _entry_range(partition: str, index: int, begin: Position, last: Position, entries: int,
+def _entry_range(partition: str, index: int, begin: Point, last: Point, entries: int,
                  first_index: int | None, before: list[ReadRange]) -> ReadRange:
     # A range that is only the rest of an entry whose first messages were recorded (begin inside
     # it) may hold nothing: the recorded segment may have ended with the entry. It has no reach.
     reach = None if begin > last else last
-    return ReadRange(partition, index, begin, Position(last.ledger, last.entry + 1), reach,
+    return ReadRange(partition, index, begin, Point(last.ledger, last.entry + 1), reach,
                      entries=entries, first_index=None if before else first_index)
 
 
@@ -350,7 +350,7 @@ class _Prober:
         self.p = partition_index(partition)
         self.probes = 0
 
-    def _reader(self, at: Position | None) -> pulsar.Reader:
+    def _reader(self, at: Point | None) -> pulsar.Reader:
         self.probes += 1
         start = pulsar.MessageId.earliest if at is None else at.native(self.p)
         try:
@@ -359,7 +359,7 @@ class _Prober:
         except _pulsar.PulsarException as exc:
             raise BrokerUnavailable(f"cannot open a reader on {self.partition}: {exc}") from exc
 
-    def available(self, at: Position | None) -> bool:
+    def available(self, at: Point | None) -> bool:
         """Whether a message exists at or after ``at`` (``None``: anywhere)."""
         r = self._reader(at)
         try:
@@ -367,14 +367,14 @@ class _Prober:
         finally:
             r.close()
 
-    def first_at(self, at: Position | None) -> Position | None:
+    def first_at(self, at: Point | None) -> Point | None:
         """The position of the first message at or after ``at`` (``None``: the first of all)."""
         r = self._reader(at)
         try:
             if not r.has_message_available():
                 return None
             m = r.read_next(_PROBE_TIMEOUT_MS).message_id()
-            return Position(m.ledger_id(), m.entry_id(), m.batch_index())
+            return Point(m.ledger_id(), m.entry_id(), m.batch_index())
         except _pulsar.Timeout as exc:
             raise BrokerUnavailable(f"{self.partition}: a message at or after {at} was announced "
                                     f"but not delivered within {_PROBE_TIMEOUT_MS} ms") from exc
@@ -404,7 +404,7 @@ def _last_entry(prober: _Prober, ledger: int, first: int, last_ledger: bool) -> 
     message at or after (L, e) must still be in L."""
 
     def exists(e: int) -> bool:
-        at = Position(ledger, e)
+        at = Point(ledger, e)
         if last_ledger:
             return prober.available(at)
         found = prober.first_at(at)
@@ -423,7 +423,7 @@ def _last_entry(prober: _Prober, ledger: int, first: int, last_ledger: bool) -> 
     return lo
 
 
-def probe_layout(client: pulsar.Client, partition: str, *, start: Position | None = None) -> list[LedgerSpan]:
+def probe_layout(client: pulsar.Client, partition: str, *, start: Point | None = None) -> list[LedgerSpan]:
     """The ledgers of ``partition`` holding entries at or after ``start`` (default: all), found
     with non-durable readers (see the module docstring); ``[]`` for an empty partition."""
     prober = _Prober(client, partition)
@@ -433,7 +433,7 @@ def probe_layout(client: pulsar.Client, partition: str, *, start: Position | Non
     first = prober.first_at(start)
     spans: list[LedgerSpan] = []
     while first is not None:
-        nxt = prober.first_at(Position(first.ledger + 1, 0))
+        nxt = prober.first_at(Point(first.ledger + 1, 0))
         last = _last_entry(prober, first.ledger, first.entry, nxt is None)
         spans.append(LedgerSpan(first.ledger, first.entry, last - first.entry + 1))
         first = nxt
@@ -547,10 +547,10 @@ class RangeReader:
             if last is not None:
                 self.last = MessageId(last.ledger_id(), last.entry_id(), last.partition(), last.batch_index())
         if not self.complete:
-            self.complete = rng.reach is None or (self.last is not None and Position.of(self.last) >= rng.reach)
+            self.complete = rng.reach is None or (self.last is not None and Point.of(self.last) >= rng.reach)
             if not self.complete and self.strict:
                 raise LogShorterThanPlanned(rng.partition, rng.index, rng.reach,
-                                            Position.of(self.last) if self.last else None)
+                                            Point.of(self.last) if self.last else None)
 
 
 @contextlib.contextmanager
