@@ -38,11 +38,15 @@ setup-spark: $(BIN)/.spark-installed
 demo: setup
 	$(BIN)/chainfold demo
 
+# scripts/ensure-chromium installs Debian's chromium (as root) for the HTML report's browser tests;
+# without it those tests skip and say why. The Spark tests must not skip here: the extra is installed.
 test: setup-spark
+	-scripts/ensure-chromium >/dev/null
 	CHAINFOLD_TEST_REQUIRE_SPARK=1 $(BIN)/pytest -q
 	CHAINFOLD_TEST_REQUIRE_SPARK=1 scripts/test-apache
 
 test-fast: setup
+	-scripts/ensure-chromium >/dev/null
 	$(BIN)/pytest -q -m "not slow"
 
 test-apache: setup
@@ -52,4 +56,4 @@ bench: setup
 	$(BIN)/chainfold bench
 
 clean:
-	rm -rf $(VENV) .chainfold .pytest_cache .hypothesis
+	rm -rf $(VENV) .chainfold .pytest_cache .hypothesis test-artifacts

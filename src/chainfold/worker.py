@@ -7,7 +7,7 @@ It keeps bank-account balances (:mod:`chainfold.examples.accounts`) from a Pulsa
   event id it already handled in this process (an in-memory idempotency cache: it does not survive
   a restart), apply the event to the account, and tell :class:`~chainfold.tracker.Tracker` it handled
   it: after handling, before the ack;
-* every ``flush_every`` messages, commit: write the state export (SPEC §3), flush the tracker's
+* every ``flush_every`` messages, commit: write the state export (docs/worker-evidence.md), flush the tracker's
   evidence (checkpoints, leaf hashes, processed log) and the worker's own bookkeeping, *then* ack
   the messages of that batch. So the state, the evidence and what was handled always agree, and
   anything not acked is redelivered by the broker after a crash: at-least-once delivery.
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
                    "else the embedded broker of --data-dir)")
     p.add_argument("--data-dir", default=None, help="embedded broker data directory (without a service URL)")
     p.add_argument("--evidence", required=True, help="tracker directory (checkpoints, leaves, processed log)")
-    p.add_argument("--state", required=True, help="the state export (SPEC §3), reloaded at start")
+    p.add_argument("--state", required=True, help="the state export (docs/worker-evidence.md), reloaded at start")
     p.add_argument("--faults", action="append", default=[], metavar="SPEC",
                    help="crash-before-ack:N | skip:ID1,ID2 | skip-every:K | mishandle:TYPE:FROM:TO")
     p.add_argument("--subscription", default="accounts-worker")
