@@ -1,4 +1,4 @@
-"""The Apache Spark engine: a replay as a Spark job (``--engine spark``, SPEC §4 "Engines").
+"""The Apache Spark engine: a replay as a Spark job (``--engine spark``).
 
 PySpark is an optional extra (``pip install chainfold[spark]``); nothing else in chainfold imports
 this module, and it imports PySpark only when a session is made, so a missing extra is reported as
