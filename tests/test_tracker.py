@@ -183,3 +183,12 @@ def test_a_forked_child_gets_its_own_flusher(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     t.close()
+
+
+def test_with_a_time_bound_the_count_flush_runs_in_the_flusher(tmp_path: Path) -> None:
+    t = Tracker(tmp_path, flush_every=4, flush_interval=60.0)  # the count, not the minute, triggers it
+    for p in payloads(9):
+        t.handled(p, None)
+    assert wait_for(lambda: leaves_on_disk(tmp_path) >= 8)
+    t.close()
+    assert leaves_on_disk(tmp_path) == 9

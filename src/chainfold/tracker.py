@@ -13,9 +13,12 @@ Add it to an existing consumer loop in three lines::
 
 Per event it costs one SHA-256 of the payload, on average one more for the tree, and buffered
 appends: no I/O on the hot path. The buffers are written and fsynced every ``flush_every`` events,
-at most ``flush_interval`` seconds after the first event that was not yet written (a small daemon
-thread keeps that time bound, so a worker that goes quiet still shows what it handled: what
-``chainfold watch`` needs to see a divergence within seconds), and on :meth:`flush`/:meth:`close`.
+at most ``flush_interval`` seconds after the first event that was not yet written, and on
+:meth:`flush`/:meth:`close`. With a time bound (the default), a small daemon thread does those
+writes, so the worker's thread never waits for an fsync (unless the thread falls
+``8 * flush_every`` events behind), and a worker that goes quiet still shows what it handled:
+what ``chainfold watch`` needs to see a divergence within seconds. Without one
+(``flush_interval=None``), ``handled`` writes every ``flush_every``-th event itself.
 A worker that crashes leaves evidence up to its last flush. A worker that commits its own state
 should flush at its commit points instead (``flush_every`` huge, ``flush_interval=None``) and
 commit on a time bound, as :mod:`chainfold.worker` does, so state and evidence always agree.
@@ -54,6 +57,7 @@ import logging
 import os
 import threading
 import time
+from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,7 @@ NO_DIGEST = bytes(32)
 """The state-digest record of an event whose state the worker did not give."""
 
 _UNSET: Any = object()
+_BACKLOG = 8  # buffered flush_every's after which handled() flushes itself (the flusher lags)
 
 
 def leaves_path_for(checkpoints_path: str | os.PathLike[str]) -> Path:
@@ -105,6 +110,14 @@ def _mid_text(message_id: Any) -> str | None:
         return f"{message_id.ledger_id()}:{message_id.entry_id()}:{message_id.partition()}:{message_id.batch_index()}"
     except AttributeError:
         return str(message_id)
+
+
+def _line(rec: tuple[str, str | None, int | None]) -> str:
+    """A processed-log line: ``json.dumps({"id": ..., "message_id": ...[, "time": ...]})``, built
+    without a dict and an encoder per event."""
+    eid, mid, t = rec
+    text = '{"id": ' + _json_str(eid) + ', "message_id": ' + ("null" if mid is None else _json_str(mid))
+    return text + "}" if t is None else f'{text}, "time": {t}}}'
 
 
 def _append_durably(path: Path, data: bytes) -> None:
@@ -153,7 +166,7 @@ class Tracker:
         self._full: list[Checkpoint] = []
         self._leaves: list[bytes] = []
         self._digests: list[bytes] | None = None  # None until the first state digest
-        self._lines: list[str] = []
+        self._lines: list[tuple[str, str | None, int | None]] = []  # processed-log records
         self._since_flush = 0
         self._deadline: float | None = None  # when the oldest unwritten event must be written
         self._flusher: threading.Thread | None = None
@@ -247,18 +260,15 @@ class Tracker:
             if stream is None:
                 stream = self._decoded(payload, "stream")
             digest = NO_DIGEST if stream is None else state_digest(stream, state)
-        mid = _mid_text(message_id)
+        mid = message_id if message_id is None or type(message_id) is str else _mid_text(message_id)
         line = None
         if self.processed_path is not None:
             if event_id is None:
                 event_id = self._decoded(payload, "id")
             # a payload that is not an event has no id: it is in the checkpoints (reconcile sees the
             # divergence there) but gets no processed-log line, which would be refused as input
-            if event_id is not None:
-                rec: dict[str, Any] = {"id": event_id, "message_id": mid}
-                if self.handling_times:
-                    rec["time"] = time.time_ns() // 1_000_000
-                line = json.dumps(rec)
+            if event_id is not None:  # formatted at the flush (_line), off the hot path
+                line = (event_id, mid, time.time_ns() // 1_000_000 if self.handling_times else None)
         due = False
         with self._lock:
             cp = self._chain.add_leaf(leaf, mid)
@@ -272,9 +282,15 @@ class Tracker:
             if line is not None:
                 self._lines.append(line)
             self._since_flush += 1
-            if self._since_flush >= self.flush_every:
-                due = True
-            elif self._deadline is None and self.flush_interval is not None:
+            if self.flush_interval is None:
+                due = self._since_flush >= self.flush_every
+            elif self._since_flush >= self.flush_every:
+                # the flusher writes it now, off this thread; if it cannot keep up, write here
+                due = self._since_flush >= _BACKLOG * self.flush_every
+                if self._deadline is None or self._deadline > 0:
+                    self._deadline = 0.0
+                    self._wake_flusher()
+            elif self._deadline is None:
                 self._deadline = time.monotonic() + self.flush_interval
                 self._wake_flusher()
         if due:
@@ -345,7 +361,7 @@ class Tracker:
                 raise
 
     def _write(self, start: int, leaves: list[bytes], digests: list[bytes] | None, full: list[Checkpoint],
-               pend: Checkpoint | None, lines: list[str]) -> None:
+               pend: Checkpoint | None, lines: list[tuple[str, str | None, int | None]]) -> None:
         if digests:  # before the leaves: a reader that sees a leaf without its digest knows there is none
             have = self.states_path.stat().st_size // 32 if self.states_path.exists() else 0
             # digests began in this batch: the events written before get "no digest" records
@@ -360,7 +376,7 @@ class Tracker:
             else:
                 self.checkpoints.clear_provisional()
         if lines and self.processed_path is not None:
-            _append_durably(self.processed_path, ("\n".join(lines) + "\n").encode())
+            _append_durably(self.processed_path, ("\n".join(map(_line, lines)) + "\n").encode())
 
     def close(self) -> None:
         """Stop the flusher thread and flush; the tracker may be reopened later on the same directory."""

@@ -10,7 +10,8 @@ Reading rule (the Tracker's order of writes is digests, leaves, checkpoints, pro
 :mod:`chainfold.tracker`): a poll reads in the reverse order (processed log, checkpoints, leaves,
 digests) and takes only complete lines and whole 32-byte records. So:
 
-* every checkpoint a poll returns lies within the leaves read so far or in the same poll;
+* every checkpoint a poll returns lies within the leaves read so far or in the same poll (unless
+  ``max_leaves`` cut the poll short: then within the leaves the next polls return);
 * every leaf comes with its state digest, or :data:`~chainfold.tracker.NO_DIGEST` when the worker
   gave none for it (a leaf written without a digest never gets one later);
 * a torn tail (a crash mid-write) is never consumed; the worker's restarted Tracker cuts it and
