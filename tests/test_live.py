@@ -106,6 +106,13 @@ def scene(tmp_path: Path, pulsar_client, broker_url: str, faults: list[str], n: 
     return elog, events, pub, worker, watch
 
 
+def shut_down(pub: Publisher, watch: StandIn, worker: WorkerRun, wait: float = 60) -> None:
+    pub.stop()
+    watch.stop()
+    worker.join(wait)
+    worker.kill()
+
+
 @pytest.mark.parametrize("kind", ["skip", "mishandle", "crash-before-ack"])
 def test_the_first_divergence_is_named_exactly_and_promptly(tmp_path: Path, pulsar_client, broker_url: str,
                                                             kind: str) -> None:
@@ -124,10 +131,7 @@ def test_the_first_divergence_is_named_exactly_and_promptly(tmp_path: Path, puls
         assert watch.error is None, watch.error
         assert watch.found is not None, f"no divergence found: {(tmp_path / 'worker.log').read_text()[-2000:]}"
     finally:
-        pub.stop()
-        watch.stop()
-        worker.join(60)
-        worker.kill()
+        shut_down(pub, watch, worker)
     pub.join(30)
     assert pub.error is None
     p = first_fault_position(worker.evidence)
@@ -157,10 +161,7 @@ def test_a_faithful_worker_shows_no_divergence(tmp_path: Path, pulsar_client, br
         while watch.cmp.confirmed < n and watch.found is None and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        pub.stop()
-        watch.stop()
-        worker.join(60)
-        worker.kill()
+        shut_down(pub, watch, worker)
     assert watch.error is None and watch.found is None
     assert watch.cmp.confirmed == n == watch.follower.positions
     assert watch.cmp.lag(watch.entries) == 0
@@ -187,9 +188,7 @@ def test_the_harness_survives_an_apache_pulsar_restart(tmp_path: Path, pulsar_cl
         while watch.cmp.confirmed < n and watch.found is None and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
-        pub.stop()
-        watch.stop()
-        worker.kill()
+        shut_down(pub, watch, worker, wait=0)
     assert pub.error is None, pub.error
     assert watch.error is None and watch.found is None, (watch.error, watch.found)
     assert watch.cmp.confirmed == n and watch.entries == n, (watch.cmp.confirmed, watch.entries, took)

@@ -42,14 +42,8 @@ __all__ = ["live_events", "Publisher", "WorkerRun", "fault_positions", "first_fa
 
 
 def live_events(n: int, streams: int, seed: int = 1) -> list[Event]:
-    """``n`` accounts events over ``streams`` accounts, with their per-stream ``seq`` (as chainfold's
-    writer assigns it)."""
-    seqs: dict[str, int] = {}
-    out = []
-    for d in accounts.generate(n, streams, seed):
-        s = seqs[d["stream"]] = seqs.get(d["stream"], 0) + 1
-        out.append(Event(d["id"], d["stream"], s, d["type"], d["time"], d["data"]))
-    return out
+    """``n`` accounts events over ``streams`` accounts, with their per-stream ``seq``."""
+    return accounts.generate_events(n, streams, seed)
 
 
 class Publisher(threading.Thread):
