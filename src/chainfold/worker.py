@@ -13,7 +13,10 @@ It keeps bank-account balances (:mod:`chainfold.examples.accounts`) from a Pulsa
   tracker's evidence (checkpoints, leaf hashes, state digests, processed log with handling times)
   and the worker's own bookkeeping, *then* ack the messages of that batch. So the state, the
   evidence and what was handled always agree, and anything not acked is redelivered by the broker
-  after a crash: at-least-once delivery.
+  after a crash: at-least-once delivery. After ``chainfold rewind`` into a producer batch, the
+  broker (Apache Pulsar with batch-index acknowledgement) delivers only the batch's later
+  messages: the worker acknowledges those cumulatively, so the batch is completed (see
+  :class:`_Acker`).
 
 On start it reloads its state export and continues the tracker in the same evidence directory.
 
@@ -323,6 +326,7 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
     import pulsar
 
     pending: list[Any] = []
+    acker = _Acker(consumer)
     last = time.monotonic()
     commit_by = float("inf")  # when the oldest uncommitted message must be committed
     n = 0
@@ -330,8 +334,7 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
     def commit_and_ack() -> None:
         nonlocal commit_by
         worker.commit()
-        for m in pending:
-            consumer.acknowledge(m)
+        acker.ack(pending)
         pending.clear()
         commit_by = float("inf")
 
@@ -350,6 +353,7 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
         wait = idle
         last = time.monotonic()
         n += 1
+        acker.received(msg)
         worker.handle(msg.data(), msg.message_id())
         pending.append(msg)
         if commit_seconds is not None and commit_by == float("inf"):
@@ -368,6 +372,35 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
             commit_and_ack()
     commit_and_ack()
     return worker.summary()
+
+
+class _Acker:
+    """Acknowledges handled messages: one by one, except the messages of a producer batch that the
+    broker delivered from a batch index above 0 (the broker keeps batch-index acknowledgements and
+    the batch's first messages were acknowledged, as ``chainfold rewind`` into a batch leaves it):
+    those cumulatively, the only acknowledgement that completes such a batch for a consumer without
+    batch-index acknowledgement (which pulsar-lite 0.2.0 does not support: it acknowledges the whole
+    batch). Cumulative is right for this worker: it handles in order, one consumer at a time."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.partial: set[tuple[int, int]] = set()
+        self._entry: tuple[int, int] | None = None
+
+    def received(self, msg: Any) -> None:
+        mid = msg.message_id()
+        entry = (mid.ledger_id(), mid.entry_id())
+        if entry != self._entry and mid.batch_index() > 0:
+            self.partial.add(entry)
+        self._entry = entry
+
+    def ack(self, pending: list[Any]) -> None:
+        for m in pending:
+            mid = m.message_id()
+            if (mid.ledger_id(), mid.entry_id()) in self.partial:
+                self.consumer.acknowledge_cumulative(m)
+            else:
+                self.consumer.acknowledge(m)
 
 
 def run_worker(*, topic: str, service_url: str | None, evidence: str, state: str, faults: Faults,
