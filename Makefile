@@ -15,7 +15,7 @@ PYSPARK_WHEEL = $(WHEELS)/pyspark-$(PYSPARK_VERSION)-py2.py3-none-any.whl
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,watch]'
 	touch $@
 
 setup: $(BIN)/.installed
