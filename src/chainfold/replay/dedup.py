@@ -113,10 +113,13 @@ def _utf8(s: str) -> bytes:
     return s.encode("utf-8", "surrogatepass")
 
 
+_key_of = xxhash.xxh3_64_intdigest  # UTF-8 bytes -> 64-bit key (tests swap in a colliding one)
+
+
 def id_keys(ids: Sequence[str]) -> np.ndarray:
     """The 64-bit keys of ``ids`` (xxh3-64 of the UTF-8 bytes, lone surrogates passed through), as
     a ``uint64`` array. Stable across processes and versions; distinct ids may share a key."""
-    h = xxhash.xxh3_64_intdigest
+    h = _key_of
     try:
         return np.fromiter(map(h, map(str.encode, ids)), dtype=np.uint64, count=len(ids))
     except UnicodeEncodeError:
@@ -722,7 +725,7 @@ class DedupIndex:
             encoded = [s.encode() for s in self._mem]
         except UnicodeEncodeError:
             encoded = [_utf8(s) for s in self._mem]
-        keys = np.fromiter(map(xxhash.xxh3_64_intdigest, encoded), dtype=np.uint64, count=len(encoded))
+        keys = np.fromiter(map(_key_of, encoded), dtype=np.uint64, count=len(encoded))
         counts, blocks = _spill_blocks(encoded, keys)
         self._add_piece(_write_piece(self.directory, counts, blocks))
         self._mem = set()  # only now: until the piece is durable, the ids are in memory
