@@ -28,7 +28,7 @@ deletes them, and never one that a manifest it is given, or the live index, refe
 index per folder: the folder is locked (``.lock``, ``flock``) while an index is open.
 
 What grows with the number of ids N: the filters (~1.2 bytes per id, in memory), the fences
-(8 bytes per 512 ids) and the disk (~17 bytes + the id's UTF-8 length per id, plus pieces kept for
+(8 bytes per 128 ids) and the disk (~17 bytes + the id's UTF-8 length per id, plus pieces kept for
 older manifests until they are collected). The in-memory part does not.
 
 Piece file (little-endian)::
@@ -37,7 +37,7 @@ Piece file (little-endian)::
             segment_length_mask, segment_count_length, blob_length (u64/u32, see _HEADER)
     seeds   2**bits u64      fuse filter seed of each block
     starts  2**bits + 1 u64  index of each block's first key (blocks split the key space by its top bits)
-    fences  ceil(count / 512) u64: every 512th key
+    fences  ceil(count / 128) u64: every 128th key
     entries count + 1 pairs (key, offset) u64: sorted by key (ties by the id's bytes); id i is
             blob[offset[i]:offset[i + 1]]; the last pair is (2**64 - 1, blob length)
     filters 2**bits * array_length bytes: one binary fuse 8 filter per block, same geometry
@@ -50,6 +50,7 @@ import bisect
 import fcntl
 import hashlib
 import itertools
+import mmap
 import operator
 import os
 import re
@@ -88,7 +89,7 @@ TIER_FANOUT = 4
 
 _TIER_BASE = 1 << 10
 _BLOCK_KEYS = 1 << 16  # target ids per filter block: bounds the memory a merge or a filter build needs
-_FENCE = 512  # one key in memory per 512: a confirmation reads one 8 KiB stretch of keys
+_FENCE = 128  # one key in memory per 128 (1/16 byte per id): a lookup searches 128 entries (2 KiB)
 _ID_OVERHEAD = 96  # estimated bytes per buffered id beyond its length (str object + set slot)
 _READ_CHUNK = 1 << 20
 
@@ -345,8 +346,9 @@ def _file_digest(fd: int, size: int) -> str:
 
 
 class _Piece:
-    """An open piece: filters, seeds, block starts and fences in memory; entries and ids read on
-    demand with ``pread`` (never mapped, so what lookups read stays out of the process's memory)."""
+    """An open piece: filters, seeds, block starts and fences in memory; entries and ids are read
+    on demand: through a read-only map for lookups (whose touched pages are dropped again after each
+    batch, so they never accumulate in the process's memory), with ``pread`` for merges."""
 
     def __init__(self, directory: Path, digest: str, *, count: int | None = None, size: int | None = None,
                  verify: bool = True) -> None:
@@ -356,6 +358,8 @@ class _Piece:
             self.fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise DedupPieceDamaged(str(path), "missing") from None
+        self._mm: mmap.mmap | None = None
+        self._entries: np.ndarray | None = None
         try:
             self._load(count, size, verify)
         except BaseException:
@@ -413,6 +417,13 @@ class _Piece:
         return self.filters.nbytes + self.fences.nbytes + self.seeds.nbytes + self.starts.nbytes
 
     def close(self) -> None:
+        if self._mm is not None:
+            self._entries = None
+            try:
+                self._mm.close()
+            except BufferError:  # a view still alive: the map goes when it does
+                pass
+            self._mm = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -446,30 +457,53 @@ class _Piece:
         be ``count + 1`` (the sentinel entry: the blob's end)."""
         return np.frombuffer(self._read(self.entries_at + 16 * i, 16 * (j - i)), dtype=_U64).reshape(-1, 2)
 
-    def lower_bound(self, key: int) -> tuple[int, memoryview]:
-        """Index of the first key >= ``key``, and the entries from there on as a flat ``Q`` view
-        (key, offset, key, offset, ...; at least to the next entry after it)."""
-        page = max(int(np.searchsorted(self.fences, np.uint64(key), "left")) - 1, 0)
-        lo = page * _FENCE
-        n = min(_FENCE + 1, self.count - lo)  # the first key >= key is at most at lo + _FENCE
-        flat = memoryview(self._read(self.entries_at + 16 * lo, 16 * (n + 1))).cast("Q")
-        i = bisect.bisect_left(range(n), key, key=lambda k: flat[2 * k])
-        return lo + i, flat[2 * i:]
+    def _mapped(self) -> np.ndarray:
+        """The entries, memory-mapped: ``(count + 1, 2)`` array of (key, offset)."""
+        if self._mm is None:
+            self._mm = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
+            self._entries = np.frombuffer(self._mm, dtype=_U64, count=2 * (self.count + 1),
+                                          offset=self.entries_at).reshape(-1, 2)
+        return self._entries
 
-    def holds(self, key: int, wanted: bytes) -> bool:
-        """Whether the piece holds the id ``wanted`` (UTF-8), of key ``key``: full comparison."""
-        i, flat = self.lower_bound(key)
-        while i < self.count:
-            if len(flat) < 4:
-                flat = memoryview(self._read(self.entries_at + 16 * i, 16 * (min(_FENCE, self.count - i) + 1))).cast("Q")
-            if flat[0] != key:
-                return False
-            start, end = flat[1], flat[3]
-            if end - start == len(wanted) and self._read(self.blob_at + start, end - start) == wanted:
-                return True
+    def release(self) -> None:
+        """Drop the mapped pages this process touched (they stay in the page cache, not in its RSS)."""
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+    def lower_bounds(self, keys: np.ndarray) -> np.ndarray:
+        """For each key, the index of the first entry whose key is >= it: the fences (in memory)
+        narrow each search to one stretch of :data:`_FENCE` entries, read for all keys at once."""
+        col = self._mapped()[:, 0]
+        lo = np.maximum(np.searchsorted(self.fences, keys, "left").astype(np.int64) - 1, 0) * _FENCE
+        window = np.minimum(lo[:, None] + np.arange(_FENCE, dtype=np.int64), self.count)  # entry n: 2**64-1
+        return lo + (col[window] < keys[:, None]).sum(axis=1)
+
+    def find(self, keys: np.ndarray, wanted: list[bytes]) -> np.ndarray:
+        """Whether the piece holds each id ``wanted[j]`` (UTF-8) of key ``keys[j]``: the full ids
+        are compared, every id of an equal key in turn."""
+        entries, n = self._mapped(), self.count
+        at = self.lower_bounds(keys)
+        out = np.zeros(keys.size, dtype=bool)
+        hit = np.flatnonzero((at < n) & (entries[at, 0] == keys))
+        if not hit.size:
+            return out
+        first = at[hit]
+        blob, mm = self.blob_at, self._mm
+        for j, i, start, end in zip(hit.tolist(), first.tolist(), entries[first, 1].tolist(),
+                                    entries[first + 1, 1].tolist()):
+            w = wanted[j]
+            if end - start == len(w) and mm[blob + start: blob + end] == w:  # type: ignore[index]
+                out[j] = True
+                continue
+            key = entries[i, 0]  # another id of the same key: try the next ones of that key
             i += 1
-            flat = flat[2:]
-        return False
+            while i < n and entries[i, 0] == key:
+                start, end = int(entries[i, 1]), int(entries[i + 1, 1])
+                if end - start == len(w) and mm[blob + start: blob + end] == w:  # type: ignore[index]
+                    out[j] = True
+                    break
+                i += 1
+        return out
 
     def read_run(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray, bytes]:
         """Keys, offsets (from 0) and ids of entries ``[i, j)``."""
@@ -687,7 +721,7 @@ class DedupIndex:
             if set(map(type, distinct)) != {str}:
                 bad = next(s for s in distinct if type(s) is not str)
                 raise TypeError(f"event ids are text, not {type(bad).__name__}: {bad!r}")
-        if known or len(distinct) != len(fresh):  # duplicates of spilled ids, or within the batch
+        if len(distinct) != len(fresh):  # an id twice in the batch: one by one
             out = []
             append, add = out.append, mem.add
             for s in ids:
@@ -696,10 +730,14 @@ class DedupIndex:
                 else:
                     add(s)
                     append(True)
-            if known:
-                distinct -= known
+        elif known:  # duplicates of spilled ids
+            out = [f and s not in known for f, s in zip(out, ids)]
+            distinct -= known
+            mem.update(distinct)
         else:
             mem.update(fresh)
+        if known:
+            distinct -= known
         self._mem_bytes += sum(map(len, distinct)) + _ID_OVERHEAD * len(distinct)
         if self._mem_bytes > self.memory_bytes:
             self._spill()
@@ -712,8 +750,9 @@ class DedupIndex:
         mixed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for piece in self._pieces:
             hits = np.flatnonzero(piece.maybe(keys, mixed) & ~found)
-            for i in hits.tolist():
-                found[i] = piece.holds(int(keys[i]), _utf8(ids[i]))
+            if hits.size:
+                found[hits] = piece.find(keys[hits], [_utf8(ids[i]) for i in hits.tolist()])
+                piece.release()
         return found
 
     # --- spills, checkpoints, compaction -----------------------------------------------------------
@@ -768,7 +807,9 @@ class DedupIndex:
         total = sum(p.count for p in pieces)
         bits = _bits_for(total)
         bounds = _block_bounds(bits)
-        cuts = [[0] + [p.lower_bound(int(k))[0] for k in bounds[1:]] + [p.count] for p in pieces]
+        cuts = [[0, *p.lower_bounds(bounds[1:]).tolist(), p.count] for p in pieces]
+        for p in pieces:
+            p.release()
         counts = np.array([sum(c[b + 1] - c[b] for c in cuts) for b in range(1 << bits)], dtype=np.int64)
 
         def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, bytes]]:
