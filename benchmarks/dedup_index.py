@@ -29,7 +29,6 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys

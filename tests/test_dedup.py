@@ -4,12 +4,10 @@ reopens, damage and kill -9."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -253,20 +251,19 @@ def test_gc_keeps_every_piece_a_kept_manifest_references(tmp_path):
     assert on_disk == referenced
     for manifest, n in kept:
         with DedupIndex.open(tmp_path, manifest) as ix:
-            assert len(ix) == n and f"r0-0" in ix and f"r{n // 50}-0" not in ix
+            assert len(ix) == n and "r0-0" in ix and f"r{n // 50}-0" not in ix
     assert collect_garbage(tmp_path, [kept[-1][0]])  # the older ones' own pieces go
     with DedupIndex.open(tmp_path, kept[-1][0]) as ix:
         assert len(ix) == kept[-1][1]
 
 
 def test_gc_removes_temp_files_of_dead_writers(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".piece-{int(dead.stdout)}-0123456789abcdef.tmp"
-    mine = tmp_path / f".piece-{os.getpid()}-0123456789abcdef.tmp"
+    manifest, path = _one_piece(tmp_path)
+    stale = tmp_path / ".piece-12345-0123456789abcdef.tmp"
     stale.write_bytes(b"partial")
-    mine.write_bytes(b"partial")
-    assert collect_garbage(tmp_path, []) == [stale.name]
-    mine.unlink()
+    (tmp_path / "notes.txt").write_text("not ours")
+    assert collect_garbage(tmp_path, [manifest]) == [stale.name]
+    assert path.exists() and (tmp_path / "notes.txt").exists()
 
 
 # --- kill -9 -------------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ last spill in memory (a ``set``, up to ``memory_bytes``); past that it *spills* 
 immutable **piece**: a file in the index's folder named by the SHA-256 of its bytes. Each piece
 holds its ids sorted by a 64-bit key (xxh3 of the UTF-8 id), the full ids beside the keys, and
 binary fuse filters (``pyfusefilter``, 8-bit fingerprints, ~1.2 bytes per id, false positive rate
-1/256) that stay in memory. A lookup of an id that is not in memory asks every piece's filter; only
-a filter hit reads the piece (three ``pread`` calls: keys near the key, then the id's offsets and
-bytes) and compares the *full id*, so a collision of keys never makes a new id a duplicate and a
-filter never makes one missed. Pieces of similar size are merged (tiered compaction, fan-in
-:data:`TIER_FANOUT`), so their number grows with the log of the ids, not with them.
+1/256 per piece) that stay in memory. A batch's ids that are not in memory are asked of every
+piece's filter at once (numpy); only a filter hit reads the piece (through a read-only map: 128
+keys near the key, then the id's bytes; the touched pages are dropped after the batch) and compares
+the *full id*, so a collision of keys never makes a new id a duplicate and a filter never makes one
+missed. A new id costs a hash and one filter probe per piece; a duplicate of a spilled id costs a
+read of the piece (a few page faults, ~5-10 us measured). Pieces of similar size are merged
+(tiered compaction, fan-in :data:`TIER_FANOUT`), so their number grows with the log of the ids.
 
 Snapshots: :meth:`DedupIndex.checkpoint` spills what is in memory (cost O(ids added since the last
 checkpoint), plus now and then a merge of pieces) and returns a small **manifest** (JSON- and
@@ -28,8 +30,9 @@ deletes them, and never one that a manifest it is given, or the live index, refe
 index per folder: the folder is locked (``.lock``, ``flock``) while an index is open.
 
 What grows with the number of ids N: the filters (~1.2 bytes per id, in memory), the fences
-(8 bytes per 128 ids) and the disk (~17 bytes + the id's UTF-8 length per id, plus pieces kept for
-older manifests until they are collected). The in-memory part does not.
+(8 bytes per 128 ids, in memory), the number of pieces (log N: the cost of a new id's lookup), and
+the disk (~17 bytes + the id's UTF-8 length per id, plus pieces kept for older manifests until
+they are collected). The in-memory buffer does not. Not thread-safe.
 
 Piece file (little-endian)::
 
@@ -46,12 +49,10 @@ Piece file (little-endian)::
 
 from __future__ import annotations
 
-import bisect
 import fcntl
 import hashlib
 import itertools
 import mmap
-import operator
 import os
 import re
 import secrets
@@ -88,7 +89,7 @@ TIER_FANOUT = 4
 """Pieces of one size tier that are merged into one (tier t holds pieces of ~BASE * 4**t ids)."""
 
 _TIER_BASE = 1 << 10
-_BLOCK_KEYS = 1 << 16  # target ids per filter block: bounds the memory a merge or a filter build needs
+_BLOCK_KEYS = 1 << 15  # target ids per filter block: bounds the memory a merge or a filter build needs
 _FENCE = 128  # one key in memory per 128 (1/16 byte per id): a lookup searches 128 entries (2 KiB)
 _ID_OVERHEAD = 96  # estimated bytes per buffered id beyond its length (str object + set slot)
 _READ_CHUNK = 1 << 20
@@ -298,7 +299,7 @@ class _PieceWriter:
         os.pwrite(self.fd, entries.tobytes(), self.entries_at + 16 * start)
         os.pwrite(self.fd, fingerprints, self.filters_at + b * self.array_length)
         os.pwrite(self.fd, blob, self.blob_at + self.blob_length)
-        self.fences.append(keys[-start % _FENCE::_FENCE])
+        self.fences.append(keys[-start % _FENCE::_FENCE].copy())  # not a view: it would keep the block alive
         self.blob_length += len(blob)
         self.block += 1
 
@@ -516,14 +517,24 @@ class _Piece:
 
 
 def _gather(blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, bytes]:
-    """Concatenate ``blob[starts[k] : starts[k] + lengths[k]]`` for every k: (offsets, bytes)."""
+    """Concatenate ``blob[starts[k] : starts[k] + lengths[k]]`` for every k: (offsets, bytes).
+
+    One index array of the output's length (int32 where it fits), built as a running sum of steps:
+    1 inside an id, a jump at the start of each id.
+    """
     offsets = np.zeros(lengths.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     total = int(offsets[-1])
     if not total:
         return offsets, b""
-    index = np.repeat(starts - offsets[:-1], lengths) + np.arange(total, dtype=np.int64)
-    return offsets, blob[index].tobytes()
+    full = lengths > 0
+    src, size = starts[full], lengths[full]
+    step = np.ones(total, dtype=np.int32 if blob.size < 1 << 31 else np.int64)
+    previous_end = np.concatenate(([0], src[:-1] + size[:-1]))
+    step[offsets[:-1][full]] = src - previous_end + 1
+    np.cumsum(step, out=step)
+    step -= 1
+    return offsets, blob[step].tobytes()
 
 
 def _merge_runs(runs: list[tuple[np.ndarray, np.ndarray, bytes]]) -> tuple[np.ndarray, np.ndarray, bytes]:
@@ -828,7 +839,7 @@ class DedupIndex:
 
     def collect_garbage(self, keep: Iterable[Mapping[str, Any]]) -> list[str]:
         """Delete the pieces in the folder that neither a manifest in ``keep`` nor this index uses,
-        and temp files of writers that died. Returns the names deleted. Every manifest is checked
+        and temp files (left by a writer that died: only the index holding the folder's lock writes). Returns the names deleted. Every manifest is checked
         first (:class:`DedupManifestInvalid`): nothing is deleted on a bad one."""
         return _collect(self.directory, keep, {p.digest for p in self._pieces})
 
@@ -845,18 +856,6 @@ class DedupIndex:
         }
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _collect(directory: Path, keep: Iterable[Mapping[str, Any]], live: set[str]) -> list[str]:
     used = set(live)
     for manifest in list(keep):
@@ -865,7 +864,7 @@ def _collect(directory: Path, keep: Iterable[Mapping[str, Any]], live: set[str])
     for path in sorted(directory.iterdir()):
         m = _PIECE_NAME.match(path.name)
         t = _TEMP_NAME.match(path.name)
-        if (m and m.group(1) not in used) or (t and not _pid_alive(int(t.group(1)))):
+        if (m and m.group(1) not in used) or t:  # a temp file: its writer died (the folder is locked)
             path.unlink(missing_ok=True)
             removed.append(path.name)
     if removed:
