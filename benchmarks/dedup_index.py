@@ -204,6 +204,12 @@ class RocksImpl:
         return sum(f["size"] for f in self.db.live_files())
 
 
+def _peak_rss_mb() -> int:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM:"))
+
+
 # --- one run -----------------------------------------------------------------------------------------
 
 
@@ -234,6 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out: dict[str, Any] = {"impl": args.impl, "n": args.n, "events": events}
         if impl is None:
             return out
+        hwm_fed = _peak_rss_mb()
         t = time.perf_counter()
         manifest = impl.checkpoint()
         final_cp = time.perf_counter() - t
@@ -249,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cp_max_ms": round(1e3 * max(cps), 1) if cps else None,
             "cp_total_s": round(sum(cps), 2), "final_cp_s": round(final_cp, 2),
             "reopen_s": round(reopen_s, 3), "reopened": reopened,
-            "disk_bytes_per_id": round(disk / new, 1),
+            "disk_bytes_per_id": round(disk / new, 1), "peak_rss_fed_mb": hwm_fed,
         })
         if isinstance(impl, PiecesImpl):
             out["stats"] = impl.stats()

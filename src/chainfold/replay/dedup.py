@@ -6,11 +6,10 @@ immutable **piece**: a file in the index's folder named by the SHA-256 of its by
 holds its ids sorted by a 64-bit key (xxh3 of the UTF-8 id), the full ids beside the keys, and
 binary fuse filters (``pyfusefilter``, 8-bit fingerprints, ~1.2 bytes per id, false positive rate
 1/256 per piece) that stay in memory. A batch's ids that are not in memory are asked of every
-piece's filter at once (numpy); only a filter hit reads the piece (through a read-only map: 128
-keys near the key, then the id's bytes; the touched pages are dropped after the batch) and compares
-the *full id*, so a collision of keys never makes a new id a duplicate and a filter never makes one
+piece's filter at once (numpy); only a filter hit reads the piece (two ``pread``: the 130 entries
+around the key, then the id's bytes) and compares the *full id*, so a collision of keys never makes a new id a duplicate and a filter never makes one
 missed. A new id costs a hash and one filter probe per piece; a duplicate of a spilled id costs a
-read of the piece (a few page faults, ~5-10 us measured). Pieces of similar size are merged
+read of the piece (two system calls, a few microseconds). Pieces of similar size are merged
 (tiered compaction, fan-in :data:`TIER_FANOUT`), so their number grows with the log of the ids.
 
 Snapshots: :meth:`DedupIndex.checkpoint` spills what is in memory (cost O(ids added since the last
@@ -52,7 +51,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import itertools
-import mmap
 import os
 import re
 import secrets
@@ -347,9 +345,8 @@ def _file_digest(fd: int, size: int) -> str:
 
 
 class _Piece:
-    """An open piece: filters, seeds, block starts and fences in memory; entries and ids are read
-    on demand: through a read-only map for lookups (whose touched pages are dropped again after each
-    batch, so they never accumulate in the process's memory), with ``pread`` for merges."""
+    """An open piece: filters, seeds, block starts and fences in memory; entries and ids read on
+    demand with ``pread`` (not mapped: what lookups read never counts in the process's memory)."""
 
     def __init__(self, directory: Path, digest: str, *, count: int | None = None, size: int | None = None,
                  verify: bool = True) -> None:
@@ -359,8 +356,6 @@ class _Piece:
             self.fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise DedupPieceDamaged(str(path), "missing") from None
-        self._mm: mmap.mmap | None = None
-        self._entries: np.ndarray | None = None
         try:
             self._load(count, size, verify)
         except BaseException:
@@ -418,13 +413,6 @@ class _Piece:
         return self.filters.nbytes + self.fences.nbytes + self.seeds.nbytes + self.starts.nbytes
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._entries = None
-            try:
-                self._mm.close()
-            except BufferError:  # a view still alive: the map goes when it does
-                pass
-            self._mm = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -458,53 +446,47 @@ class _Piece:
         be ``count + 1`` (the sentinel entry: the blob's end)."""
         return np.frombuffer(self._read(self.entries_at + 16 * i, 16 * (j - i)), dtype=_U64).reshape(-1, 2)
 
-    def _mapped(self) -> np.ndarray:
-        """The entries, memory-mapped: ``(count + 1, 2)`` array of (key, offset)."""
-        if self._mm is None:
-            self._mm = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
-            self._entries = np.frombuffer(self._mm, dtype=_U64, count=2 * (self.count + 1),
-                                          offset=self.entries_at).reshape(-1, 2)
-        return self._entries
-
-    def release(self) -> None:
-        """Drop the mapped pages this process touched (they stay in the page cache, not in its RSS)."""
-        if self._mm is not None:
-            self._mm.madvise(mmap.MADV_DONTNEED)
+    def _windows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each key, the stretch of entries where its lower bound lies: ``(first index, (len,
+        _FENCE + 2, 2) array)`` (the fences, in memory, say which stretch; one ``pread`` each; rows
+        past the end read as 2**64 - 1)."""
+        lo = np.maximum(np.searchsorted(self.fences, keys, "left").astype(np.int64) - 1, 0) * _FENCE
+        size, end = 16 * (_FENCE + 2), self.entries_at + 16 * (self.count + 1)
+        fd, at = self.fd, self.entries_at
+        data = b"".join([os.pread(fd, min(size, end - at - 16 * i), at + 16 * i).ljust(size, b"\xff")
+                         for i in lo.tolist()])
+        return lo, np.frombuffer(data, dtype=_U64).reshape(lo.size, _FENCE + 2, 2)
 
     def lower_bounds(self, keys: np.ndarray) -> np.ndarray:
-        """For each key, the index of the first entry whose key is >= it: the fences (in memory)
-        narrow each search to one stretch of :data:`_FENCE` entries, read for all keys at once."""
-        col = self._mapped()[:, 0]
-        lo = np.maximum(np.searchsorted(self.fences, keys, "left").astype(np.int64) - 1, 0) * _FENCE
-        window = np.minimum(lo[:, None] + np.arange(_FENCE, dtype=np.int64), self.count)  # entry n: 2**64-1
-        return lo + (col[window] < keys[:, None]).sum(axis=1)
+        """For each key, the index of the first entry whose key is >= it."""
+        lo, w = self._windows(keys)
+        return lo + (w[:, :_FENCE, 0] < keys[:, None]).sum(axis=1)
 
     def find(self, keys: np.ndarray, wanted: list[bytes]) -> np.ndarray:
         """Whether the piece holds each id ``wanted[j]`` (UTF-8) of key ``keys[j]``: the full ids
         are compared, every id of an equal key in turn."""
-        entries, n = self._mapped(), self.count
-        at = self.lower_bounds(keys)
+        lo, w = self._windows(keys)
+        pos = (w[:, :_FENCE, 0] < keys[:, None]).sum(axis=1)
+        rows = np.arange(keys.size)
         out = np.zeros(keys.size, dtype=bool)
-        hit = np.flatnonzero((at < n) & (entries[at, 0] == keys))
-        if not hit.size:
-            return out
-        first = at[hit]
-        blob, mm = self.blob_at, self._mm
-        for j, i, start, end in zip(hit.tolist(), first.tolist(), entries[first, 1].tolist(),
-                                    entries[first + 1, 1].tolist()):
-            w = wanted[j]
-            if end - start == len(w) and mm[blob + start: blob + end] == w:  # type: ignore[index]
-                out[j] = True
-                continue
-            key = entries[i, 0]  # another id of the same key: try the next ones of that key
-            i += 1
-            while i < n and entries[i, 0] == key:
-                start, end = int(entries[i, 1]), int(entries[i + 1, 1])
-                if end - start == len(w) and mm[blob + start: blob + end] == w:  # type: ignore[index]
-                    out[j] = True
-                    break
-                i += 1
+        hit = np.flatnonzero((lo + pos < self.count) & (w[rows, pos, 0] == keys))
+        for j, i, start, end in zip(hit.tolist(), (lo + pos)[hit].tolist(), w[hit, pos[hit], 1].tolist(),
+                                    w[hit, pos[hit] + 1, 1].tolist()):
+            out[j] = self._holds_from(i, start, end, wanted[j])
         return out
+
+    def _holds_from(self, i: int, start: int, end: int, wanted: bytes) -> bool:
+        """Whether entry ``i`` (id at ``blob[start:end]``), or a later one of the same key, is ``wanted``."""
+        if end - start == len(wanted) and self._read(self.blob_at + start, end - start) == wanted:
+            return True
+        e = self.entries(i, min(i + _FENCE, self.count) + 1)  # another id of the same key (rare)
+        for k in range(1, len(e) - 1):
+            if e[k, 0] != e[0, 0]:
+                return False
+            start, end = int(e[k, 1]), int(e[k + 1, 1])
+            if end - start == len(wanted) and self._read(self.blob_at + start, end - start) == wanted:
+                return True
+        return i + len(e) - 1 < self.count and self._holds_from(i + len(e) - 2, int(e[-2, 1]), int(e[-1, 1]), wanted)
 
     def read_run(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray, bytes]:
         """Keys, offsets (from 0) and ids of entries ``[i, j)``."""
@@ -763,7 +745,6 @@ class DedupIndex:
             hits = np.flatnonzero(piece.maybe(keys, mixed) & ~found)
             if hits.size:
                 found[hits] = piece.find(keys[hits], [_utf8(ids[i]) for i in hits.tolist()])
-                piece.release()
         return found
 
     # --- spills, checkpoints, compaction -----------------------------------------------------------
@@ -819,8 +800,6 @@ class DedupIndex:
         bits = _bits_for(total)
         bounds = _block_bounds(bits)
         cuts = [[0, *p.lower_bounds(bounds[1:]).tolist(), p.count] for p in pieces]
-        for p in pieces:
-            p.release()
         counts = np.array([sum(c[b + 1] - c[b] for c in cuts) for b in range(1 << bits)], dtype=np.int64)
 
         def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, bytes]]:
