@@ -16,11 +16,15 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/chainfold demo
 
+# scripts/ensure-chromium installs Debian's chromium (as root) for the HTML report's browser tests;
+# without it those tests skip and say why.
 test: setup
+	-scripts/ensure-chromium >/dev/null
 	$(BIN)/pytest -q
 	scripts/test-apache
 
 test-fast: setup
+	-scripts/ensure-chromium >/dev/null
 	$(BIN)/pytest -q -m "not slow"
 
 test-apache: setup
@@ -30,4 +34,4 @@ bench: setup
 	$(BIN)/chainfold bench
 
 clean:
-	rm -rf $(VENV) .chainfold .pytest_cache .hypothesis
+	rm -rf $(VENV) .chainfold .pytest_cache .hypothesis test-artifacts

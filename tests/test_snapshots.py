@@ -485,7 +485,6 @@ def test_sigkill_mid_write_leaves_older_snapshots_intact(tmp_path: Path, sample)
     # renamed), and at random moments of the write call (encoding, writing, renaming, pruning)
     plan = ["on-temp", "on-temp-slow", rng.uniform(0.0, 0.8), rng.uniform(0.8, 2.0)]
     left_partial = 0
-    t_start = time.monotonic()
     for attempt in plan:
         slow = attempt == "on-temp-slow"
         proc = subprocess.Popen(
@@ -530,7 +529,6 @@ def test_sigkill_mid_write_leaves_older_snapshots_intact(tmp_path: Path, sample)
     # the next write removes the dead writers' temp files
     store.write(take(folder, positions, created=3))
     assert not [n for n in os.listdir(store.dir) if n.endswith(".tmp")]
-    assert time.monotonic() - t_start < 25
 
 
 # --- inspect and the command -----------------------------------------------------------------------------

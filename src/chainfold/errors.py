@@ -2,16 +2,17 @@
 
 Every error chainfold raises on purpose derives from :class:`ChainfoldError`, and each is named for
 the rule that broke. Each class carries the evidence as attributes, and ``exit_code`` says how the
-CLI ends when the error reaches it (SPEC §4: 2 usage or bad input, 3 broker unreachable or history
+CLI ends when the error reaches it (docs/cli.md: 2 usage or bad input, 3 broker unreachable or history
 unrecoverable)::
 
     ChainfoldError
     ├── BadInput                      exit 2
-    │   ├── MalformedEnvelope         a payload that is not a SPEC §1 envelope
+    │   ├── MalformedEnvelope         a payload that is not an envelope (docs/formats.md)
     │   ├── MalformedInputLine        a JSON Lines input line that cannot be accepted
     │   ├── ModelNotFound             --model names nothing loadable
     │   ├── ModelError                a model raised while folding an event
-    │   └── CheckpointCorrupt         a checkpoint file that is truncated or fails its chain
+    │   ├── CheckpointCorrupt         a checkpoint file that is truncated or fails its chain
+    │   └── SubscriptionInUse         rewind: a consumer is connected to the subscription
     ├── SnapshotRejected              a snapshot that cannot be used (kept as a reason, never fatal)
     ├── DedupIndexError               a dedup index's files cannot be used (replay/dedup.py)
     │   ├── DedupManifestInvalid      a manifest this version did not write
@@ -31,6 +32,7 @@ __all__ = [
     "ModelNotFound",
     "ModelError",
     "CheckpointCorrupt",
+    "SubscriptionInUse",
     "SnapshotRejected",
     "DedupIndexError",
     "DedupManifestInvalid",
@@ -54,7 +56,7 @@ class BadInput(ChainfoldError):
 
 
 class MalformedEnvelope(BadInput):
-    """A payload is not a format-1 event envelope (SPEC §1).
+    """A payload is not a format-1 event envelope (docs/formats.md).
 
     ``reason`` says what is wrong; ``message_id`` is filled in by callers that know where the payload
     came from (a log entry), so the report can name it.
@@ -104,6 +106,24 @@ class CheckpointCorrupt(BadInput):
         self.reason = reason
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"corrupt checkpoint file {where}: {reason}")
+
+
+class SubscriptionInUse(BadInput):
+    """A consumer is connected to the subscription a rewind would move: the worker must stop first.
+
+    ``consumers`` lists what the broker said about them (name, address, connected since), when the
+    broker's admin API could tell.
+    """
+
+    def __init__(self, topic: str, subscription: str, consumers: list[dict[str, object]] | None = None) -> None:
+        self.topic = topic
+        self.subscription = subscription
+        self.consumers = consumers or []
+        who = ", ".join(f"{c.get('consumerName')} at {c.get('address')}" for c in self.consumers)
+        super().__init__(
+            f"a consumer is connected to subscription {subscription!r} of {topic}"
+            + (f" ({who})" if who else "") + ": stop the worker before rewinding it"
+        )
 
 
 class SnapshotRejected(ChainfoldError):

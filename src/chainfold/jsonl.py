@@ -46,7 +46,7 @@ def iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def read_events(path: str) -> tuple[list[Event], list[int]]:
-    """Validate a JSON Lines events file (SPEC §4 ``publish``); return the events and their line numbers.
+    """Validate a JSON Lines events file (``publish``, docs/cli.md); return the events and their line numbers.
 
     Refused whole on the first bad line: bad JSON, missing or mistyped keys, or an ``id`` that
     already appeared earlier in the file (both lines named).

@@ -1,4 +1,4 @@
-"""RFC 9162 Merkle tree hashes over the log (SPEC §2): hasher, roots, proofs, compact ranges.
+"""RFC 9162 Merkle tree hashes over the log (docs/formats.md): hasher, roots, proofs, compact ranges.
 
 The tree is the one of RFC 9162 §2.1 (identical to RFC 6962), with SHA-256::
 

@@ -17,11 +17,11 @@ the buffers are written and fsynced, so a worker that crashes leaves evidence up
 
 Files in the tracker's directory (a reopened tracker continues them):
 
-* ``checkpoints.jsonl`` (+ ``checkpoints.jsonl.partial``): SPEC §2 checkpoints over the payloads
+* ``checkpoints.jsonl`` (+ ``checkpoints.jsonl.partial``): checkpoints (docs/formats.md) over the payloads
   handled, in handling order: what ``reconcile --checkpoints`` reads;
 * ``checkpoints.leaves``: the 32-byte leaf hashes, so reconcile can name the exact first divergent
   event without the worker's payloads;
-* ``processed.jsonl`` (optional): the processed log of SPEC §3, ``{"id", "message_id"}`` per line.
+* ``processed.jsonl`` (optional): the processed log (docs/worker-evidence.md), ``{"id", "message_id"}`` per line.
 """
 
 from __future__ import annotations

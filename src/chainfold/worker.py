@@ -7,10 +7,13 @@ It keeps bank-account balances (:mod:`chainfold.examples.accounts`) from a Pulsa
   event id it already handled in this process (an in-memory idempotency cache: it does not survive
   a restart), apply the event to the account, and tell :class:`~chainfold.tracker.Tracker` it handled
   it: after handling, before the ack;
-* every ``flush_every`` messages, commit: write the state export (SPEC §3), flush the tracker's
+* every ``flush_every`` messages, commit: write the state export (docs/worker-evidence.md), flush the tracker's
   evidence (checkpoints, leaf hashes, processed log) and the worker's own bookkeeping, *then* ack
   the messages of that batch. So the state, the evidence and what was handled always agree, and
-  anything not acked is redelivered by the broker after a crash: at-least-once delivery.
+  anything not acked is redelivered by the broker after a crash: at-least-once delivery. After
+  ``chainfold rewind`` into a producer batch, the broker (Apache Pulsar with batch-index
+  acknowledgement) delivers only the batch's later messages: the worker acknowledges those
+  cumulatively, so the batch is completed (see :class:`_Acker`).
 
 On start it reloads its state export and continues the tracker in the same evidence directory.
 
@@ -312,6 +315,7 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
     import pulsar
 
     pending: list[Any] = []
+    acker = _Acker(consumer)
     last = time.monotonic()
     n = 0
     # before the first message, wait longer: a failover subscription on Apache Pulsar holds the
@@ -327,6 +331,7 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
         wait = idle
         last = time.monotonic()
         n += 1
+        acker.received(msg)
         worker.handle(msg.data(), msg.message_id())
         pending.append(msg)
         if worker.crash_due():
@@ -340,13 +345,40 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
             os._exit(CRASH_EXIT)  # ... and is never acked: the broker will redeliver it
         if len(pending) >= flush_every:
             worker.commit()
-            for m in pending:
-                consumer.acknowledge(m)
+            acker.ack(pending)
             pending.clear()
     worker.commit()
-    for m in pending:
-        consumer.acknowledge(m)
+    acker.ack(pending)
     return worker.summary()
+
+
+class _Acker:
+    """Acknowledges handled messages: one by one, except the messages of a producer batch that the
+    broker delivered from a batch index above 0 (the broker keeps batch-index acknowledgements and
+    the batch's first messages were acknowledged, as ``chainfold rewind`` into a batch leaves it):
+    those cumulatively, the only acknowledgement that completes such a batch for a consumer without
+    batch-index acknowledgement (which pulsar-lite 0.2.0 does not support: it acknowledges the whole
+    batch). Cumulative is right for this worker: it handles in order, one consumer at a time."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.partial: set[tuple[int, int]] = set()
+        self._entry: tuple[int, int] | None = None
+
+    def received(self, msg: Any) -> None:
+        mid = msg.message_id()
+        entry = (mid.ledger_id(), mid.entry_id())
+        if entry != self._entry and mid.batch_index() > 0:
+            self.partial.add(entry)
+        self._entry = entry
+
+    def ack(self, pending: list[Any]) -> None:
+        for m in pending:
+            mid = m.message_id()
+            if (mid.ledger_id(), mid.entry_id()) in self.partial:
+                self.consumer.acknowledge_cumulative(m)
+            else:
+                self.consumer.acknowledge(m)
 
 
 def run_worker(*, topic: str, service_url: str | None, evidence: str, state: str, faults: Faults,
@@ -385,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
                    "else the embedded broker of --data-dir)")
     p.add_argument("--data-dir", default=None, help="embedded broker data directory (without a service URL)")
     p.add_argument("--evidence", required=True, help="tracker directory (checkpoints, leaves, processed log)")
-    p.add_argument("--state", required=True, help="the state export (SPEC §3), reloaded at start")
+    p.add_argument("--state", required=True, help="the state export (docs/worker-evidence.md), reloaded at start")
     p.add_argument("--faults", action="append", default=[], metavar="SPEC",
                    help="crash-before-ack:N | skip:ID1,ID2 | skip-every:K | mishandle:TYPE:FROM:TO")
     p.add_argument("--subscription", default="accounts-worker")

@@ -13,7 +13,7 @@ from ..errors import BadInput
 from ..jsonl import entry_to_json, read_events
 from ..log import MessageId
 from ..log.pulsar import open_log
-from .common import broker_options, cli, emit_json, json_option, run, stderr
+from .common import broker_options, cli, emit_json, esc, json_option, run, stderr
 
 
 @cli.command()
@@ -54,10 +54,10 @@ def publish(topic: str, file: str, broker, as_json: bool, producer_name: str | N
             emit_json(summary)
         else:
             extra = f" ({report.skipped} already stored)" if report.skipped else ""
-            stderr.print(f"published {sent} events to {topic_name}{extra} in {dt:.2f}s")
+            stderr.print(f"published {sent} events to {esc(topic_name)}{extra} in {dt:.2f}s")
         return 0
 
-    run(body)
+    run(body, as_json=as_json)
 
 
 def _parse_until(text: str | None) -> tuple[MessageId | None, int | None]:

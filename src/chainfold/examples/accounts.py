@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import random
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["version", "initial", "apply", "render", "model", "generate", "EVENT_TYPES"]
+__all__ = ["version", "initial", "apply", "render", "notes", "model", "generate", "EVENT_TYPES"]
 
 version = "1"
 """Explicit model version: bump it when the meaning of a state changes."""
@@ -125,6 +125,28 @@ def render(state: dict[str, Any]) -> dict[str, Any]:
     return dict(state)
 
 
+def _some(streams: list[str], n: int = 3) -> str:
+    return ", ".join(streams[:n]) + (f" and {len(streams) - n} more" if len(streams) > n else "")
+
+
+def notes(states: Mapping[str, dict[str, Any]]) -> list[str]:
+    """What the numbers alone do not say: money events on accounts that were never opened were
+    refused, and events of unknown types were ignored (docs/models.md#accounts)."""
+    never_opened = sorted(s for s, st in states.items() if st["status"] == "new" and st["rejected"])
+    ignored = sorted(s for s, st in states.items() if st["ignored"])
+    out = []
+    if never_opened:
+        n = sum(states[s]["rejected"] for s in never_opened)
+        out.append(f"{len(never_opened)} account(s) were never opened, so their {n} money event(s) were "
+                   f"refused and counted in 'rejected' ({_some(never_opened)}): an account takes deposits, "
+                   "withdrawals and fees only after its 'Opened' event (docs/models.md#accounts)")
+    if ignored:
+        n = sum(states[s]["ignored"] for s in ignored)
+        out.append(f"{n} event(s) of types this model does not know were ignored, counted in 'ignored' "
+                   f"({_some(ignored)}); known types: {', '.join(EVENT_TYPES)}")
+    return out
+
+
 class AccountsModel:
     """The accounts model as one object; the same functions as the module."""
 
@@ -132,6 +154,7 @@ class AccountsModel:
     initial = staticmethod(initial)
     apply = staticmethod(apply)
     render = staticmethod(render)
+    notes = staticmethod(notes)
 
     def __repr__(self) -> str:
         return "chainfold.examples.accounts:model"

@@ -1,4 +1,4 @@
-"""Checkpoints over the log: per-segment Merkle roots chained into heads (SPEC §2).
+"""Checkpoints over the log: per-segment Merkle roots chained into heads (docs/formats.md).
 
 The log is cut into segments of ``S = 2**k`` entries. Each segment gets an RFC 9162 root over its
 leaf hashes, and a head that chains it to everything before::
@@ -71,7 +71,7 @@ _KEYS = ("segment", "size", "segment_size", "root", "head", "first", "last")
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """The checkpoint of one segment (SPEC §2).
+    """The checkpoint of one segment (docs/formats.md).
 
     ``size`` is n_k, the number of entries covered from the start of the log through this segment;
     ``root`` the RFC 9162 root of the segment's leaves; ``head`` the chained head. ``first`` and
@@ -124,7 +124,7 @@ class Checkpoint:
         return self.segment * self.segment_size
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON form (SPEC §2): hashes as lowercase hex, keys in SPEC order."""
+        """The JSON form (docs/formats.md): hashes as lowercase hex, keys in the documented order."""
         return {
             "segment": self.segment,
             "size": self.size,
@@ -139,7 +139,7 @@ class Checkpoint:
     def from_json(cls, d: Mapping[str, Any]) -> Checkpoint:
         """Parse and validate the JSON form; ``ValueError`` with the reason if it is not one.
 
-        Exactly the SPEC keys are accepted: a missing or unknown key is an error.
+        Exactly the documented keys are accepted: a missing or unknown key is an error.
         """
         if not isinstance(d, Mapping):
             raise ValueError(f"a checkpoint is a JSON object, not {type(d).__name__}")
@@ -160,7 +160,7 @@ class Checkpoint:
         )
 
     def to_cbor(self) -> dict[str, Any]:
-        """The CBOR form (SPEC §2): like :meth:`to_json` with raw 32-byte hashes."""
+        """The CBOR form (docs/formats.md): like :meth:`to_json` with raw 32-byte hashes."""
         return {
             "segment": self.segment,
             "size": self.size,
@@ -190,7 +190,7 @@ class ChainBuilder:
     checkpoint of the partial last segment, :meth:`log_root` the RFC 9162 root of the whole log, and
     :meth:`state` / :meth:`from_state` persist and resume exactly.
 
-    The builder does not deduplicate: dropping redelivered messages (SPEC §2) is the reader's job.
+    The builder does not deduplicate: dropping redelivered messages (docs/formats.md) is the reader's job.
     """
 
     __slots__ = ("_seg", "_size", "_mask", "_shift", "_segment_size", "_head", "_log", "_first", "_last", "_last_leaf")

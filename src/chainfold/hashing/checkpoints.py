@@ -3,7 +3,7 @@
 Layout of a :class:`CheckpointFile` at ``PATH``:
 
 - ``PATH``: the checkpoints of *full* segments 0, 1, 2, ... one JSON object per line
-  (:meth:`Checkpoint.to_json`, SPEC §2), appended and fsynced, never rewritten in place.
+  (:meth:`Checkpoint.to_json`, docs/formats.md), appended and fsynced, never rewritten in place.
 - ``PATH.partial``: at most one provisional checkpoint of the partial segment that follows, replaced
   atomically (temp file, fsync, rename) each time it is written. It is stale, and ignored, once
   ``PATH`` holds that segment in full.

@@ -3,7 +3,7 @@
 Every command that reads the log (verify, rebuild, reconcile, bench) goes through
 :func:`scan_partition`. For one partition it
 
-* computes the chained checkpoints of SPEC §2 as entries stream past (O(log n) hashes held),
+* computes the chained checkpoints (docs/formats.md) as entries stream past (O(log n) hashes held),
 * compares each completed segment with the checkpoint recorded for it earlier
   (:class:`PartitionRecord`), and on the first difference locates the first differing entry,
 * records checkpoints (and leaf hashes) of segments not recorded before, so later runs can tell

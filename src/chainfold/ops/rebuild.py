@@ -208,6 +208,7 @@ def _prepare(
                     gaps[p] = f"{p}: the log now starts at {e} but entry 0 was {first} when recorded"
 
     chosen: Snapshot | None = None
+    passed_over: set[str] = set()  # snapshots past where this replay must start: expected, not faults
     if not full and until_time is None:
         for info, cand in store.candidates(model):
             path = str(info.path)
@@ -219,6 +220,7 @@ def _prepare(
                 reason = f"taken of partitions {[pos.partition for pos in cand.partitions]}, the log has {parts}"
             elif max_snapshot_entries is not None and cand.entries > max_snapshot_entries:
                 reason = f"covers {cand.entries} entries, past the replay start {max_snapshot_entries}"
+                passed_over.add(path)
             else:
                 for pos in cand.partitions:
                     reason = _check_against_record(pos, recorded[pos.partition], records[pos.partition])
@@ -232,6 +234,7 @@ def _prepare(
                     mid = MessageId.parse(pos.message_id)
                     if until is not None and mid.position > until.position:
                         reason = f"covers entries past --until {until}"
+                        passed_over.add(path)
                         break
                     e = earliest[pos.partition]
                     if e is not None and e.position <= mid.position and not _holds(
@@ -251,7 +254,11 @@ def _prepare(
             result.snapshot_path = path
             break
     for path, reason in result.rejected:
-        log.warning("snapshot %s rejected: %s", path, reason)
+        # passed over by request (a replay that must start before a given entry, --until) is
+        # expected, not a problem with the snapshot: logged quietly; anything else stays a warning
+        expected = path in passed_over
+        log.log(logging.INFO if expected else logging.WARNING, "snapshot %s %s: %s", path,
+                "not used" if expected else "rejected", reason)
 
     if gaps:
         covered = chosen is not None and all(

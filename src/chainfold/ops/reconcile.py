@@ -1,6 +1,6 @@
 """``reconcile``: what a real-time worker missed, doubled, reordered or got wrong, and the repair.
 
-The reference is what a correct worker handles (SPEC §4): the log's well-formed entries in log
+The reference is what a correct worker handles (docs/worker-evidence.md): the log's well-formed entries in log
 order, each event id once, at its first entry. chainfold compares the worker's evidence with it:
 
 * a **processed log** (ids in handling order) gives the exact first divergence, and the missing,
@@ -29,13 +29,15 @@ from typing import Any
 
 from ..hashing.chain import ChainBuilder, Checkpoint, find_divergence
 from ..hashing.checkpoints import CheckpointFile
-from ..envelope import Event
+from ..envelope import Event, json_error
 from ..errors import BadInput, HistoryUnrecoverable, MalformedInputLine
 from ..replay.fold import Folder, Model, render_json
 from ..jsonl import iter_json_lines
 from ..log import Entry, EventLog, MessageId, partition_index
 from ..hashing.scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
 from ..store.snapshots import topic_dir
+from .corrections import make_corrections
+from .positions import report_positions
 from ..tracker import leaves_path_for
 
 __all__ = [
@@ -58,7 +60,7 @@ _LOW = (1 << 40) - 1
 
 @dataclass
 class Processed:
-    """A processed log (SPEC §3): event ids in handling order, with their line numbers."""
+    """A processed log (docs/worker-evidence.md): event ids in handling order, with their line numbers."""
 
     path: str
     ids: list[str]
@@ -93,15 +95,16 @@ def load_processed(path: str) -> Processed:
 
 
 def load_state_export(path: str) -> dict[str, Any]:
-    """Read a state export (SPEC §3): one JSON object ``{stream id: state}``."""
+    """Read a state export (docs/worker-evidence.md): one JSON object ``{stream id: state}``."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except OSError as exc:
         raise BadInput(f"cannot read {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        line = getattr(exc, "lineno", 0)
-        raise MalformedInputLine(path, line, f"bad JSON: {getattr(exc, 'msg', exc)}") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedInputLine(path, exc.lineno, json_error(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise MalformedInputLine(path, 0, f"not UTF-8 text: {exc.reason}") from None
     if not isinstance(doc, dict):
         raise MalformedInputLine(path, 1, f"a state export is one JSON object {{stream: state}}, not {type(doc).__name__}")
     return doc
@@ -161,7 +164,7 @@ class TrackerEvidence:
 
 
 def load_tracker(path: str) -> TrackerEvidence:
-    """Read tracker checkpoints (a SPEC §2 checkpoint file; ``CheckpointCorrupt`` if untrustworthy)."""
+    """Read tracker checkpoints (a checkpoint file, docs/formats.md; ``CheckpointCorrupt`` if untrustworthy)."""
     p = Path(path)
     cf = CheckpointFile(p)
     lp = leaves_path_for(p)
@@ -177,7 +180,7 @@ def load_tracker(path: str) -> TrackerEvidence:
 
 @dataclass
 class ReconcileReport:
-    """Everything reconcile found; ``to_json()`` has every key of SPEC §4."""
+    """Everything reconcile found; ``to_json()`` has every key docs/cli.md lists as always present."""
 
     topic: str
     verdict: str
@@ -514,6 +517,11 @@ def reconcile(
             for d in divergent
         ], replayed, notes, details=details,
     )
+    report.details["positions"] = report_positions(  # where the listed entries sit (for reports that draw the log)
+        partitions=parts, entries=[sc.entries for sc in scans], segment_size=LS[0] if LS else DEFAULT_SEGMENT_SIZE,
+        locate=lambda eid: (where[eid] >> 40, refs[where[eid] >> 40].index[where[eid] & _LOW]) if eid in where else None,
+        missing=missing, duplicates=duplicates, out_of_order=out_of_order, malformed=folder.malformed,
+        stored_again=folder.duplicates)
 
     # 5. Repair: replay only the divergent streams from the newest valid snapshot before the first
     #    divergence, then check the result against the fresh rebuild of step 1.
@@ -542,13 +550,7 @@ def reconcile(
                 else:
                     repaired.pop(s, None)
             report.repaired_states = dict(sorted(repaired.items()))
-            head = topic_head(scans).hex()
-            for d in divergent:
-                key = hashlib.sha256(json.dumps(
-                    [elog.topic, d["stream"], head, d["expected"], d["actual"]], sort_keys=True).encode()
-                ).hexdigest()[:32]
-                report.corrections.append({"stream": d["stream"], "expected": d["expected"], "actual": d["actual"],
-                                           "delta": d["delta"], "idempotency_key": key, "log_head": head})
+            report.corrections = make_corrections(elog.topic, divergent)
             report.verdict = "repaired"
             report.details["validated"] = {"streams": len(streams), "against": "fresh rebuild from the start of the log"}
     elif repair and first is not None:

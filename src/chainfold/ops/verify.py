@@ -32,7 +32,7 @@ log = logging.getLogger("chainfold.ops.verify")
 
 @dataclass
 class VerifyReport:
-    """The verify report (SPEC §4): ``to_json()`` has every key the SPEC requires."""
+    """The verify report (docs/cli.md): ``to_json()`` has every key docs/cli.md lists as always present."""
 
     topic: str
     scans: list[PartitionScan]

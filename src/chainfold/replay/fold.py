@@ -1,4 +1,4 @@
-"""Where the fold is: models (SPEC §5) and the engine that folds log entries into states per stream.
+"""Where the fold is: models (docs/models.md) and the engine that folds log entries into states per stream.
 
 A model is any object with ``initial(stream)`` and a pure ``apply(state, event)``; optionally
 ``render(state)`` (how a state appears in reports and exports), ``version`` (explicit model version),
@@ -313,7 +313,7 @@ class Folder:
             self.applied = applied
 
     def rendered(self) -> dict[str, Any]:
-        """The state export of SPEC §3: ``{stream: rendered state}``, streams sorted."""
+        """The state export (docs/worker-evidence.md): ``{stream: rendered state}``, streams sorted."""
         render = self.model.render
         return {s: render(self.states[s]) for s in sorted(self.states)}
 
