@@ -27,8 +27,9 @@ def test_locate_with_and_without_the_record(tmp_path: Path) -> None:
     rebuild(w.log, MODEL, snapshots_root=tmp_path / "s")  # records checkpoints (segment firsts)
     for i, t in bare.items():
         assert locate(w.log, i, snapshots_root=tmp_path / "s") == t
-        assert t.requested == t.position == i and t.message_id == mids[i]  # the memory log does not batch
-        assert t.before == (mids[i - 1] if i else None)
+        assert t.requested == t.batch_start == i and t.message_id == mids[i]  # the memory log does not batch
+        assert t.in_batch == 0 and t.entry == mids[i]._replace(batch=-1)
+        assert t.before(i) == (mids[i - 1] if i else None)
 
 
 def test_locate_refuses_what_the_log_does_not_hold(tmp_path: Path) -> None:

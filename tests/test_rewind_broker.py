@@ -19,7 +19,11 @@ from typing import Any
 
 import pytest
 
-from .conftest import APACHE
+from chainfold.examples import accounts
+from chainfold.log import MessageId
+from chainfold.log.pulsar import PulsarLog
+
+from .conftest import APACHE, unique_topic
 from .test_reconcile import fold
 from .test_reconcile_broker import publish
 
@@ -77,12 +81,12 @@ def test_rewind_to_the_first_divergence_and_resume(cli, pulsar_client, broker_ur
     print(f"rewind: requested {doc['requested']}, position {doc['position']}, seek {doc['seek_seconds']} s, "
           f"consumer check: {doc['consumer_check']}")
     assert doc["divergence"] == divergence and doc["requested"] == index
-    # a subscription receives a batch whole: the position is the first message of index's batch
+    # Apache Pulsar: the cursor stands at entry index, also inside a producer batch; pulsar-lite
+    # acknowledges batches whole: there the position is the first message of index's batch
     batch = int(w.entries[index][3].split(":")[3])
-    position = index - max(batch, 0)
+    position = index if APACHE else index - max(batch, 0)
     assert doc["position"] == position and doc["message_id"] == w.entries[position][3]
-    assert doc["message_id"].split(":")[3] in ("0", "-1")
-    assert 0 < doc["replayed"]["from_snapshot"] <= position - 1 and doc["replayed"]["events"] < 64 + 1
+    assert 0 < doc["replayed"]["from_snapshot"] <= position and doc["replayed"]["events"] < 64
     expected_then = reference_fold(w, position)
     assert json.loads(state.read_text()) == expected_then and doc["streams"] == len(expected_then)
     assert doc["consumer_check"]["exclusive_subscription"] is APACHE
@@ -174,3 +178,81 @@ def test_rewind_refuses_while_the_worker_is_connected(cli, pulsar_client, broker
                                      "result": "no consumer connected (the broker granted an exclusive "
                                                "consumer, held during the rewind)"}
     w.log.close()
+
+
+def first_message(client, topic: str) -> MessageId:
+    """The next message of the worker's subscription, as a consumer subscribing now receives it
+    (the worker's kind of consumer: Failover, no batch-index acknowledgement; nothing acked)."""
+    import pulsar
+
+    c = client.subscribe(topic, SUB, consumer_type=pulsar.ConsumerType.Failover)
+    try:
+        n = c.receive(timeout_millis=20_000).message_id()
+    finally:
+        c.close()
+    return MessageId(n.ledger_id(), n.entry_id(), n.partition(), n.batch_index())
+
+
+def test_rewind_into_a_producer_batch(cli, pulsar_client, broker_url, tmp_path: Path) -> None:
+    """``chainfold publish`` batches up to 1000 messages per ledger entry. A rewind to a message in
+    the middle of a batch makes it the subscription's next message on Apache Pulsar (batch-index
+    acknowledgement, enabled by scripts/pulsar-standalone); pulsar-lite acknowledges whole batches,
+    so there the rewind goes to the batch's first message and says so. Either way the worker resumes
+    from FILE and ends equal to a full rebuild, and its batch is then acknowledged for good."""
+    events = accounts.generate(3000, 20, 14)
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    topic = unique_topic("rw")
+    r = cli("publish", topic, str(tmp_path / "events.jsonl"), "--json")
+    assert r.returncode == 0, r.stderr
+    log = PulsarLog(pulsar_client, topic)
+    ids = [e.message_id for e in log.read()]
+    log.close()
+    starts = [i for i, m in enumerate(ids) if m.batch <= 0] + [len(ids)]
+    sizes = {s: e - s for s, e in zip(starts, starts[1:])}
+    start = next(s for s in starts[1:] if sizes.get(s, 0) >= 3)  # a batch of 3 or more, not the first
+    index = start + sizes[start] // 2
+    assert ids[index].batch == index - start > 0
+    run = tmp_path / "run"
+    assert worker(broker_url, topic, run / "state.json", run / "evidence", idle=1.5)["received"] == len(ids)
+    # snapshots every `start` entries: one ends exactly at entry start-1, right before the batch
+    r = cli("rebuild", topic, "--model", MODEL, "--snapshot-every", str(start), "--keep", "100", "--json")
+    assert r.returncode == 0, r.stderr
+
+    state = tmp_path / "rewound.json"
+    r = cli("rewind", topic, "--model", MODEL, "--subscription", SUB, "--to", str(index), "--state-out", str(state),
+            "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    print(f"rewind into a batch of {sizes[start]} at message {index - start}: position {doc['position']}, "
+          f"batch {doc['batch']}, seek {doc['seek_seconds']} s, {doc['seconds']} s; notes {doc['notes']}")
+    position = index if APACHE else start
+    assert doc["requested"] == index and doc["position"] == position
+    assert doc["message_id"] == str(ids[position]) and first_message(pulsar_client, topic) == ids[position]
+    assert doc["batch"] == {"entry": f"{ids[index].ledger}:{ids[index].entry}", "index": index - start,
+                            "acknowledged": index - start if APACHE else 0}
+    if not APACHE:
+        assert "acknowledged the whole batch" in doc["notes"][0] and f"entry {start}" in doc["notes"][0]
+    # the state as of entry position-1, from the newest snapshot at or before it (snapshots end at multiples
+    # of start; a batch longer than start puts a later one before the position)
+    newest = position // start * start
+    assert doc["replayed"] == {"from_snapshot": newest, "events": position - newest}
+    r = cli("rebuild", topic, "--model", MODEL, "--full", "--no-snapshots", "--out", str(tmp_path / "full.json"))
+    assert r.returncode == 0, r.stderr
+    resumed = worker(broker_url, topic, state, tmp_path / "ev2", idle=1.5)
+    assert resumed["received"] == len(ids) - position
+    assert json.loads(state.read_text()) == json.loads((tmp_path / "full.json").read_text())
+    # the worker acknowledged the rest of the batch: a restart receives nothing again
+    assert worker(broker_url, topic, state, tmp_path / "ev2", idle=1.5)["received"] == 0
+
+    # a rewind to a batch's first message, where a snapshot ends exactly at the entry before: the
+    # fold starts from that snapshot and folds nothing more (the reader must not pass --until)
+    r = cli("rewind", topic, "--model", MODEL, "--subscription", SUB, "--to", str(start), "--state-out", str(state),
+            "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["position"] == start and doc["batch"] is None and not any("batch" in n for n in doc["notes"])
+    assert doc["replayed"] == {"from_snapshot": start, "events": 0}
+    assert first_message(pulsar_client, topic) == ids[start]
+    resumed = worker(broker_url, topic, state, tmp_path / "ev3", idle=1.5)
+    assert resumed["received"] == len(ids) - start
+    assert json.loads(state.read_text()) == json.loads((tmp_path / "full.json").read_text())

@@ -10,24 +10,33 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chainfold.replay.dedup import DedupIndex
 from chainfold.replay.seen import SeenIds, SeenSet
 
-INDEXES: dict[str, Callable[[Path], SeenIds]] = {"memory": lambda _dir: SeenSet()}
+INDEXES: dict[str, Callable[[Path], SeenIds]] = {
+    "memory": lambda _dir: SeenSet(),
+    # a tiny memory bound: most batches spill, so answers come from pieces on disk too
+    "dedup": lambda d: DedupIndex.open(d, memory_bytes=2_000),
+}
 
 ids = st.text(alphabet="abcdef0123456789-", min_size=1, max_size=6)
 
 
 @pytest.fixture(params=sorted(INDEXES))
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], SeenIds]:
-    n = [0]
+def make(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    made: list[SeenIds] = []
 
     def new() -> SeenIds:
-        n[0] += 1
-        d = tmp_path / f"index-{n[0]}"
+        d = tmp_path / f"index-{len(made)}"
         d.mkdir()
-        return INDEXES[request.param](d)
+        made.append(INDEXES[request.param](d))
+        return made[-1]
 
-    return new
+    yield new
+    for index in made:
+        close = getattr(index, "close", None)
+        if close is not None:
+            close()
 
 
 def test_it_is_a_seen_ids(make) -> None:
@@ -53,5 +62,5 @@ def test_a_snapshot_changes_nothing_it_answers(make, first: list[str], then: lis
     a, b = make(), make()
     a.add_new(first)
     b.add_new(first)
-    a.snapshot()
+    a.checkpoint()
     assert a.add_new(then) == b.add_new(then) and len(a) == len(b)

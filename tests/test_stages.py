@@ -212,7 +212,7 @@ def test_stops_see_exact_counts_whatever_the_batches(tmp_path: Path) -> None:
 def test_seen_set_answers_batches_in_order() -> None:
     s = SeenSet(["a"])
     assert s.add_new(["a", "b", "b", "c"]) == [False, True, False, True]
-    assert len(s) == 3 and s.snapshot() == frozenset("abc")
+    assert len(s) == 3 and s.checkpoint() == frozenset("abc")
 
 
 def test_the_seq_hook_sees_every_well_formed_entry_before_dedup() -> None:

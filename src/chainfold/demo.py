@@ -71,12 +71,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _events(n: int, streams: int, seed: int) -> list[Event]:
     """The generated events with their per-stream seq (what chainfold's writer would assign)."""
-    seqs: dict[str, int] = {}
-    out = []
-    for d in accounts.generate(n, streams, seed):
-        s = seqs[d["stream"]] = seqs.get(d["stream"], 0) + 1
-        out.append(Event(d["id"], d["stream"], s, d["type"], d["time"], d["data"]))
-    return out
+    return accounts.generate_events(n, streams, seed)
 
 
 def _plan(n: int) -> dict[str, Any]:

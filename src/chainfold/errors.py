@@ -18,6 +18,10 @@ unrecoverable)::
     ├── RootMismatch                  leaves that do not hash to the root recorded for them (also a ValueError)
     ├── SnapshotRejected              a snapshot that cannot be used (kept as a reason, never fatal)
     ├── NotDurable                    exit 2: a write that could not be made crash-safe (fsync failed)
+    ├── DedupIndexError               a dedup index's files cannot be used (replay/dedup.py)
+    │   ├── DedupManifestInvalid      a manifest this version did not write
+    │   ├── DedupPieceDamaged         a piece a manifest names is missing, truncated or altered
+    │   └── DedupIndexBusy            another open index holds the folder
     ├── BrokerUnavailable             exit 3
     ├── WorkerFailed                  exit 3: a worker process of a parallel replay died
     └── HistoryUnrecoverable          exit 3
@@ -43,6 +47,10 @@ __all__ = [
     "CheckpointCorrupt",
     "SubscriptionInUse",
     "SnapshotRejected",
+    "DedupIndexError",
+    "DedupManifestInvalid",
+    "DedupPieceDamaged",
+    "DedupIndexBusy",
     "BrokerUnavailable",
     "HistoryUnrecoverable",
 ]
@@ -198,6 +206,39 @@ class SnapshotRejected(ChainfoldError):
         self.path = path
         self.reason = reason
         super().__init__(f"snapshot {path} rejected: {reason}")
+
+
+class DedupIndexError(ChainfoldError):
+    """The files of a deduplication index (:mod:`chainfold.replay.dedup`) cannot be used as they are.
+
+    A snapshot that references such an index is unusable: callers report it as a
+    :class:`SnapshotRejected` with this error's message as the reason.
+    """
+
+
+class DedupManifestInvalid(DedupIndexError):
+    """A dedup manifest is not one this version wrote (format, fields, counts); ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid dedup manifest: {reason}")
+
+
+class DedupPieceDamaged(DedupIndexError):
+    """A piece of a dedup index is missing, truncated, or does not match its SHA-256 name."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"dedup piece {path}: {reason}")
+
+
+class DedupIndexBusy(DedupIndexError):
+    """Another open dedup index (this process or another) holds ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        super().__init__(f"dedup index folder {directory} is in use by another open index")
 
 
 class BrokerUnavailable(ChainfoldError):

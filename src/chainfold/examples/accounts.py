@@ -33,7 +33,10 @@ from __future__ import annotations
 import random
 from array import array
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..envelope import Event
 
 __all__ = ["version", "initial", "apply", "render", "notes", "model", "generate", "EVENT_TYPES"]
 
@@ -249,6 +252,19 @@ def generate(
     model (nothing is ``rejected`` or ``ignored``). Times increase by 0-40 ms per event.
     """
     return list(iter_events(n_events, n_streams, seed, start_time_ms))
+
+
+def generate_events(n_events: int, n_streams: int, seed: int) -> list[Event]:
+    """:func:`generate`'s events as :class:`chainfold.envelope.Event`\\ s with their per-stream
+    ``seq`` (1-based, as chainfold's writer assigns it): ready to append without a writer."""
+    from ..envelope import Event
+
+    seqs: dict[str, int] = {}
+    out = []
+    for d in iter_events(n_events, n_streams, seed):
+        s = seqs[d["stream"]] = seqs.get(d["stream"], 0) + 1
+        out.append(Event(d["id"], d["stream"], s, d["type"], d["time"], d["data"]))
+    return out
 
 
 class _Ev:

@@ -13,7 +13,8 @@ Reading contract (every implementation):
   that is not greater than the last one yielded is a redelivery, dropped and counted in
   :attr:`LogReader.redelivered`;
 * ``after`` resumes strictly after a message id, ``start`` at one (inclusive); ``until`` stops after
-  the entry with that id (inclusive), ``until_time`` before the first entry published later than that
+  the entry with that id (inclusive): no entry past it is ever yielded, so ``until`` at or before
+  ``after`` yields nothing; ``until_time`` stops before the first entry published later than that
   time (ms), ``limit`` after that many entries;
 * reading ends at the end of the log as the broker sees it while reading.
 """
@@ -173,6 +174,8 @@ class LogReader:
                     continue
                 if start is not None and pos < start:
                     continue
+                if until is not None and pos > until:  # also when ``until`` lies at or before ``after``
+                    return
                 if until_time is not None and entry.publish_time > until_time:
                     return
                 last = pos

@@ -272,6 +272,8 @@ class _PulsarReader(LogReader):
                             continue
                         if start is not None and mid < start:
                             continue
+                        if until is not None and mid > until:  # also when ``until`` is at or before ``after``
+                            return
                         if until_time is not None and m.publish_timestamp() > until_time:
                             return
                         last = got = self._last_native = mid

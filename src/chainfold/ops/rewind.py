@@ -2,29 +2,43 @@
 
 docs/cli.md, "chainfold rewind". For entry ``INDEX`` of a (non-partitioned) topic:
 
-1. **where**: the message ids of entry ``INDEX`` and of the entry before the rewind position, found
-   from the log's recorded checkpoints (each names its segment's first message id, so at most one
-   segment plus one batch is read) or, without a record, by reading from the start;
+1. **where**: the message ids of entry ``INDEX``, of the first message of its producer batch and of
+   the entry before that, found from the log's recorded checkpoints (each names its segment's first
+   message id, so at most one segment plus one batch is read) or, without a record, by reading from
+   the start;
 2. **guard**: an *exclusive* consumer on the subscription. A broker that enforces exclusive
    subscriptions (Apache Pulsar) refuses it while any consumer (the worker) is connected:
-   :class:`~chainfold.errors.SubscriptionInUse`; held to the end, it also keeps a worker from
-   connecting during the rewind. With an admin URL the broker's topic stats also name the connected
-   consumers and say whether the subscription exists. pulsar-lite enforces neither exclusive
-   subscriptions nor has an admin API: the report says the check could not be made;
-3. **state**: :func:`~chainfold.ops.rebuild.rebuild` with ``until`` the entry before the position,
-   from the newest valid snapshot that lies before it; checked to have covered exactly that many
-   entries; written crash-safe;
-4. **cursor**: the guard consumer seeks to the entry at the position (pulsar-client ``seek`` with a
-   message id: works alike on Apache Pulsar and pulsar-lite, within milliseconds); the next message
-   the subscription delivers is that entry.
+   :class:`~chainfold.errors.SubscriptionInUse`; held while the state is folded, it also keeps a
+   worker from connecting meanwhile. With an admin URL the broker's topic stats also name the
+   connected consumers and say whether the subscription exists. pulsar-lite enforces neither
+   exclusive subscriptions nor has an admin API: the report says the check could not be made;
+3. **state**: :func:`~chainfold.ops.rebuild.rebuild` with ``until`` entry ``INDEX - 1``, from the
+   newest valid snapshot at or before it; checked to have covered exactly ``INDEX`` entries; written
+   crash-safe before the cursor moves;
+4. **cursor**: the guard seeks to the ledger entry holding entry ``INDEX`` (pulsar-client ``seek``;
+   the broker positions cursors on ledger entries, and the client sends no batch index with a seek).
+   When ``INDEX`` is message ``b > 0`` of a producer batch, an exclusive consumer with batch-index
+   acknowledgement then receives the batch's messages ``0 .. b-1`` and acknowledges them one by one;
+5. **check**: a fresh exclusive consumer receives the subscription's next message (and does not
+   acknowledge it): the report's ``position`` is what was measured, never assumed.
 
-**Batches.** Pulsar stores a producer's batch as one ledger entry, and a subscription (without
-batch-index acknowledgement, which is off by default and which chainfold's worker does not use)
-delivers and acknowledges a batch whole: its cursor cannot stand between two messages of a batch.
-When entry ``INDEX`` is message ``b > 0`` of a batch, the rewind goes to the batch's first message,
-``INDEX - b``, and the state is taken as of the entry before that; the report gives both
-``requested`` and ``position``. The worker then handles ``b`` entries again that it had handled
-before the requested one, from a state that does not contain them: nothing is applied twice.
+**Batches.** Pulsar stores a producer's batch as one ledger entry. The cursor stands inside a batch
+only where the broker keeps batch-index acknowledgements: Apache Pulsar with
+``acknowledgmentAtBatchIndexLevelEnabled=true`` (off by default in 4.0; ``scripts/pulsar-standalone``
+turns it on) delivers the batch with its acknowledged messages marked, and every pulsar-client drops
+those, so any consumer subscribing afterwards receives entry ``INDEX`` first. Where the check finds
+the batch's first message instead (the broker ignored the acknowledgements) or a later entry
+(pulsar-lite 0.2.0 acknowledges the whole batch on a batch-index acknowledgement), the rewind goes to
+the batch's first message ``INDEX - b``, seeks there again, rewrites the state as of the entry before
+it, and says so: ``position`` < ``requested``. The worker then handles ``b`` entries again from a state
+that does not contain them: nothing is applied twice. (A seek to a batch message id is no way
+around this: pulsar-client 3.x drops the messages up to and including that batch index only in the
+consumer that sought, not in the worker's consumer that subscribes later.)
+
+**What the worker needs.** After a rewind into a batch, the worker receives the rest of that batch
+only. It must acknowledge it *cumulatively* (as chainfold's worker does) or with batch-index
+acknowledgement enabled on its consumer; individual acknowledgements without it never complete that
+batch, and the broker delivers its remaining messages again at every restart.
 
 **What a state export cannot carry.** A worker that deduplicates by event id only in memory (as the
 demo worker does) re-applies a duplicate whose first copy lies before the position; a worker with
@@ -39,7 +53,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +79,29 @@ _GUARD_NAME = "chainfold-rewind"
 
 @dataclass(frozen=True)
 class Target:
-    """Where a rewind goes: ``position`` (the batch start of ``requested``), its message id, and the
-    message id of the entry before it (``None`` at the start of the log)."""
+    """Entry ``requested`` (message ``message_id``) and the first message of its producer batch,
+    entry ``batch_start`` (``== requested`` unless ``requested`` is message 1 or later of a batch);
+    ``ids`` holds the message ids of entries ``batch_start - 1 .. requested`` that the log has."""
 
     requested: int
-    position: int
     message_id: MessageId
-    before: MessageId | None
+    batch_start: int
+    ids: Mapping[int, MessageId]
+
+    @property
+    def in_batch(self) -> int:
+        """How many messages of its batch come before entry ``requested``."""
+        return self.requested - self.batch_start
+
+    @property
+    def entry(self) -> MessageId:
+        """The ledger entry that holds entry ``requested`` (no batch index): where a seek goes."""
+        m = self.message_id
+        return MessageId(m.ledger, m.entry, m.partition, -1)
+
+    def before(self, index: int) -> MessageId | None:
+        """The message id of the entry before entry ``index`` (``None`` at the start of the log)."""
+        return self.ids[index - 1] if index > 0 else None
 
 
 def _ids(elog: EventLog, partition: str, lo: int, hi: int, record: PartitionRecord | None) -> dict[int, MessageId]:
@@ -126,14 +156,14 @@ def locate(elog: EventLog, index: int, *, snapshots_root: Path) -> Target:
         size = sum(1 for _ in elog.read(p))
         raise BadInput(f"--to {index}: {elog.topic} has {size} entries (0..{size - 1}); "
                        "a rewind goes to an entry the log holds")
-    position = index - max(at.batch, 0)
-    ids = _ids(elog, p, max(position - 1, 0), position, record)
-    first = ids.get(position)
+    start = index - max(at.batch, 0)
+    ids = _ids(elog, p, max(start - 1, 0), index, record)
+    first = ids.get(start)
     if first is None or (first.ledger, first.entry) != (at.ledger, at.entry) or first.batch > 0:
-        raise BadInput(f"entry {index} ({at}) is message {at.batch} of a batch, but entry {position} is {first}: "
+        raise BadInput(f"entry {index} ({at}) is message {at.batch} of a batch, but entry {start} is {first}: "
                        "the log's batches are not where their message ids say")
-    return Target(index, position, MessageId(first.ledger, first.entry, partition_index(p), first.batch),
-                  ids.get(position - 1) if position > 0 else None)
+    pi = partition_index(p)
+    return Target(index, at._replace(partition=pi), start, {i: m._replace(partition=pi) for i, m in ids.items()})
 
 
 def divergence_index(elog: EventLog, model: Model, *, snapshots_root: Path, evidence: str | Path) -> dict[str, Any]:
@@ -186,22 +216,71 @@ def subscription_consumers(admin_url: str, topic: str, subscription: str) -> lis
             for c in subs[subscription].get("consumers") or []]
 
 
+_RECEIVE_MS = 10_000
+"""How long the rewind's consumers wait for the subscription's next message."""
+
+
+def _exclusive(client: Any, topic: str, subscription: str, name: str) -> Any:
+    """An exclusive consumer with batch-index acknowledgement on ``subscription``; raises
+    :class:`SubscriptionInUse` where the broker refuses it because another consumer is connected."""
+    import pulsar
+
+    try:
+        return client.subscribe(
+            topic, subscription, consumer_type=pulsar.ConsumerType.Exclusive, consumer_name=name,
+            receiver_queue_size=1, initial_position=pulsar.InitialPosition.Earliest,
+            batch_index_ack_enabled=True)
+    except (pulsar.ConsumerBusy, pulsar.ConsumerAssignError) as exc:
+        raise SubscriptionInUse(topic, subscription) from exc
+    except pulsar.PulsarException as exc:
+        raise BrokerUnavailable(f"cannot subscribe to {subscription!r} of {topic}: {exc}") from exc
+
+
+def _close(consumer: Any) -> None:
+    """Close a consumer (which flushes its acknowledgements); a failure is only logged."""
+    import pulsar
+
+    try:
+        consumer.close()
+    except pulsar.PulsarException as exc:
+        log.warning("closing the rewind's consumer: %s", exc)
+
+
+def _receive(consumer: Any, topic: str, subscription: str) -> tuple[Any, MessageId]:
+    """The next message of the subscription and its id; :class:`BrokerUnavailable` if none comes."""
+    import pulsar
+
+    try:
+        msg = consumer.receive(timeout_millis=_RECEIVE_MS)
+    except pulsar.PulsarException as exc:  # Timeout included: a rewind target is a message the log holds
+        raise BrokerUnavailable(f"subscription {subscription!r} of {topic} delivered no message within "
+                                f"{_RECEIVE_MS / 1000:.0f} s after its cursor moved: {exc}") from exc
+    n = msg.message_id()
+    return msg, MessageId(n.ledger_id(), n.entry_id(), n.partition(), n.batch_index())
+
+
+def _seek(consumer: Any, topic: str, subscription: str, mid: MessageId) -> float:
+    """Move ``consumer``'s subscription cursor so that ledger entry ``mid`` is delivered next (the
+    client sends the broker no batch index); returns the seconds it took."""
+    import pulsar
+
+    t = time.monotonic()
+    try:
+        consumer.seek(pulsar.MessageId(mid.partition, mid.ledger, mid.entry, mid.batch))
+    except pulsar.PulsarException as exc:
+        raise BrokerUnavailable(f"cannot move the cursor of {subscription!r} on {topic} to {mid}: {exc}") from exc
+    return time.monotonic() - t
+
+
 class _Guard:
-    """An exclusive consumer on the subscription, held while the rewind runs (see module docstring)."""
+    """An exclusive consumer on the subscription, held while the rewind folds the state (see the
+    module docstring); it moves the cursor to a ledger entry with :meth:`seek`."""
 
     def __init__(self, client: Any, topic: str, subscription: str) -> None:
         import pulsar
 
-        self._pulsar = pulsar
         self.topic, self.subscription = topic, subscription
-        try:
-            self.consumer = client.subscribe(
-                topic, subscription, consumer_type=pulsar.ConsumerType.Exclusive, consumer_name=_GUARD_NAME,
-                receiver_queue_size=1, initial_position=pulsar.InitialPosition.Earliest)
-        except (pulsar.ConsumerBusy, pulsar.ConsumerAssignError) as exc:
-            raise SubscriptionInUse(topic, subscription) from exc
-        except pulsar.PulsarException as exc:
-            raise BrokerUnavailable(f"cannot subscribe to {subscription!r} of {topic}: {exc}") from exc
+        self.consumer: Any = _exclusive(client, topic, subscription, _GUARD_NAME)
         # does this broker enforce exclusivity? A second exclusive consumer must be refused.
         self.enforced = True
         try:
@@ -214,20 +293,90 @@ class _Guard:
             probe.close()
 
     def seek(self, mid: MessageId) -> float:
-        """Move the cursor so that entry ``mid`` is delivered next; returns the seconds it took."""
-        t = time.monotonic()
-        try:
-            self.consumer.seek(self._pulsar.MessageId(mid.partition, mid.ledger, mid.entry, mid.batch))
-        except self._pulsar.PulsarException as exc:
-            raise BrokerUnavailable(f"cannot move the cursor of {self.subscription!r} on {self.topic} "
-                                    f"to {mid}: {exc}") from exc
-        return time.monotonic() - t
+        """Move the cursor so that ledger entry ``mid`` is delivered next; returns the seconds it took."""
+        return _seek(self.consumer, self.topic, self.subscription, mid)
 
     def close(self) -> None:
+        """Release the subscription (idempotent)."""
+        c, self.consumer = self.consumer, None
+        if c is not None:
+            _close(c)
+
+
+@dataclass
+class _Placement:
+    """Where the cursor stands after :func:`_place`: ``position`` and ``next_id`` as measured."""
+
+    position: int
+    next_id: MessageId
+    acknowledged: int
+    seek_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _ack_before(client: Any, topic: str, subscription: str, target: Target) -> int:
+    """Acknowledge the messages of ``target``'s batch before it one by one (batch-index
+    acknowledgement), the cursor standing at the batch's entry; returns how many."""
+    c = _exclusive(client, topic, subscription, _GUARD_NAME + "-ack")
+    try:
+        for k in range(target.in_batch):
+            msg, got = _receive(c, topic, subscription)
+            want = target.ids[target.batch_start + k]
+            if got.position != want.position:
+                raise BadInput(f"subscription {subscription!r} of {topic} delivered {got} where entry "
+                               f"{target.batch_start + k} ({want}) was due: did a consumer connect during the "
+                               "rewind? Stop it and rewind again")
+            c.acknowledge(msg)
+    finally:
+        _close(c)
+    return target.in_batch
+
+
+def _next_id(client: Any, topic: str, subscription: str) -> MessageId:
+    """The subscription's next message as a consumer subscribing now receives it (not acknowledged)."""
+    c = _exclusive(client, topic, subscription, _GUARD_NAME + "-check")
+    try:
+        return _receive(c, topic, subscription)[1]
+    finally:
+        _close(c)
+
+
+def _place(guard: _Guard, client: Any, topic: str, subscription: str, target: Target) -> _Placement:
+    """Move the cursor so that entry ``target.requested`` comes next, where the broker allows, else
+    to the first message of its batch (steps 4 and 5 and "Batches" in the module docstring)."""
+    seconds = guard.seek(target.entry)
+    guard.close()
+    acked = _ack_before(client, topic, subscription, target) if target.in_batch else 0
+    nxt = _next_id(client, topic, subscription)
+    if nxt.position == target.message_id.position:
+        return _Placement(target.requested, nxt, acked, seconds)
+    first = target.ids[target.batch_start]
+    wrong = BadInput(f"after moving the cursor of subscription {subscription!r} of {topic} to entry "
+                     f"{target.requested} ({target.message_id}), its next message is {nxt}: did a consumer "
+                     "connect during the rewind? Stop it and rewind again")
+    if not acked:
+        raise wrong
+    where = f"entry {target.requested} is message {target.in_batch} of the batch stored as {target.entry.ledger}:" \
+            f"{target.entry.entry}"
+    if nxt.position == first.position:
+        note = (f"{where}; the broker ignored the acknowledgements of the {acked} message(s) before it (Apache "
+                "Pulsar keeps them only with acknowledgmentAtBatchIndexLevelEnabled=true in broker.conf), so "
+                f"the rewind goes to the batch's first message, entry {target.batch_start}")
+    elif (nxt.ledger, nxt.entry) > (first.ledger, first.entry):
+        note = (f"{where}; this broker acknowledged the whole batch on a batch-index acknowledgement "
+                f"(pulsar-lite 0.2.0 does), so the rewind goes to the batch's first message, entry "
+                f"{target.batch_start}")
+        c = _exclusive(client, topic, subscription, _GUARD_NAME)
         try:
-            self.consumer.close()
-        except self._pulsar.PulsarException as exc:
-            log.warning("closing the rewind's consumer: %s", exc)
+            seconds += _seek(c, topic, subscription, target.entry)
+        finally:
+            _close(c)
+        nxt = _next_id(client, topic, subscription)
+        if nxt.position != first.position:
+            raise wrong
+    else:
+        raise wrong
+    return _Placement(target.batch_start, nxt, 0, seconds, [note])
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -235,35 +384,38 @@ class _Guard:
 
 @dataclass
 class RewindReport:
-    """What :func:`rewind` did; ``to_json()`` has docs/cli.md's ``position``, ``message_id``, ``streams``."""
+    """What :func:`rewind` did; ``to_json()`` has docs/cli.md's ``position``, ``message_id``, ``streams``
+    (``position`` and ``message_id`` as the check after moving the cursor measured them)."""
 
     topic: str
     subscription: str
     target: Target
+    placement: _Placement
     streams: int
     state_out: str
     from_snapshot: int | None
     replayed: int
     consumer_check: dict[str, Any]
-    seek_seconds: float
     divergence: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        t = self.target
+        t, pl = self.target, self.placement
         return {
-            "position": t.position,
-            "message_id": str(t.message_id),
+            "position": pl.position,
+            "message_id": str(pl.next_id),
             "streams": self.streams,
             "requested": t.requested,
+            "batch": {"entry": f"{t.entry.ledger}:{t.entry.entry}", "index": t.in_batch,
+                      "acknowledged": pl.acknowledged} if t.in_batch else None,
             "topic": self.topic,
             "subscription": self.subscription,
             "state_out": self.state_out,
             "replayed": {"from_snapshot": self.from_snapshot, "events": self.replayed},
             "consumer_check": self.consumer_check,
             "divergence": self.divergence,
-            "seek_seconds": round(self.seek_seconds, 4),
+            "seek_seconds": round(pl.seek_seconds, 4),
             "notes": self.notes,
             "seconds": round(self.seconds, 3),
         }
@@ -316,8 +468,9 @@ def rewind(
     """Rewind ``subscription`` of ``elog`` to entry ``to`` (an index, or a Tracker directory whose
     first divergence is used) and write the state as of the entry before it to ``state_out``.
 
-    The state file is written before the cursor moves: if the seek fails (BrokerUnavailable), the
-    file is there and a rerun does the same again.
+    The state file is written before the cursor moves: if moving it fails, the file is there and a
+    rerun does the same again. Where the cursor can only go to the first message of the entry's
+    batch (module docstring, "Batches"), the file is then rewritten (atomically) for that position.
     """
     t0 = time.monotonic()
     out = Path(state_out)
@@ -331,41 +484,42 @@ def rewind(
         divergence = divergence_index(elog, model, snapshots_root=snapshots_root, evidence=to)
         to = int(divergence["index"])
     target = locate(elog, to, snapshots_root=snapshots_root)
-    notes: list[str] = []
-    if target.position != target.requested:
-        notes.append(f"entry {target.requested} is message {target.requested - target.position} of the batch "
-                     f"stored as {target.message_id.ledger}:{target.message_id.entry}; a subscription "
-                     f"receives batches whole, so the rewind goes to the batch's first message, "
-                     f"entry {target.position}")
     guard, check = _consumer_check(client, elog.topic, subscription, admin_url)
     try:
-        states, from_snapshot, replayed = _state_before(elog, model, target, snapshots_root, notes, on_progress)
-        atomic_write(out, (json.dumps(states, indent=1, sort_keys=True) + "\n").encode())
-        seek_seconds = guard.seek(target.message_id)
+        states, from_snapshot, replayed, notes = _state_before(elog, model, target, target.requested,
+                                                               snapshots_root, on_progress)
+        atomic_write(out, _export(states))
+        placed = _place(guard, client, elog.topic, subscription, target)
     finally:
         guard.close()
+    if placed.position != target.requested:
+        states, from_snapshot, replayed, notes = _state_before(elog, model, target, placed.position,
+                                                               snapshots_root, on_progress)
+        atomic_write(out, _export(states))
+    notes = placed.notes + notes
     if not check["exclusive_subscription"]:
         notes.append(check["result"])
-    report = RewindReport(elog.topic, subscription, target, len(states), str(out), from_snapshot, replayed,
-                          check, seek_seconds, divergence, notes)
+    report = RewindReport(elog.topic, subscription, target, placed, len(states), str(out), from_snapshot,
+                          replayed, check, divergence, notes)
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _state_before(elog: EventLog, model: Model, target: Target, snapshots_root: Path, notes: list[str],
-                  on_progress: Callable[[int], None] | None) -> tuple[dict[str, Any], int | None, int]:
-    """The rendered states as of entry ``target.position - 1``: rebuild ``until`` that entry.
+def _export(states: dict[str, Any]) -> bytes:
+    return (json.dumps(states, indent=1, sort_keys=True) + "\n").encode()
 
-    Snapshots covering more than ``position - 1`` entries are not used: a snapshot ending exactly at
-    ``before`` would make the reader start after ``until`` and fold one entry too many.
-    """
-    if target.before is None:
-        return {}, None, 0
-    rb = rebuild(elog, model, snapshots_root=snapshots_root, until=target.before,
-                 max_snapshot_entries=target.position - 1, write_snapshots=False, on_progress=on_progress)
+
+def _state_before(elog: EventLog, model: Model, target: Target, index: int, snapshots_root: Path,
+                  on_progress: Callable[[int], None] | None) -> tuple[dict[str, Any], int | None, int, list[str]]:
+    """The rendered states as of entry ``index - 1`` (rebuild ``until`` that entry), the snapshot
+    it started from, how many entries it folded, and the rebuild's notes."""
+    before = target.before(index)
+    if before is None:
+        return {}, None, 0, []
+    rb = rebuild(elog, model, snapshots_root=snapshots_root, until=before, write_snapshots=False,
+                 on_progress=on_progress)
     covered = sum(s.entries for s in rb.scans)
-    if covered != target.position:
-        raise BadInput(f"folding to {target.before} covered {covered} entries, not {target.position}: the log "
+    if covered != index:
+        raise BadInput(f"folding to {before} covered {covered} entries, not {index}: the log "
                        "changed while rewinding, or differs from its recorded checkpoints (run chainfold verify)")
-    notes.extend(rb.notes)
-    return rb.folder.rendered(), rb.from_snapshot, sum(s.read for s in rb.scans)
+    return rb.folder.rendered(), rb.from_snapshot, sum(s.read for s in rb.scans), list(rb.notes)

@@ -6,7 +6,7 @@ well-formed event, a batch at a time, so each event id is folded once, at its fi
 each); an index that keeps a bounded part in memory and spills the rest to disk implements the same
 protocol and plugs in without touching the stages.
 
-How a snapshot stores the ids (the snapshot sink's hook): the sink calls :meth:`SeenIds.snapshot`
+How a snapshot stores the ids (the snapshot sink's hook): the sink calls :meth:`SeenIds.checkpoint`
 once per snapshot and stores what it returns as the snapshot's ``seen``; a rebuild that starts from
 that snapshot makes its index from the stored value again with :func:`restore`. Snapshot format 1
 stores every id (a sorted list: :class:`SeenSet`); an index that stores immutable pieces beside the
@@ -17,7 +17,7 @@ snapshots returns a description of them instead (with a snapshot format of its o
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["SeenIds", "SeenSet", "restore"]
 
@@ -33,16 +33,17 @@ class SeenIds(Protocol):
       in the same batch. Never a false True (a duplicate folded twice), never a false False (a new
       event dropped).
     * ``len()`` is the number of distinct ids recorded.
-    * ``snapshot()`` is what a snapshot stores so that a rebuild from it knows these ids (format 1:
-      a frozenset of every id). Called by the snapshot sink only, between batches; it must not
-      change what the index answers.
+    * ``checkpoint()`` is what a snapshot stores so that a rebuild from it knows these ids (format
+      1: a frozenset of every id; :class:`chainfold.replay.dedup.DedupIndex`: the manifest of its
+      immutable pieces). Called by the snapshot sink only, between batches; it must not change what
+      the index answers.
     """
 
     def add_new(self, ids: Sequence[str]) -> list[bool]: ...
 
     def __len__(self) -> int: ...
 
-    def snapshot(self) -> frozenset[str]: ...
+    def checkpoint(self) -> Any: ...
 
 
 class SeenSet:
@@ -55,7 +56,7 @@ class SeenSet:
 
     @classmethod
     def from_snapshot(cls, stored: Iterable[str]) -> SeenSet:
-        """The index of a snapshot's ``seen`` (what :meth:`snapshot` returned when it was taken)."""
+        """The index of a snapshot's ``seen`` (what :meth:`checkpoint` returned when it was taken)."""
         return cls(stored)
 
     def add_new(self, ids: Sequence[str]) -> list[bool]:
@@ -74,11 +75,13 @@ class SeenSet:
     def __iter__(self) -> Iterator[str]:
         return iter(self.ids)
 
-    def snapshot(self) -> frozenset[str]:
+    def checkpoint(self) -> frozenset[str]:
         return frozenset(self.ids)
 
 
 def restore(stored: object) -> SeenIds:
-    """The index of the ids a snapshot stored (what :meth:`SeenIds.snapshot` returned when it was
-    taken). Format 1 stores the ids themselves: a :class:`SeenSet`."""
+    """The index of the ids a snapshot stored (what :meth:`SeenIds.checkpoint` returned when it was
+    taken). Format 1 stores the ids themselves: a :class:`SeenSet`. (A snapshot format that stores
+    a :class:`~chainfold.replay.dedup.DedupIndex` manifest restores it with ``DedupIndex.open``
+    in the snapshots' folder: the next step of the history-scale work.)"""
     return SeenSet.from_snapshot(stored)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ class SnapshotSink:
     Contract: :meth:`take` writes one snapshot covering, for each partition, the position given
     for it (the one being replayed), else the position :meth:`done` recorded for it, else where the
     replay started (``start``'s position, or nothing). States go through ``model.dump_state``; the
-    seen ids are what :meth:`~chainfold.replay.seen.SeenIds.snapshot` returns; ``stats`` count the
+    seen ids are what :meth:`~chainfold.replay.seen.SeenIds.checkpoint` returns; ``stats`` count the
     malformed and duplicated entries since the start of the log. :attr:`written` lists the paths.
     The caller makes the hash record durable first (a snapshot is checked against it).
     """
@@ -66,7 +66,7 @@ class SnapshotSink:
             model_fingerprint=model.fingerprint,
             segment_size=self.segment_size,
             states={s: model.dump_state(v) for s, v in self.fold.states.items()},
-            seen=self.decoder.seen.snapshot(),
+            seen=self.decoder.seen.checkpoint(),
             created=int(time.time() * 1000),
             stats={"malformed": len(self.decoder.malformed) + base.get("malformed", 0),
                    "duplicates": len(self.decoder.duplicates) + base.get("duplicates", 0)},
