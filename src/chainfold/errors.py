@@ -14,7 +14,8 @@ unrecoverable)::
     │   ├── ModelNotFound             --model names nothing loadable
     │   ├── ModelError                a model raised while folding an event
     │   ├── CheckpointCorrupt         a checkpoint file that is truncated or fails its chain
-    │   └── SubscriptionInUse         rewind: a consumer is connected to the subscription
+    │   ├── SubscriptionInUse         rewind: a consumer is connected to the subscription
+    │   └── SparkUnavailable          --engine spark: PySpark or a Java 17+ runtime is missing
     ├── RootMismatch                  leaves that do not hash to the root recorded for them (also a ValueError)
     ├── SnapshotRejected              a snapshot that cannot be used (kept as a reason, never fatal)
     ├── NotDurable                    exit 2: a write that could not be made crash-safe (fsync failed)
@@ -23,8 +24,9 @@ unrecoverable)::
     │   ├── DedupPieceDamaged         a piece a manifest names is missing, truncated or altered
     │   └── DedupIndexBusy            another open index holds the folder
     ├── BrokerUnavailable             exit 3
-    ├── WorkerFailed                  exit 3: a worker process of a parallel replay died
+    ├── WorkerFailed                  exit 3: a worker process (or a Spark job) of a parallel replay failed
     └── HistoryUnrecoverable          exit 3
+        └── LogShorterThanPlanned     a read range ended before the entries planned for it
 
 Errors that replace a ``ValueError`` of earlier versions also derive from ``ValueError``, so code
 that caught it goes on working.
@@ -46,6 +48,7 @@ __all__ = [
     "ModelError",
     "CheckpointCorrupt",
     "SubscriptionInUse",
+    "SparkUnavailable",
     "SnapshotRejected",
     "DedupIndexError",
     "DedupManifestInvalid",
@@ -53,6 +56,7 @@ __all__ = [
     "DedupIndexBusy",
     "BrokerUnavailable",
     "HistoryUnrecoverable",
+    "LogShorterThanPlanned",
 ]
 
 
@@ -141,6 +145,15 @@ class ModelError(BadInput):
         )
 
 
+class SparkUnavailable(BadInput):
+    """``--engine spark`` cannot run here: PySpark (the ``chainfold[spark]`` extra) or a Java 17+
+    runtime is missing. ``missing`` names which."""
+
+    def __init__(self, missing: str, detail: str) -> None:
+        self.missing = missing
+        super().__init__(detail)
+
+
 class CheckpointCorrupt(BadInput):
     """A checkpoint file is truncated, unparsable, or its chain of heads does not link up."""
 
@@ -194,7 +207,9 @@ class NotDurable(ChainfoldError):
 
 
 class WorkerFailed(ChainfoldError):
-    """A worker process of a parallel replay died without an answer; a rerun starts over."""
+    """A worker process of a parallel replay died without an answer, or a Spark job failed for a
+    reason that is not one of chainfold's errors (``detail`` holds what Spark said); a rerun starts
+    over."""
 
     exit_code = 3
 
@@ -251,3 +266,19 @@ class HistoryUnrecoverable(ChainfoldError):
     """The log no longer holds entries that are needed, and no valid snapshot covers the gap."""
 
     exit_code = 3
+
+
+class LogShorterThanPlanned(HistoryUnrecoverable):
+    """A read range (a Spark task's fixed unit of work) met the end of its partition before the
+    position the plan saw there (``reach``): entries that existed when the plan was made are gone
+    (truncated or rewritten log). ``last`` is the last position read, ``index`` the range's number."""
+
+    def __init__(self, partition: str, index: int, reach: object, last: object) -> None:
+        self.partition = partition
+        self.index = index
+        self.reach = reach
+        self.last = last
+        super().__init__(
+            f"{partition}: range {index} ended at {last} before the planned {reach}: "
+            "the log changed after it was planned"
+        )

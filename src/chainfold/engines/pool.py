@@ -34,15 +34,17 @@ LogSource = Callable[[], EventLog]
 
 @dataclass(frozen=True)
 class PulsarSource:
-    """Opens ``topic`` on the broker of ``broker`` (each call: a new connection)."""
+    """Opens ``topic`` on the broker of ``broker`` (each call: a new connection); its readers get
+    ``receiver_queue`` (see :class:`~chainfold.log.pulsar.PulsarLog`) when set."""
 
     topic: str
     broker: BrokerOptions
+    receiver_queue: int | None = None
 
     def __call__(self) -> EventLog:
         from ..log.pulsar import open_log
 
-        return open_log(self.topic, self.broker)
+        return open_log(self.topic, self.broker, receiver_queue=self.receiver_queue)
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,15 @@ the counts of the ranges before them.
 
 Reading (:class:`RangeReader`)
 ------------------------------
-A task opens its own pulsar-client reader (a non-durable subscription: it disappears when the reader
-closes or its connection drops, so nothing is left behind on the broker, even when the task is
-killed) at ``start`` inclusive, and yields messages in order until the first message at or past
-``end`` (not yielded) or the end of the topic. Redeliveries (a message id not above the last one
-yielded) are dropped and counted; batch indexes below a message-exact start are skipped; a broker
-that goes away is retried for ``CHAINFOLD_RETRY_SECONDS`` (the log reader's budget, resuming after
-the last message yielded), then :class:`~chainfold.errors.BrokerUnavailable`, which fails the task
-so that Spark retries it from its fixed start.
+A task opens its own log (a connection of its own, e.g. a
+:class:`~chainfold.engines.pool.PulsarSource`) and reads its range through the source stage: the
+span ``[start, end)`` (:class:`~chainfold.log.source.Span` ``start``/``before``). The Pulsar reader is
+non-durable (it disappears when the reader closes or its connection drops, so nothing is left
+behind on the broker, even when the task is killed); redeliveries are dropped, batch indexes below a
+message-exact start skipped, and a broker that goes away is retried for ``CHAINFOLD_RETRY_SECONDS``
+(resuming after the last message read), then :class:`~chainfold.errors.BrokerUnavailable`, which
+fails the task so that Spark retries it from its fixed start. The task's log is opened with a small
+receiver queue (:data:`RANGE_QUEUE`): whatever the broker pushes past ``end`` is read for nothing.
 
 Engine design on top of the replay stages
 -----------------------------------------
@@ -90,24 +91,25 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import _pulsar
 import pulsar
 
-from ..errors import BadInput, BrokerUnavailable, HistoryUnrecoverable
-from ..log import MessageId, full_topic_name, partition_index
-from ..log.broker import BrokerOptions, connect
-from ..log.pulsar import _PulsarEntry, _PulsarReader, _retry_seconds
+from ..errors import BadInput, BrokerUnavailable, LogShorterThanPlanned
+from ..log import Entry, EventLog, MessageId, full_topic_name, partition_index
+from ..log.source import DEFAULT_BATCH, Source, Span
 
 __all__ = [
     "Point",
     "LedgerSpan",
     "ReadRange",
     "LogShorterThanPlanned",
+    "Layout",
     "plan_recorded",
+    "clip_ranges",
     "split_layout",
     "layout_from_internal_stats",
     "fetch_internal_stats",
@@ -115,28 +117,15 @@ __all__ = [
     "plan_partition",
     "RangeReader",
     "open_range",
+    "RANGE_QUEUE",
 ]
 
 log = logging.getLogger("chainfold.engines.spark_io")
 
 _PROBE_TIMEOUT_MS = 5000  # a probe reads a message only where has_message_available() said one is there
 _EMPTY_TIMEOUT_MS = 1000  # pulsar-lite's empty topics: how long an earliest reader waits for a first message
-_DEFAULT_QUEUE = 1000  # the range reader's receiver queue (see RangeReader)
-
-
-class LogShorterThanPlanned(HistoryUnrecoverable):
-    """A range's read met the end of the topic before the position the plan saw there: entries that
-    existed when the plan was made are gone (truncated or rewritten log)."""
-
-    def __init__(self, partition: str, index: int, reach: "Point | None", last: "Point | None") -> None:
-        self.partition = partition
-        self.index = index
-        self.reach = reach
-        self.last = last
-        super().__init__(
-            f"{partition}: range {index} ended at {last} before the planned {reach}: "
-            "the log changed after it was planned"
-        )
+RANGE_QUEUE = 1000
+"""The receiver queue of a range task's log (messages; entries on pulsar-lite)."""
 
 
 class Point(NamedTuple):
@@ -220,13 +209,17 @@ class _RecordedSegment(Protocol):
 
 
 def plan_recorded(
-    partition: str, checkpoints: Sequence[_RecordedSegment], *, segments_per_range: int
+    partition: str, checkpoints: Sequence[_RecordedSegment], *, segments_per_range: int,
+    after: Point | None = None, after_index: int = 0,
 ) -> tuple[list[ReadRange], Point | None]:
     """Message-exact ranges over the recorded *full* segments (whole segments per range), and the
-    start of what follows them (``None`` when nothing is recorded).
+    start of what follows them (``None`` when nothing recorded can be used).
 
     Uses the recorded segments from 0 up to the first one without message ids (older records may
-    lack them); what follows is left to the layout planner.
+    lack them); what follows is left to the layout planner. With ``after`` (the position of the
+    last message already covered, e.g. a snapshot's) and ``after_index`` (how many messages that
+    is), the ranges start right after it: the rest of the segment it ends in (when recorded in
+    full) is a range of its own, then whole segments.
     """
     if segments_per_range < 1:
         raise BadInput(f"segments_per_range must be >= 1, not {segments_per_range!r}")
@@ -236,7 +229,19 @@ def plan_recorded(
             break
         usable.append(cp)
     ranges: list[ReadRange] = []
-    for j in range(0, len(usable), segments_per_range):
+    k0 = 0
+    if after is not None and after_index > 0:
+        if not usable:
+            return [], None
+        S = usable[0].segment_size
+        k0 = -(-after_index // S)  # the first segment that starts after the covered messages
+        if k0 > len(usable):
+            return [], None
+        if after_index % S:  # the rest of the segment the covered messages end in
+            reach = Point.of(usable[k0 - 1].last)  # type: ignore[arg-type]
+            ranges.append(ReadRange(partition, 0, after.next_message(), reach.next_message(), reach,
+                                    messages=k0 * S - after_index, first_index=after_index))
+    for j in range(k0, len(usable), segments_per_range):
         run = usable[j : j + segments_per_range]
         first, last = run[0], run[-1]
         reach = Point.of(last.last)  # type: ignore[arg-type]
@@ -246,6 +251,20 @@ def plan_recorded(
             first_index=first.segment * first.segment_size,
         ))
     return ranges, (ranges[-1].end if ranges else None)
+
+
+def clip_ranges(ranges: Sequence[ReadRange], until: Point) -> list[ReadRange]:
+    """The ranges cut after the message at ``until`` (inclusive; a bounded replay): later ranges
+    dropped, the one holding ``until`` ending after it (with no ``reach``: whether a message is at
+    ``until`` is the log's to say)."""
+    out: list[ReadRange] = []
+    for r in ranges:
+        if r.start > until:
+            break
+        if r.end > until.next_message():
+            r = dataclasses.replace(r, end=until.next_message(), reach=None, entries=None, messages=None)
+        out.append(r)
+    return out
 
 
 def split_layout(
@@ -441,126 +460,111 @@ def probe_layout(client: pulsar.Client, partition: str, *, start: Point | None =
     return spans
 
 
+Layout = Callable[[Point | None], list[LedgerSpan]]
+"""``layout(start)``: the ledgers of a partition holding entries at or after ``start`` (all: ``None``)."""
+
+
 def plan_partition(
     partition: str,
     *,
     client: pulsar.Client | None = None,
     admin_url: str | None = None,
+    layout: Layout | None = None,
     recorded: Sequence[_RecordedSegment] = (),
+    after: Point | None = None,
+    after_index: int = 0,
     target_ranges: int = 8,
     min_entries: int = 16,
 ) -> list[ReadRange]:
     """The ranges of one partition, in log order: recorded segments first (split into about
-    ``target_ranges`` runs), then what follows them, from ``internalStats`` when ``admin_url`` is
-    given, else probed through ``client``, split into about ``target_ranges`` ranges of at least
-    ``min_entries`` entries. Everything in the partition when this returns is covered."""
+    ``target_ranges`` runs), then what follows them, split into about ``target_ranges`` ranges of at
+    least ``min_entries`` entries. The layout of what follows comes from ``layout`` if given, else
+    from ``internalStats`` when ``admin_url`` is given, else probed through ``client``. With
+    ``after`` (and ``after_index``, the messages up to it), only what follows that message is
+    planned. Everything in the partition when this returns is covered."""
     if target_ranges < 1:
         raise BadInput(f"target_ranges must be >= 1, not {target_ranges!r}")
+    if layout is None:
+        if admin_url:
+            layout = lambda _start: layout_from_internal_stats(fetch_internal_stats(admin_url, partition))  # noqa: E731
+        elif client is not None:
+            layout = lambda start: probe_layout(client, partition, start=start)  # noqa: E731
+        else:
+            raise BadInput("planning needs a client (to probe), an admin URL (internalStats) or a layout")
     full = [cp for cp in recorded if cp.size == (cp.segment + 1) * cp.segment_size]
-    ranges, tail = plan_recorded(partition, full, segments_per_range=max(1, math.ceil(len(full) / target_ranges)))
-    if admin_url:
-        layout = layout_from_internal_stats(fetch_internal_stats(admin_url, partition))
-    elif client is not None:
-        layout = probe_layout(client, partition, start=tail)
-    else:
-        raise BadInput("planning needs a client (to probe) or an admin URL (internalStats)")
+    runs = max(1, math.ceil(max(0, len(full) - after_index // (full[0].segment_size if full else 1)) / target_ranges))
+    ranges, tail = plan_recorded(partition, full, segments_per_range=runs, after=after, after_index=after_index)
+    first_index: int | None = ranges[-1].first_index + ranges[-1].messages if ranges else after_index  # type: ignore[operator]
+    if tail is None and after is not None:
+        tail = after.next_message()
+    spans = layout(tail)
     if tail is not None:
-        layout = [sp for sp in layout if (sp.ledger, sp.first + sp.entries - 1) >= (tail.ledger, tail.entry)]
-    n = sum(sp.entries for sp in layout)
+        spans = [sp for sp in spans if (sp.ledger, sp.first + sp.entries - 1) >= (tail.ledger, tail.entry)]
+    n = sum(sp.entries for sp in spans)
     if n == 0:
         return ranges
     per = max(min_entries, math.ceil(n / target_ranges))
-    first_index = ranges[-1].first_index + ranges[-1].messages if ranges else 0  # type: ignore[operator]
-    return ranges + split_layout(partition, layout, entries_per_range=per, start=tail,
+    return ranges + split_layout(partition, spans, entries_per_range=per, start=tail,
                                  first_index=first_index, index=len(ranges))
 
 
 # --- reading -----------------------------------------------------------------------------------------
 
 
-class _SizedClient:
-    """A pulsar client whose readers get ``receiver_queue_size=queue`` (the log reader sizes its
-    queue for whole-topic reads; a range reader wants a smaller one, see :class:`RangeReader`)."""
-
-    def __init__(self, client: pulsar.Client, queue: int) -> None:
-        self._client = client
-        self._queue = queue
-
-    def create_reader(self, topic: str, start: Any, **kw: Any) -> pulsar.Reader:
-        kw["receiver_queue_size"] = self._queue
-        return self._client.create_reader(topic, start, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 class RangeReader:
-    """The messages of one :class:`ReadRange`, in log order, each message id once.
+    """The messages of one :class:`ReadRange`, in log order, each message id once: the source stage
+    (:class:`~chainfold.log.source.Source`) over the span ``[start, end)`` of the range's partition.
 
-    Iterating yields log entries (:class:`~chainfold.log.Entry` attributes: ``payload``,
-    ``message_id``, ...) at positions ``start <= p < end``; the first message at or past ``end`` is
-    read but not yielded. Afterwards :attr:`count` is the number yielded, :attr:`last` the last
-    message id, :attr:`redelivered` the redeliveries dropped, :attr:`reconnects` the broker
-    reconnections, and :attr:`complete` whether the read reached the range's planned end (a message
-    at or past ``end`` was seen, or the last message yielded is at or past ``reach``); with
-    ``strict`` (default) an incomplete read raises :class:`LogShorterThanPlanned` instead.
-
-    ``receiver_queue``: messages (Apache Pulsar) or entries (pulsar-lite counts permits per entry)
-    the broker may push ahead; whatever lies past ``end`` in the queue is read for nothing, so it is
-    kept small. The reader is non-durable and closed when iteration ends, however it ends.
+    Iterating yields log entries; :meth:`batches` yields them in lists of at most ``batch_size``.
+    Afterwards :attr:`count` is the number yielded, :attr:`last` the last position, and
+    :attr:`redelivered` the redeliveries dropped (:attr:`reconnects`: broker reconnections); :attr:`complete` says whether the read reached
+    the range's planned ``reach`` (a range without one is complete however little it held); with
+    ``strict`` (default) an incomplete read raises :class:`LogShorterThanPlanned` instead. A broker
+    that goes away is retried by the log's reader, then :class:`~chainfold.errors.BrokerUnavailable`
+    (which fails the task, so that Spark retries it from its fixed start).
     """
 
-    def __init__(self, client: pulsar.Client, rng: ReadRange, *, strict: bool = True,
-                 receiver_queue: int = _DEFAULT_QUEUE, retry_seconds: float | None = None) -> None:
+    def __init__(self, elog: EventLog, rng: ReadRange, *, strict: bool = True, batch_size: int = DEFAULT_BATCH) -> None:
+        self.elog = elog
         self.rng = rng
         self.strict = strict
+        self.batch_size = batch_size
         self.count = 0
-        self.last: MessageId | None = None
+        self.last: Any = None
         self.redelivered = 0
         self.reconnects = 0
         self.complete = False
-        self._client = _SizedClient(client, max(1, receiver_queue))
-        self._retry = _retry_seconds() if retry_seconds is None else retry_seconds
 
-    def __iter__(self) -> Iterator[_PulsarEntry]:
+    def _position(self, point: Point) -> Any:
+        p = partition_index(self.rng.partition)
+        return self.elog.position(f"{point.ledger}:{point.entry}:{p}:{point.batch}")
+
+    def batches(self) -> Iterator[list[Entry]]:
         rng = self.rng
-        p = partition_index(rng.partition)
-        src = _PulsarReader(self._client, rng.partition, self._retry,  # type: ignore[arg-type]
-                            start=MessageId(rng.start.ledger, rng.start.entry, p, rng.start.batch))
-        end = rng.end.native(p)._msg_id
-        count = 0
-        last = None
+        source = Source(self.elog, Span(rng.partition, start=self._position(rng.start), before=self._position(rng.end)),
+                        batch_size=self.batch_size)
         try:
-            for entry in src:
-                mid = entry[2]  # the native message id (see _PulsarEntry): compared without a Python tuple
-                if mid >= end:
-                    self.complete = True
-                    break
-                last = mid
-                count += 1
-                yield entry
+            yield from source
         finally:
-            src.close()
-            self.count = count
-            self.redelivered = src.redelivered
-            self.reconnects = src.reconnects
-            if last is not None:
-                self.last = MessageId(last.ledger_id(), last.entry_id(), last.partition(), last.batch_index())
-        if not self.complete:
-            self.complete = rng.reach is None or (self.last is not None and Point.of(self.last) >= rng.reach)
-            if not self.complete and self.strict:
-                raise LogShorterThanPlanned(rng.partition, rng.index, rng.reach,
-                                            Point.of(self.last) if self.last else None)
+            self.count, self.last, self.redelivered = source.read, source.last, source.redelivered
+            self.reconnects = source.reconnects
+        reach = rng.reach
+        self.complete = reach is None or (self.last is not None and Point.of(str(self.last)) >= reach)
+        if not self.complete and self.strict:
+            raise LogShorterThanPlanned(rng.partition, rng.index, reach,
+                                        Point.of(str(self.last)) if self.last is not None else None)
+
+    def __iter__(self) -> Iterator[Entry]:
+        for batch in self.batches():
+            yield from batch
 
 
 @contextlib.contextmanager
-def open_range(broker: BrokerOptions, rng: ReadRange, **kw: Any) -> Iterator[RangeReader]:
-    """A :class:`RangeReader` on a connection of its own to ``broker`` (whose ``service_url`` must
-    be set: a task never starts an embedded broker), closed on exit."""
-    if not broker.service_url:
-        raise BadInput("a range is read from a broker given by URL (resolve the embedded one first)")
-    client = connect(broker)
+def open_range(open_log: Callable[[], EventLog], rng: ReadRange, **kw: Any) -> Iterator[RangeReader]:
+    """A :class:`RangeReader` on a log of its own (``open_log()``, e.g. a
+    :class:`~chainfold.engines.pool.PulsarSource`: a connection of the task's own), closed on exit."""
+    elog = open_log()
     try:
-        yield RangeReader(client, rng, **kw)
+        yield RangeReader(elog, rng, **kw)
     finally:
-        client.close()
+        elog.close()

@@ -243,6 +243,31 @@ class ChainBuilder:
             return None
         return self._close()
 
+    def add_range(self, part: CompactRange, first: object = None, last: object = None,
+                  last_leaf: bytes | None = None) -> Checkpoint | None:
+        """Add the next entries as their compact range (hashed elsewhere, e.g. by a Spark task):
+        ``part`` must begin at :attr:`size` and stay inside the current segment
+        (:class:`~chainfold.errors.InvalidArgument` otherwise); ``first``/``last`` as for
+        :meth:`add_leaves`, ``last_leaf`` the leaf hash of the last entry. The result is the one
+        :meth:`add_leaves` gives for the same entries."""
+        n = part.size
+        if not n:
+            return None
+        if part.begin != self._size:
+            raise InvalidArgument(f"a range beginning at {part.begin} does not continue the chain at {self._size}")
+        in_seg = self._size & self._mask
+        if n > self._segment_size - in_seg:
+            raise InvalidArgument(f"{n} entries do not fit in the {self._segment_size - in_seg} left in the segment")
+        if not in_seg:
+            self._first = first
+        self._last = last
+        self._last_leaf = last_leaf
+        self._seg.merge(part)
+        self._size += n
+        if self._size & self._mask:
+            return None
+        return self._close()
+
     def add_leaf(self, leaf_hash: bytes, message_id: object = None) -> Checkpoint | None:
         """Add the next entry by its leaf hash (32 bytes, not checked); its segment's checkpoint
         if it completes it."""

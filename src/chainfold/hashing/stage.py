@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import SegmentSizeMismatch
 from ..log import Entry, EventLog, Position
 from ..log.source import Source, Span
+from ..merkle import CompactRange
 from .chain import ChainBuilder, Checkpoint
 from .record import Mismatch, PartitionRecord, RecordCheck, RecordWriter, open_record
 
-__all__ = ["DEFAULT_SEGMENT_SIZE", "leaf_hashes", "HashStage", "PartitionScan", "topic_head", "positions_at"]
+__all__ = ["DEFAULT_SEGMENT_SIZE", "leaf_hashes", "HashStage", "PartitionScan", "topic_head", "positions_at", "Piece",
+           "PieceStage"]
 
 log = logging.getLogger("chainfold.hashing.stage")
 
@@ -187,6 +190,116 @@ class HashStage:
                 self.writer.provisional(pending, self.seg_leaves)
             scan.recorded_new = self.writer.written
         return scan
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Entries ``[begin, end)`` of one partition, all inside one segment, hashed elsewhere (a Spark
+    task): the roots of their compact range (:attr:`CompactRange.hashes`), the message ids of the
+    first and last of them, the last one's leaf hash, and, when the record needs them (segments it
+    does not hold yet), every leaf hash (32 bytes each, concatenated)."""
+
+    begin: int
+    end: int
+    hashes: tuple[bytes, ...]
+    first: str
+    last: str
+    last_leaf: bytes
+    leaves: bytes | None = None
+
+    @classmethod
+    def of(cls, leaves: Sequence[bytes], begin: int, first: str, last: str, *, carry: bool) -> Piece:
+        """The piece of ``leaves`` (leaf hashes of entries ``begin, begin + 1, ...``)."""
+        cr = CompactRange(begin)
+        cr.extend(list(leaves))
+        return cls(begin, begin + len(leaves), tuple(cr.hashes), first, last, leaves[-1],
+                   b"".join(leaves) if carry else None)
+
+    def compact(self) -> CompactRange:
+        return CompactRange.from_hashes(self.begin, self.end, self.hashes)
+
+    def leaf_list(self) -> list[bytes]:
+        data = self.leaves or b""
+        return [data[i : i + 32] for i in range(0, len(data), 32)]
+
+
+class _Lazy(Sequence[Any]):
+    """A sequence of known length whose items are loaded on first access (``load()``)."""
+
+    def __init__(self, n: int, load: Callable[[], Sequence[Any]]) -> None:
+        self._n = n
+        self._load = load
+        self._items: Sequence[Any] | None = None
+
+    def _get(self) -> Sequence[Any]:
+        if self._items is None:
+            self._items = self._load()
+        return self._items
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._get()[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._get())
+
+
+class PieceStage(HashStage):
+    """The hash stage fed with :class:`Piece` values instead of entries (the Spark engine's driver:
+    tasks hash, this merges). Contract as :class:`HashStage`, with :meth:`feed_piece` for
+    :meth:`~HashStage.feed`: every piece from the chain's position on, in order. Checks against the
+    record and recording are the local stage's; where they need a segment's leaf hashes or entries
+    that no piece carried (naming the first entry of a segment that differs from its record), the
+    segment is read again from the log, here."""
+
+    elog: EventLog
+
+    @classmethod
+    def open(cls, elog: EventLog, partition: str, **kw: Any) -> PieceStage:  # type: ignore[override]
+        stage = super().open(elog, partition, **kw)
+        stage.elog = elog
+        stage.parts: list[Any] = []  # the current segment: ([leaves], [entries]) read again at open, then pieces
+        if stage.seg_leaves:
+            stage.parts.append((stage.seg_leaves, stage.seg_entries))
+        return stage  # type: ignore[return-value]
+
+    def feed_piece(self, piece: Piece) -> Checkpoint | None:
+        """Add the next piece; the checkpoint of the segment it completes, if it does."""
+        self.parts.append(piece)
+        cp = self.chain.add_range(piece.compact(), piece.first, piece.last, piece.last_leaf)
+        if cp is not None:
+            self._materialize()
+            self._close(cp)
+            self.parts = []
+        return cp
+
+    def _materialize(self) -> None:
+        """Make :attr:`seg_leaves` and :attr:`seg_entries` the current segment's, lazily read
+        again from the log where no piece carried them."""
+        parts = self.parts
+        count = sum(len(p[0]) if isinstance(p, tuple) else p.end - p.begin for p in parts)
+        first = None
+        if parts:
+            first = str(parts[0][1][0].message_id) if isinstance(parts[0], tuple) else parts[0].first
+        again = _Lazy(count, lambda: self._reread(first, count))
+        if all(isinstance(p, tuple) or p.leaves is not None for p in parts):
+            self.seg_leaves = [h for p in parts for h in (p[0] if isinstance(p, tuple) else p.leaf_list())]
+        else:
+            self.seg_leaves = _Lazy(count, lambda: [leaf for leaf, _ in again])  # type: ignore[assignment]
+        self.seg_entries = _Lazy(count, lambda: [e for _, e in again])  # type: ignore[assignment]
+
+    def _reread(self, first: str | None, count: int) -> list[tuple[bytes, Entry]]:
+        entries: list[Entry] = []
+        if first is not None:
+            for batch in Source(self.elog, Span(self.scan.partition, start=self.elog.position(first), limit=count)):
+                entries.extend(batch)
+        return list(zip(leaf_hashes(entries), entries))
+
+    def finish(self, source: Any = None, *, read_to_end: bool = True) -> PartitionScan:
+        self._materialize()
+        return super().finish(source, read_to_end=read_to_end)
 
 
 def _reread_segment(elog: EventLog, partition: str, chain: ChainBuilder) -> tuple[list[bytes], list[Entry]] | None:

@@ -14,8 +14,9 @@ Reading contract (every implementation):
   :attr:`LogReader.redelivered`;
 * ``after`` resumes strictly after a message id, ``start`` at one (inclusive); ``until`` stops after
   the entry with that id (inclusive): no entry past it is ever yielded, so ``until`` at or before
-  ``after`` yields nothing; ``until_time`` stops before the first entry published later than that
-  time (ms), ``limit`` after that many entries;
+  ``after`` yields nothing; ``before`` stops at the first entry at or past that position (exclusive:
+  a fixed range ``[start, before)``); ``until_time`` stops before the first entry published later
+  than that time (ms), ``limit`` after that many entries;
 * reading ends at the end of the log as the broker sees it while reading.
 """
 
@@ -135,6 +136,7 @@ class LogReader:
         after: MessageId | None = None,
         start: MessageId | None = None,
         until: MessageId | None = None,
+        before: MessageId | None = None,
         until_time: int | None = None,
         limit: int | None = None,
     ) -> None:
@@ -143,6 +145,7 @@ class LogReader:
         self.after = after
         self.start = start
         self.until = until
+        self.before = before
         self.until_time = until_time
         self.limit = limit
         self.redelivered = 0
@@ -159,6 +162,7 @@ class LogReader:
         after = self.after.position if self.after is not None else None
         start = self.start.position if self.start is not None else None
         until = self.until.position if self.until is not None else None
+        before = self.before.position if self.before is not None else None
         until_time = self.until_time
         limit = self.limit
         last = after
@@ -175,6 +179,8 @@ class LogReader:
                 if start is not None and pos < start:
                     continue
                 if until is not None and pos > until:  # also when ``until`` lies at or before ``after``
+                    return
+                if before is not None and pos >= before:
                     return
                 if until_time is not None and entry.publish_time > until_time:
                     return
@@ -207,6 +213,7 @@ class EventLog(ABC):
         after: Position | None = None,
         start: Position | None = None,
         until: Position | None = None,
+        before: Position | None = None,
         until_time: int | None = None,
         limit: int | None = None,
     ) -> LogReader:

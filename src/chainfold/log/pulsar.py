@@ -111,9 +111,11 @@ class _PulsarReader(LogReader):
     one closed without ever dispatching to it.
     """
 
-    def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float, **kw: object) -> None:
+    def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float, *,
+                 receiver_queue: int | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self._client = client
+        self._queue = receiver_queue
         self._topic = topic
         self._partition = partition_index(topic)
         self._retry = retry_seconds
@@ -150,6 +152,8 @@ class _PulsarReader(LogReader):
         else:
             start, inclusive = pulsar.MessageId.earliest, False
         queue = _RECEIVER_QUEUE if self.limit is None else max(100, min(self.limit, _RECEIVER_QUEUE))
+        if self._queue is not None:
+            queue = self._queue
         self._reader = self._client.create_reader(
             self._topic, start, receiver_queue_size=queue, start_message_id_inclusive=inclusive
         )
@@ -232,6 +236,7 @@ class _PulsarReader(LogReader):
         p = self._partition
         start = _native(self.start, p)
         until = _native(self.until, p)
+        before = _native(self.before, p)
         until_time = self.until_time
         limit = self.limit
         if limit is not None and limit <= 0:
@@ -273,6 +278,8 @@ class _PulsarReader(LogReader):
                         if start is not None and mid < start:
                             continue
                         if until is not None and mid > until:  # also when ``until`` is at or before ``after``
+                            return
+                        if before is not None and mid >= before:
                             return
                         if until_time is not None and m.publish_timestamp() > until_time:
                             return
@@ -318,7 +325,13 @@ class _PulsarReader(LogReader):
 
 
 class PulsarLog(EventLog):
-    """An event log on a Pulsar topic, through a ``pulsar.Client`` the caller owns."""
+    """An event log on a Pulsar topic, through a ``pulsar.Client`` the caller owns.
+
+    ``receiver_queue`` sets how many messages (Apache Pulsar) or entries (pulsar-lite counts permits
+    per entry) a reader may have pushed ahead of it; by default a whole-topic reader gets a large
+    queue (pulsar-lite re-delivers far more with small ones), and a reader of a short fixed range
+    (a Spark task's) wants a small one, since whatever lies past its end is read for nothing.
+    """
 
     def __init__(
         self,
@@ -328,8 +341,10 @@ class PulsarLog(EventLog):
         producer_name: str | None = None,
         exclusive: bool = False,
         retry_seconds: float | None = None,
+        receiver_queue: int | None = None,
     ) -> None:
         self.client = client
+        self.receiver_queue = receiver_queue
         self.topic = full_topic_name(topic)
         self.producer_name = producer_name
         self.exclusive = exclusive
@@ -354,7 +369,7 @@ class PulsarLog(EventLog):
             partition = parts[0]
         elif partition not in parts:
             raise BadInput(f"no partition {partition!r} in {self.topic}")
-        return _PulsarReader(self.client, partition, self.retry_seconds, **kw)
+        return _PulsarReader(self.client, partition, self.retry_seconds, receiver_queue=self.receiver_queue, **kw)
 
     def producer(self) -> pulsar.Producer:
         """The topic's batching producer (created on first use)."""

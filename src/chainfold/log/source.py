@@ -28,7 +28,8 @@ DEFAULT_BATCH = 1024
 @dataclass(frozen=True)
 class Span:
     """Which entries of ``partition``: from the start, or strictly ``after`` one position, or from
-    ``start`` (inclusive); up to ``until`` (inclusive), or before the first entry published after
+    ``start`` (inclusive); up to ``until`` (inclusive), or ``before`` a position (exclusive: the
+    first entry at or past it ends the span), or before the first entry published after
     ``until_time`` (ms), or ``limit`` entries; otherwise to the end of the log as it is when the
     reader gets there. With ``follow``, the end of the log is not the end: the source waits for
     more (``watch``) until it is stopped."""
@@ -37,6 +38,7 @@ class Span:
     after: Position | None = None
     start: Position | None = None
     until: Position | None = None
+    before: Position | None = None
     until_time: int | None = None
     limit: int | None = None
     follow: bool = False
@@ -44,13 +46,14 @@ class Span:
     def __post_init__(self) -> None:
         if self.after is not None and self.start is not None:
             raise InvalidArgument("a span starts either after a position or at one, not both")
-        if self.follow and (self.until is not None or self.until_time is not None or self.limit is not None):
+        if self.follow and self.bounded:
             raise InvalidArgument("a span that follows the log has no end")
 
     @property
     def bounded(self) -> bool:
         """Whether the span stops before the end of the log (so entries after it are not gone)."""
-        return self.until is not None or self.until_time is not None or self.limit is not None
+        return (self.until is not None or self.before is not None or self.until_time is not None
+                or self.limit is not None)
 
 
 class Source:
@@ -58,8 +61,9 @@ class Source:
 
     Contract: iterating yields non-empty lists of entries of the span's partition, in log order,
     each message id at most once (the log's reader drops redeliveries, docs/formats.md), until the span
-    ends; then :attr:`read` entries were yielded, :attr:`last` is the position of the last one and
-    :attr:`redelivered` counts the redeliveries dropped. A span that ``follow``\\ s the log polls
+    ends; then :attr:`read` entries were yielded, :attr:`last` is the position of the last one,
+    :attr:`redelivered` counts the redeliveries dropped and :attr:`reconnects` the times the reader
+    reconnected to a broker that went away. A span that ``follow``\\ s the log polls
     every ``poll_seconds`` once it reaches the end, and ends when :meth:`stop` is called. Broker
     failures surface as :class:`~chainfold.errors.BrokerUnavailable` (the reader retries first).
     """
@@ -75,6 +79,7 @@ class Source:
         self.read = 0
         self.last: Position | None = None
         self.redelivered = 0
+        self.reconnects = 0
         self._stopped = threading.Event()
 
     def stop(self) -> None:
@@ -83,7 +88,7 @@ class Source:
 
     def _reader(self, span: Span) -> LogReader:
         return self.elog.read(span.partition, after=span.after, start=span.start, until=span.until,
-                              until_time=span.until_time, limit=span.limit)
+                              before=span.before, until_time=span.until_time, limit=span.limit)
 
     def __iter__(self) -> Iterator[list[Entry]]:
         span = self.span
@@ -98,6 +103,7 @@ class Source:
                     yield batch
             finally:
                 self.redelivered += reader.redelivered
+                self.reconnects += getattr(reader, "reconnects", 0)
                 reader.close()
             if not span.follow or self._stopped.wait(self.poll_seconds):
                 return

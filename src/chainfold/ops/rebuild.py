@@ -403,11 +403,12 @@ class RebuildRun:
         after = self.plan.elog.position(pos.message_id) if pos is not None and pos.message_id else None
         return chain, after
 
-    def hash_stage(self, p: str) -> HashStage:
-        """The hash stage of partition ``p``'s pass (records only a rebuild that reads to the end)."""
+    def hash_stage(self, p: str, stage: type[HashStage] = HashStage) -> HashStage:
+        """The hash stage of partition ``p``'s pass (records only a rebuild that reads to the end);
+        ``stage`` may be a subclass (the distributed engine's :class:`~chainfold.hashing.stage.PieceStage`)."""
         chain, _ = self.start_of(p)
-        return HashStage.open(self.plan.elog, p, record=self.plan.records[p], chain=chain,
-                              segment_size=self.plan.segment_size, write=not self.plan.options.bounded)
+        return stage.open(self.plan.elog, p, record=self.plan.records[p], chain=chain,
+                          segment_size=self.plan.segment_size, write=not self.plan.options.bounded)
 
     def source(self, p: str) -> Source:
         opts = self.plan.options

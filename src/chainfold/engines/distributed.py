@@ -1,0 +1,504 @@
+"""The driver of a distributed replay (``--engine spark``): plan, run the stages' heavy parts as
+tasks on a :class:`~chainfold.engines.cluster.Cluster`, and assemble the result with the local
+engine's own code, so that reports, state exports, recorded checkpoints and snapshots are the local
+engine's, byte for byte (timings aside).
+
+What runs where
+---------------
+1. **Plan** (here): the local plan (records, lost history, the snapshot to start from:
+   :func:`~chainfold.ops.rebuild.plan_rebuild`), then each partition's fixed read ranges from where
+   its pass starts (:mod:`.spark_io`: recorded segments are free, the rest probed or from
+   ``internalStats``).
+2. **Read, hash, decode** (tasks, one per range): :func:`~chainfold.engines.tasks.read_chunk`. The
+   cluster keeps the chunks; the driver learns each one's entry count, and so where each begins in
+   its partition (prefix sums: entry-level ranges cannot know it before they are read).
+3. **Dedup** (a shuffle by event id): an id's first entry in log order wins; its later entries, and
+   every entry of an id the starting snapshot had folded, are the duplicates.
+4. **Fold** (a shuffle by stream, each stream's events sorted by log position): the model, loaded by
+   name in each executor, folds one stream at a time with the fold stage and its
+   ``--on-model-error`` policy; each stream's state at every stop the driver will snapshot at, its
+   skipped events and its ``seq`` evidence come back.
+5. **Assemble** (here, the chunks streamed back in log order): each chunk's compact ranges
+   (:class:`~chainfold.hashing.stage.Piece`, cut at segment bounds and stops) go into the local hash
+   stage (:class:`~chainfold.hashing.stage.PieceStage`: segment roots, chained heads, checked
+   against and written into the record by the local code); event ids go into the decode stage's
+   seen ids exactly as the local decode stage feeds them (same batches), which is what a snapshot
+   stores; at each stop the local snapshot sink writes the snapshot. The local engine takes its
+   snapshots at the same entry counts, so the files hold the same bytes (``created`` aside).
+
+What differs from the local engine, and why results do not: events are folded per stream in
+executors instead of all streams in one loop (a stream's state depends only on its own events in
+log order, and the fold stage applies the same policies per stream); dedup is a shuffle instead of a
+set (first entry in log order wins either way, and the driver's seen ids, fed in the local order,
+must agree with it or the job fails); hashing is split into per-range compact ranges merged here
+(RFC 9162 subtrees merge exactly; a segment root is the merge of its pieces).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import ModelError, WorkerFailed
+from ..hashing.chain import Checkpoint
+from ..hashing.record import PartitionRecord
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE, PartitionScan, Piece, PieceStage
+from ..log import EventLog, Position
+from ..log.source import DEFAULT_BATCH
+from ..ops.rebuild import RebuildOptions, RebuildResult, RebuildRun, plan_rebuild
+from ..ops.verify import VerifyOptions, VerifyReport, conclude_partition, prepare_record, snapshot_probes
+from ..replay.decode import Decoder, Duplicate, Malformed
+from ..replay.fold import OnModelError
+from ..replay.model import Model, load_model
+from ..store.snapshots import PartitionPosition
+from .cluster import Cluster, Chunks
+from .spark_io import Point, ReadRange, clip_ranges
+from .tasks import (GPOS_SHIFT, Assembly, Chunk, ChunkSummary, StreamResult, assemble, dedup_pairs, fold_items,
+                    fold_streams, gpos, read_chunk)
+
+__all__ = ["Planner", "Distribution", "distributed_rebuild", "distributed_verify", "distributed_scan",
+           "DistributedRebuild"]
+
+log = logging.getLogger("chainfold.engines.distributed")
+
+_NEVER = 1 << 62
+_LOW = (1 << GPOS_SHIFT) - 1
+
+
+class Planner(Protocol):
+    """Plans one partition's read ranges (:func:`~chainfold.engines.spark_io.plan_partition` with a
+    way to see the partition's layout): from the start, or after ``after`` (a position covering
+    ``after_index`` entries); ``recorded`` are the partition's recorded checkpoints."""
+
+    def __call__(self, partition: str, *, recorded: Sequence[Checkpoint], after: Point | None, after_index: int,
+                 target_ranges: int) -> list[ReadRange]: ...
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """How a distributed replay runs: on ``cluster``; tasks open the log with ``open_log`` (a
+    picklable callable, e.g. :class:`~chainfold.engines.pool.PulsarSource`: each task a connection
+    of its own); ``planner`` plans the ranges, about ``ranges_per_slot`` per task slot of the cluster
+    (at least ``min_entries`` entries each)."""
+
+    cluster: Cluster
+    open_log: Callable[[], EventLog]
+    planner: Planner
+    ranges_per_slot: int = 4
+
+    def target_ranges(self, partitions: int) -> int:
+        return max(1, -(-self.cluster.parallelism * self.ranges_per_slot // max(1, partitions)))
+
+
+# --- the read: chunks and where each begins ---------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """One partition's share of a read: its pass starts at entry ``start``; its ranges, and for each
+    where it begins and how many of its entries the replay uses (all, unless a time bound ends it)."""
+
+    pi: int
+    name: str
+    start: int
+    ranges: list[ReadRange]
+    begins: list[int] = field(default_factory=list)
+    used: list[int] = field(default_factory=list)
+    last: str | None = None
+    redelivered: int = 0
+
+    @property
+    def read(self) -> int:
+        return sum(self.used)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.read
+
+
+class _Totals:
+    """What a partition's pass read, as :meth:`~chainfold.hashing.stage.HashStage.finish` asks a source."""
+
+    def __init__(self, read: int, last: Position | None, redelivered: int) -> None:
+        self.read, self.last, self.redelivered = read, last, redelivered
+
+
+class _Read:
+    """The chunks of every range (:func:`~chainfold.engines.tasks.read_chunk`, in tasks) and where
+    each begins in its partition (from the counts of the chunks before it)."""
+
+    def __init__(self, dist: Distribution, parts: list[_Part], *, decode: bool, until_time: int | None = None) -> None:
+        self.parts = parts
+        tasks = [functools.partial(read_chunk, dist.open_log, rng, p.pi, ri, decode_events=decode, until_time=until_time)
+                 for p in parts for ri, rng in enumerate(p.ranges)]
+        self.chunks: Chunks = dist.cluster.read(tasks)
+        summaries: list[ChunkSummary] = self.chunks.collect(Chunk.summary)
+        by_part: dict[int, list[ChunkSummary]] = {}
+        for s in summaries:
+            by_part.setdefault(s.pi, []).append(s)
+        for p in parts:
+            b, ended = p.start, False
+            for s in sorted(by_part.get(p.pi, []), key=lambda s: s.ri):
+                n = 0 if ended else (s.count if s.late is None else s.late)
+                ended = ended or s.late is not None
+                p.begins.append(b)
+                p.used.append(n)
+                b += n
+                p.redelivered += s.redelivered
+                if n:
+                    p.last = s.last
+        self.where = {(p.pi, ri): (b, n) for p in parts for ri, (b, n) in enumerate(zip(p.begins, p.used))}
+
+    def release(self) -> None:
+        self.chunks.release()
+
+
+def _plan_parts(dist: Distribution, parts: Sequence[str], starts: dict[str, tuple[int, Position | None]],
+                recorded: dict[str, list[Checkpoint]], until: Position | None = None) -> list[_Part]:
+    """Every partition's ranges from where its pass starts (``starts``: entries covered and the
+    position of the last of them), cut after ``until``."""
+    target = dist.target_ranges(len(parts))
+    out = []
+    for pi, p in enumerate(parts):
+        index, after = starts.get(p, (0, None))
+        ranges = dist.planner(p, recorded=recorded.get(p, []), after=Point.of(str(after)) if after is not None else None,
+                              after_index=index, target_ranges=target)
+        if until is not None:
+            ranges = clip_ranges(ranges, Point.of(str(until)))
+        out.append(_Part(pi, p, index, ranges))
+    return out
+
+
+def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bool, id_leaves: bool) -> Assembly:
+    """The task that assembles one chunk (see :func:`~chainfold.engines.tasks.assemble`): where it
+    begins from ``where``, its partition's segment size, stops and first unrecorded index from
+    ``layout``, the duplicates' positions from ``duplicates`` (shared values)."""
+    begin, used = where.value[(chunk.pi, chunk.ri)]
+    segment_size, cuts, carry_from = layout.value[chunk.pi]
+    return assemble(chunk, begin, used, segment_size, cuts, carry_from, duplicates=duplicates.value if duplicates else (),
+                    ids=ids, id_leaves=id_leaves)
+
+
+def _in_run(fn: Callable[..., Any], where: Any) -> Callable[[Chunk], Any]:
+    """``fn(chunk, begin, used, ...)`` for a chunk, with where it begins from ``where`` (shared)."""
+
+    def call(chunk: Chunk) -> Any:
+        begin, used = where.value[(chunk.pi, chunk.ri)]
+        return fn(chunk, begin, used)
+
+    return call
+
+
+def _fold_inputs(chunk: Chunk, where: Any, duplicates: Any) -> Any:
+    begin, used = where.value[(chunk.pi, chunk.ri)]
+    return fold_items(chunk, begin, used, duplicates.value)
+
+
+# --- the driver's decode bookkeeping ---------------------------------------------------------------
+
+
+class _SeenFeeder:
+    """Feeds event ids to the driver's decode stage (its seen ids) the way the local decode stage
+    does: one ``add_new`` per batch of the local pass (``DEFAULT_BATCH`` entries from the pass start,
+    cut at the stops), with every well-formed event of the batch, duplicates included; a batch
+    without events makes no call. ``on_result(item, first)`` hears each answer."""
+
+    def __init__(self, decoder: Decoder, start: int, stops: Sequence[int],
+                 on_result: Callable[[tuple[Any, ...], bool], None]) -> None:
+        self.decoder = decoder
+        self.start = start
+        self.stops = stops
+        self.on_result = on_result
+        self.pending: list[tuple[Any, ...]] = []
+        self.batch_end = self._end_of(start)
+
+    def _end_of(self, index: int) -> int:
+        return _batch_end(self.start, self.stops, index)
+
+    def add(self, item: tuple[Any, ...]) -> None:
+        """``item`` = ``(index, event id, ...)``, in log order."""
+        if item[0] >= self.batch_end:
+            self.flush()
+            self.batch_end = self._end_of(item[0])
+        self.pending.append(item)
+
+    def flush(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            for item, first in zip(batch, self.decoder.seen.add_new([it[1] for it in batch])):
+                self.on_result(item, first)
+
+
+# --- rebuild -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    """The fold's results gathered: states at each stop, final states, the first error."""
+
+    results: list[StreamResult]
+    cuts: list[int]
+    at_cut: list[list[tuple[str, Any]]] = field(default_factory=list)
+    error: tuple[int, ModelError] | None = None
+
+    def __post_init__(self) -> None:
+        self.at_cut = [[] for _ in self.cuts]
+        for r in self.results:
+            for j, dumped in r.cut_states:
+                self.at_cut[j].append((r.stream, dumped))
+            if r.error is not None and (self.error is None or r.error[0] < self.error[0]):
+                self.error = r.error
+
+
+class DistributedRebuild:
+    """One rebuild on a cluster (see the module doc): :meth:`run` returns the local engine's
+    :class:`~chainfold.ops.rebuild.RebuildResult`, or raises its :class:`ModelError`."""
+
+    def __init__(self, dist: Distribution, elog: EventLog, model_ref: str, options: RebuildOptions, *,
+                 on_error: OnModelError = "stop", on_progress: Callable[[int], None] | None = None) -> None:
+        self.dist = dist
+        self.model_ref = model_ref
+        self.model: Model = load_model(model_ref)
+        self.on_error = on_error
+        self.plan = plan_rebuild(elog, self.model, options)
+        self.run_ = RebuildRun(self.plan, on_progress)
+        self.on_progress = on_progress
+
+    @property
+    def options(self) -> RebuildOptions:
+        return self.plan.options
+
+    def _parts(self) -> list[_Part]:
+        starts = {}
+        for p in self.plan.parts:
+            chain, after = self.run_.start_of(p)
+            starts[p] = (chain.size if chain is not None else 0, after)
+        return _plan_parts(self.dist, self.plan.parts, starts, self.plan.recorded, self.options.until)
+
+    def _stops(self, part: _Part) -> list[int]:
+        """Where the local pass over ``part`` takes its periodic snapshots (entry indexes)."""
+        every = self.options.snapshot_every
+        if self.run_.sink is None or every <= 0:
+            return []
+        return [part.start + n for n in range(every, part.read + 1, every)]
+
+    def run(self) -> RebuildResult:
+        parts = self._parts()
+        read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
+        try:
+            return self._run(read)
+        finally:
+            read.release()
+
+    def _run(self, read: _Read) -> RebuildResult:
+        cluster, plan = self.dist.cluster, self.plan
+        stops = {p.pi: self._stops(p) for p in read.parts}
+        cuts = sorted(gpos(pi, c) for pi, cs in stops.items() for c in cs)
+        where = cluster.share(read.where)
+        snap = plan.snapshot
+        repeated = read.chunks.repeated(_in_run(dedup_pairs, where), snap.seen if snap is not None else ())
+        losers = cluster.share(frozenset(g for _, positions in repeated for g in positions[1:] if g >= 0))
+        start = []
+        if snap is not None:
+            only = self.options.streams
+            start = [(s, -1, ("state", v)) for s, v in snap.states.items() if only is None or s in only]
+        fold = functools.partial(fold_streams, model_ref=self.model_ref, on_error=self.on_error, cuts=cuts,
+                                 streams=self.options.streams)
+        outcome = _Outcome(read.chunks.fold(functools.partial(_fold_inputs, where=where, duplicates=losers), start,
+                                            fold), cuts)
+        stages = {p.pi: self.run_.hash_stage(p.name, PieceStage) for p in read.parts}
+        ends = {p.pi: p.end for p in read.parts}
+        if outcome.error is not None:  # the local pass stops at the end of the batch holding the failing entry
+            g = outcome.error[0]
+            part = read.parts[g >> GPOS_SHIFT]
+            ends[part.pi] = min(_batch_end(part.start, stops[part.pi], g & _LOW), part.end)
+        layout = cluster.share({p.pi: (stages[p.pi].chain.segment_size, sorted(set(stops[p.pi]) | {ends[p.pi]}),
+                                       _carry_from(stages[p.pi])) for p in read.parts})
+        need_ids = self.run_.sink is not None or snap is not None
+        items = read.chunks.stream(functools.partial(_assembly_of, where=where, layout=layout, duplicates=losers,
+                                                     ids=need_ids, id_leaves=False))
+        self._assemble(read, items, stages, stops, ends, outcome)
+        return self.run_.finish()
+
+    def _assemble(self, read: _Read, items: Iterator[Assembly], stages: dict[int, PieceStage],
+                  stops: dict[int, list[int]], ends: dict[int, int], outcome: _Outcome) -> None:
+        """The local pass, partition after partition, from the tasks' pieces and events."""
+        run, model = self.run_, self.model
+        decoder = run.folder.decoder
+        states = run.folder.fold.states
+        error = outcome.error
+        cut_no = 0
+        done = 0
+        for part in read.parts:
+            if error is not None and part.pi > error[0] >> GPOS_SHIFT:
+                break
+            stage = stages[part.pi]
+            end = ends[part.pi]
+            failing = error is not None and part.pi == error[0] >> GPOS_SHIFT
+            snap_until = error[0] & _LOW if failing else end  # type: ignore[index]
+            expected: set[int] = set()
+
+            def answered(item: tuple[Any, ...], first: bool, _expected: set[int] = expected) -> None:
+                if first == (item[0] in _expected):
+                    raise WorkerFailed(f"the distributed dedup and the seen ids disagree on event {item[1]!r} at "
+                                       f"entry {item[0]}: a bug; rerun with --engine local")
+
+            feeder = _SeenFeeder(decoder, part.start, stops[part.pi], answered)
+            for _ in part.ranges:
+                a = next(items)
+                expected.update(i for i, _, _ in a.duplicates)
+                ids, bad, dups = _Queue(a.ids or []), _Queue(a.malformed), _Queue(a.duplicates)
+                for piece in a.pieces:
+                    if piece.begin >= end:
+                        break
+                    stage.feed_piece(piece)
+                    for item in ids.upto(piece.end):
+                        feeder.add(item)
+                    decoder.malformed.extend(Malformed(i, m, r) for i, m, r in bad.upto(piece.end))
+                    decoder.duplicates.extend(Duplicate(i, m, e) for i, m, e in dups.upto(piece.end))
+                    while cut_no < len(outcome.cuts) and outcome.cuts[cut_no] == gpos(part.pi, piece.end) \
+                            and piece.end <= snap_until:
+                        feeder.flush()
+                        for s, dumped in outcome.at_cut[cut_no]:
+                            states[s] = model.load_state(dumped)
+                        stage.flush()
+                        run.sink.take(PartitionPosition(part.name, stage.chain.size, piece.last, stage.chain.state()))  # type: ignore[union-attr]
+                        cut_no += 1
+                done += a.end - a.begin
+                if self.on_progress is not None:
+                    self.on_progress(done)
+            if failing:  # the model failed (stop): what the local pass did before it raised
+                stage.flush()
+                raise error[1]  # type: ignore[index]
+            feeder.flush()
+            stage.flush()
+            last = self.plan.elog.position(part.last) if part.last is not None else None
+            scan = stage.finish(_Totals(part.read, last, part.redelivered), read_to_end=not self.options.bounded)
+            run.scanned(part.name, scan)
+        self._final_states(outcome)
+
+    def _final_states(self, outcome: _Outcome) -> None:
+        """The folded states in the order the local fold stage would hold them (the snapshot's
+        streams first, then each stream as its first event was applied), skipped events, counts."""
+        folder, model = self.run_.folder, self.model
+        fold = folder.fold
+        final = {r.stream: r for r in outcome.results}
+        states: dict[str, Any] = {}
+        for s, v in fold.states.items():
+            r = final.get(s)
+            states[s] = model.load_state(r.state) if r is not None and r.present else v
+        fresh = sorted((r.first_applied, r.stream) for r in outcome.results
+                       if r.present and r.stream not in states and r.first_applied is not None)
+        for _, s in fresh:
+            states[s] = model.load_state(final[s].state)
+        fold.states.clear()
+        fold.states.update(states)
+        fold.applied = sum(r.applied for r in outcome.results)
+        fold.skipped[:] = [sk for _, sk in sorted(x for r in outcome.results for x in r.skipped)]
+
+
+def _carry_from(stage: PieceStage) -> int:
+    """The first entry index whose leaf hashes the record will want written (segments past the
+    recorded ones), or never when the stage records nothing."""
+    w = stage.writer
+    return w.in_file * stage.chain.segment_size if w is not None else _NEVER
+
+
+def _batch_end(start: int, stops: Sequence[int], index: int) -> int:
+    """The end of the local pass's batch that holds entry ``index``: batches are ``DEFAULT_BATCH``
+    entries from the pass ``start``, cut at the ``stops``."""
+    end = start + ((index - start) // DEFAULT_BATCH + 1) * DEFAULT_BATCH
+    j = bisect.bisect_right(stops, index)
+    return min(end, stops[j]) if j < len(stops) else end
+
+
+class _Queue:
+    """Items sorted by their first field (an entry index), taken in order up to an index."""
+
+    def __init__(self, items: Sequence[tuple[Any, ...]]) -> None:
+        self.items = items
+        self.i = 0
+
+    def upto(self, index: int) -> Sequence[tuple[Any, ...]]:
+        i = j = self.i
+        items = self.items
+        while j < len(items) and items[j][0] < index:
+            j += 1
+        self.i = j
+        return items[i:j]
+
+
+def distributed_rebuild(dist: Distribution, elog: EventLog, model_ref: str, options: RebuildOptions | None = None,
+                        /, *, on_error: OnModelError = "stop", on_progress: Callable[[int], None] | None = None,
+                        **changes: Any) -> RebuildResult:
+    """:func:`chainfold.ops.rebuild.rebuild` on a cluster: the same result (see the module doc).
+    ``elog`` is the driver's view of the log (planning reads a few entries); ``model_ref`` names the
+    model (every executor loads it by that name)."""
+    opts = RebuildOptions.of(options, **changes)
+    return DistributedRebuild(dist, elog, model_ref, opts, on_error=on_error, on_progress=on_progress).run()
+
+
+# --- verify ----------------------------------------------------------------------------------------
+
+
+def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[str], *,
+                     records: dict[str, PartitionRecord | None], segment_size: int = DEFAULT_SEGMENT_SIZE,
+                     write: bool = True, probes: dict[str, Sequence[int]] | None = None,
+                     on_progress: Callable[[int], None] | None = None) -> list[PartitionScan]:
+    """Hash ``partitions`` of ``elog`` from the start on the cluster: what
+    :func:`~chainfold.ops.verify.hash_partition` gives for each (checked against, and with
+    ``write`` recorded into, ``records``; chain states captured at the ``probes`` sizes)."""
+    stages = {p: PieceStage.open(elog, p, record=records.get(p), segment_size=segment_size, write=write)
+              for p in partitions}
+    recorded = {p: stages[p].scan.recorded for p in partitions}
+    parts = _plan_parts(dist, partitions, {}, recorded)
+    if not any(p.ranges for p in parts):
+        return [stages[p].finish(_Totals(0, None, 0)) for p in partitions]
+    read = _Read(dist, parts, decode=False)
+    try:
+        wanted = {p.pi: sorted({s for s in (probes or {}).get(p.name, ()) if 0 < s <= p.read}) for p in parts}
+        layout = dist.cluster.share({p.pi: (stages[p.name].chain.segment_size, wanted[p.pi], _carry_from(stages[p.name]))
+                                     for p in parts})
+        items = read.chunks.stream(functools.partial(_assembly_of, where=dist.cluster.share(read.where), layout=layout,
+                                                     duplicates=None, ids=False, id_leaves=False))
+        scans, done = [], 0
+        for part in parts:
+            stage = stages[part.name]
+            if 0 in (probes or {}).get(part.name, ()):
+                stage.scan.probed[0] = stage.chain.state()
+            marks = set(wanted[part.pi])
+            for _ in part.ranges:
+                a = next(items)
+                for piece in a.pieces:
+                    stage.feed_piece(piece)
+                    if piece.end in marks:
+                        stage.scan.probed[piece.end] = stage.chain.state()
+                done += a.end - a.begin
+                if on_progress is not None:
+                    on_progress(done)
+            stage.flush()
+            last = elog.position(part.last) if part.last is not None else None
+            scans.append(stage.finish(_Totals(part.read, last, part.redelivered)))
+        return scans
+    finally:
+        read.release()
+
+
+def distributed_verify(dist: Distribution, elog: EventLog, options: VerifyOptions | None = None, /, *,
+                       on_progress: Callable[[int], None] | None = None, **changes: Any) -> VerifyReport:
+    """:func:`chainfold.ops.verify.verify_log` on a cluster: the same report."""
+    opts = VerifyOptions(**changes) if options is None else options
+    report = VerifyReport(elog.topic, [])
+    probes = snapshot_probes(opts.snapshots_root, elog.topic)
+    parts = elog.partitions()
+    records = {p: prepare_record(opts, p, report) for p in parts}
+    scans = distributed_scan(dist, elog, parts, records=records, segment_size=opts.segment_size,
+                             probes={p: [e for e, _, _ in probes.get(p, [])] for p in parts}, on_progress=on_progress)
+    for p, scan in zip(parts, scans):
+        conclude_partition(report, p, scan, probes.get(p, []))
+    return report

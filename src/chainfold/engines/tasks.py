@@ -1,0 +1,333 @@
+"""What the tasks of a distributed replay do: the replay stages cut into pieces that run where the
+data is (a Spark executor; the in-process cluster of the tests), each a plain function of its inputs.
+
+* :func:`read_chunk`: one fixed :class:`~chainfold.engines.spark_io.ReadRange` through the source
+  stage, each entry's leaf hash (the hash stage's :func:`~chainfold.hashing.stage.leaf_hashes`) and
+  its envelope decoded (the decode stage's :func:`~chainfold.envelope.decode`): a :class:`Chunk`,
+  kept by the cluster for the steps below. What the range holds does not depend on when it is read,
+  so a retried task makes the same chunk.
+* :func:`assemble`: once the driver knows where each chunk begins in its partition (the counts of
+  the chunks before it), the chunk's compact ranges cut at segment bounds and at the driver's stops
+  (:class:`~chainfold.hashing.stage.Piece`), and the event ids and malformed entries the driver's
+  decode bookkeeping needs (:class:`Assembly`).
+* :func:`dedup_pairs`: ``(event id, log position)`` for the shuffle that finds, for every id, its
+  first entry in log order (first entry wins) and the later ones (duplicates).
+* :func:`fold_items` and :func:`fold_streams`: every well-formed event keyed by stream and ordered
+  by log position, folded one stream at a time by the fold stage
+  (:class:`~chainfold.replay.fold.FoldStage`, same policies), with the per-stream ``seq`` check
+  (:class:`~chainfold.replay.decode.SeqGaps`) over every well-formed entry, duplicates included, as
+  the local decode stage's hook sees them (:class:`StreamResult`).
+
+A log position across partitions (``gpos``) is ``partition number << 40 | index in the partition``:
+ordered as the local engine replays a partitioned topic (partition after partition).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import time
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any, NamedTuple
+
+from ..envelope import Event, decode
+from ..errors import MalformedEnvelope, ModelError
+from ..hashing.stage import Piece
+from ..log import EventLog, partition_index
+from ..replay.decode import Decoded, SeqGap, SeqGaps
+from ..replay.fold import FoldStage, OnModelError, Skipped
+from ..replay.model import Model, load_model
+from .spark_io import ReadRange, open_range
+
+__all__ = ["GPOS_SHIFT", "gpos", "Chunk", "read_chunk", "Assembly", "assemble", "dedup_pairs", "fold_items",
+           "StreamResult", "fold_streams", "portable_error"]
+
+GPOS_SHIFT = 40
+_LOW = (1 << GPOS_SHIFT) - 1
+_sha256 = hashlib.sha256
+
+
+def gpos(pi: int, index: int) -> int:
+    """The position of entry ``index`` of partition number ``pi`` across the topic's partitions."""
+    return pi << GPOS_SHIFT | index
+
+
+# --- read, hash, decode ----------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """One range as read: ``count`` entries (each message id once), their leaf hashes (32 bytes
+    each, concatenated), message ids (``ledger, entry, batch`` per entry), the malformed entries
+    (offset, reason) and the well-formed events (offset, event) when decoded, and ``late``: the
+    offset of the first entry published after the replay's ``until_time`` (``None``: none is)."""
+
+    partition: str
+    pi: int
+    ri: int
+    count: int
+    leaves: bytes
+    mids: array
+    malformed: list[tuple[int, str]]
+    events: list[tuple[int, Event]] | None
+    late: int | None
+    redelivered: int
+    reconnects: int
+    seconds: float
+
+    def mid(self, offset: int) -> str:
+        """The message id text (``ledger:entry:partition:batch``) of the entry at ``offset``."""
+        m = self.mids
+        return f"{m[3 * offset]}:{m[3 * offset + 1]}:{partition_index(self.partition)}:{m[3 * offset + 2]}"
+
+    def leaf(self, offset: int) -> bytes:
+        return self.leaves[32 * offset : 32 * offset + 32]
+
+    def summary(self) -> ChunkSummary:
+        used = self.count if self.late is None else self.late
+        return ChunkSummary(self.pi, self.ri, self.count, self.late, self.mid(used - 1) if used else None,
+                            self.redelivered, self.reconnects, self.seconds)
+
+
+class ChunkSummary(NamedTuple):
+    """What the driver learns of a chunk first: how many entries, where the last one is (the last
+    before ``late``, when an entry was published after the replay's time bound)."""
+
+    pi: int
+    ri: int
+    count: int
+    late: int | None
+    last: str | None
+    redelivered: int
+    reconnects: int
+    seconds: float
+
+
+def read_chunk(open_log: Callable[[], EventLog], rng: ReadRange, pi: int, ri: int, *, decode_events: bool = True,
+               until_time: int | None = None) -> Chunk:
+    """Read ``rng`` (a log of its own from ``open_log``), hash and (``decode_events``) decode it.
+
+    Raises what the read raises: :class:`~chainfold.errors.BrokerUnavailable` past the retry
+    budget, :class:`~chainfold.errors.LogShorterThanPlanned` when the range ends before its reach
+    (the task fails; the cluster retries it).
+    """
+    t0 = time.perf_counter()
+    sha = _sha256
+    hashes: list[bytes] = []
+    mids = array("q")
+    malformed: list[tuple[int, str]] = []
+    events: list[tuple[int, Event]] | None = [] if decode_events else None
+    late = None
+    n = 0
+    with open_range(open_log, rng) as reader:
+        for batch in reader.batches():
+            hashes.extend(sha(b"\x00" + e.payload).digest() for e in batch)
+            for e in batch:
+                m = e.message_id
+                mids.extend((m.ledger, m.entry, m.batch))
+            if until_time is not None and late is None:
+                late = next((n + k for k, e in enumerate(batch) if e.publish_time > until_time), None)
+            if events is not None:
+                for k, e in enumerate(batch, n):
+                    try:
+                        events.append((k, decode(e.payload)))
+                    except MalformedEnvelope as exc:
+                        malformed.append((k, exc.reason))
+            n += len(batch)
+    return Chunk(rng.partition, pi, ri, n, b"".join(hashes), mids, malformed, events, late, reader.redelivered,
+                 reader.reconnects, time.perf_counter() - t0)
+
+
+# --- what the driver assembles ---------------------------------------------------------------------
+
+
+@dataclass
+class Assembly:
+    """What the driver needs of one chunk, in log order: its pieces (hashes), its well-formed
+    events as ``(index, event id, stream)`` (and their leaf hashes) when asked for, its malformed
+    entries as ``(index, message id, reason)`` and its duplicates as ``(index, message id, event id)``."""
+
+    pi: int
+    ri: int
+    begin: int
+    end: int
+    pieces: list[Piece]
+    ids: list[tuple[int, str, str]] | None
+    id_leaves: list[bytes] | None
+    malformed: list[tuple[int, str, str]]
+    duplicates: list[tuple[int, str, str]]
+
+
+def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Sequence[int], carry_from: int, *,
+             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False, id_leaves: bool = False) -> Assembly:
+    """The chunk's first ``used`` entries, which are entries ``begin ..`` of its partition: pieces
+    cut at segment bounds and at ``cuts`` (indexes, sorted), carrying their leaf hashes from index
+    ``carry_from`` on (whole segments: ``carry_from`` is a multiple of the segment size); the events
+    at the positions ``duplicates`` (gpos) are named as duplicates."""
+    end = begin + used
+    bounds = {b for b in cuts if begin < b < end}
+    S = segment_size
+    bounds.update(range((begin // S + 1) * S, end, S))
+    pieces = []
+    leaves = chunk.leaves
+    a = begin
+    for b in sorted(bounds) + [end]:
+        if b <= a:
+            continue
+        o, p = a - begin, b - begin
+        piece_leaves = [leaves[32 * k : 32 * k + 32] for k in range(o, p)]
+        pieces.append(Piece.of(piece_leaves, a, chunk.mid(o), chunk.mid(p - 1), carry=a >= carry_from))
+        a = b
+    out_ids = out_leaves = None
+    if ids and chunk.events is not None:
+        out_ids = [(begin + k, ev.id, ev.stream) for k, ev in chunk.events if k < used]
+        if id_leaves:
+            out_leaves = [chunk.leaf(k) for k, _ in chunk.events if k < used]
+    malformed = [(begin + k, chunk.mid(k), reason) for k, reason in chunk.malformed if k < used]
+    base = gpos(chunk.pi, begin)
+    dups = [(begin + k, chunk.mid(k), ev.id) for k, ev in chunk.events or () if k < used and base + k in duplicates]
+    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_ids, out_leaves, malformed, dups)
+
+
+# --- dedup -----------------------------------------------------------------------------------------
+
+
+def dedup_pairs(chunk: Chunk, begin: int, used: int) -> Iterator[tuple[str, int]]:
+    """``(event id, gpos)`` of every well-formed event among the chunk's first ``used`` entries."""
+    base = gpos(chunk.pi, begin)
+    for k, ev in chunk.events or ():
+        if k < used:
+            yield ev.id, base + k
+
+
+# --- fold ------------------------------------------------------------------------------------------
+
+
+class _Named(NamedTuple):
+    """Stands in for an entry where only its message id is asked for (:class:`Decoded`)."""
+
+    message_id: str
+
+
+def fold_items(chunk: Chunk, begin: int, used: int, duplicates: frozenset[int] | set[int]
+               ) -> Iterator[tuple[str, int, tuple[Event, str, bool]]]:
+    """``(stream, gpos, (event, message id, duplicate?))`` of every well-formed event among the
+    chunk's first ``used`` entries (duplicates too: the ``seq`` check sees them)."""
+    base = gpos(chunk.pi, begin)
+    for k, ev in chunk.events or ():
+        if k < used:
+            g = base + k
+            yield ev.stream, g, (ev, chunk.mid(k), g in duplicates)
+
+
+@dataclass
+class StreamResult:
+    """One stream folded: its state after every event (``model.dump_state`` of it; ``present``
+    False when it has none: every event skipped, or a stream not folded), its state at each stop
+    where events of it came before (``cut_states``: ``(stop number, dumped state)``), where its first
+    event was applied (``first_applied``, a gpos), how many were applied, the events skipped and the
+    error that stopped it (with gpos), its ``seq`` gaps (with gpos) and events without ``seq``."""
+
+    stream: str
+    present: bool = False
+    state: Any = None
+    cut_states: list[tuple[int, Any]] = field(default_factory=list)
+    first_applied: int | None = None
+    applied: int = 0
+    skipped: list[tuple[int, Skipped]] = field(default_factory=list)
+    error: tuple[int, ModelError] | None = None
+    gaps: list[tuple[int, SeqGap]] = field(default_factory=list)
+    unverifiable: int = 0
+
+
+_MODELS: dict[str, Model] = {}
+
+
+def _model(ref: str) -> Model:
+    """The model loaded by name, once per Python worker."""
+    m = _MODELS.get(ref)
+    if m is None:
+        m = _MODELS[ref] = load_model(ref)
+    return m
+
+
+def portable_error(exc: ModelError) -> ModelError:
+    """``exc`` with a cause that pickles: the user's exception if it does, else a stand-in of the
+    same class name and text (the error's message, and so the report, is unchanged)."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc.cause))
+        return exc
+    except Exception:  # noqa: BLE001 - whatever the user's exception does when pickled
+        return ModelError(exc.stream, exc.event_id, exc.message_id, _Plain.of(exc.cause), index=exc.index)
+
+
+class _Plain(Exception):
+    """A stand-in for an exception that does not pickle: same class name, same text."""
+
+    name = "Exception"
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Plain:
+        sub = type(type(exc).__name__, (cls,), {"name": type(exc).__name__})
+        return sub(str(exc))
+
+    def __reduce__(self) -> tuple:
+        return (_plain, (self.name, str(self)))
+
+
+def _plain(name: str, text: str) -> _Plain:
+    return type(name, (_Plain,), {"name": name})(text)
+
+
+def fold_streams(items: Iterable[tuple[str, int, Any]], model_ref: str, on_error: OnModelError,
+                 cuts: Sequence[int], streams: frozenset[str] | None) -> Iterator[StreamResult]:
+    """Fold the events of each stream in ``items`` (sorted by stream, then gpos; a stream's
+    starting state, from a snapshot, comes first as ``(stream, -1, ("state", dumped))``).
+    ``cuts`` are the driver's stops (gpos, sorted): the state before each is reported."""
+    model = _model(model_ref)
+    for stream, group in groupby(items, key=lambda it: it[0]):
+        yield _fold_one(stream, [(g, x) for _, g, x in group], model, on_error, cuts, streams)
+
+
+def _fold_one(stream: str, items: list[tuple[int, Any]], model: Model, on_error: OnModelError,
+              cuts: Sequence[int], streams: frozenset[str] | None) -> StreamResult:
+    out = StreamResult(stream)
+    states: dict[str, Any] = {}
+    if items and items[0][0] < 0:
+        states[stream] = model.load_state(items[0][1][1])
+        items = items[1:]
+    where = {mid: g for g, (_, mid, _) in items}
+    seq = SeqGaps()
+    seq(_decoded([x[0] for _, x in items], [g & _LOW for g, _ in items], [x[1] for _, x in items]))
+    out.gaps = [(where[gap.message_id], gap) for gap in seq.gaps]
+    out.unverifiable = seq.unverifiable
+    fold = FoldStage(model, states, streams=streams, on_error=on_error)
+    kept = [(g, x) for g, x in items if not x[2]]
+    for j, run in groupby(kept, key=lambda it: bisect.bisect_right(cuts, it[0])):
+        run = list(run)
+        before = len(fold.skipped)
+        had = stream in states
+        try:
+            fold.feed(_decoded([x[0] for _, x in run], [g & _LOW for g, _ in run], [x[1] for _, x in run]))
+        except ModelError as exc:
+            out.error = (where[exc.message_id], portable_error(exc))  # type: ignore[index]
+            break
+        if not had and stream in states:
+            skipped_here = {s.message_id for s in fold.skipped[before:]}
+            out.first_applied = next(g for g, x in run if x[1] not in skipped_here)
+        if j < len(cuts) and stream in states:
+            out.cut_states.append((j, model.dump_state(states[stream])))
+    out.skipped = [(where[s.message_id], s) for s in fold.skipped]
+    out.applied = fold.applied
+    if stream in states:
+        out.present, out.state = True, model.dump_state(states[stream])
+    return out
+
+
+def _decoded(events: list[Event], indexes: list[int], mids: list[str]) -> Decoded:
+    return Decoded(events, None, indexes, [_Named(m) for m in mids], ())
