@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -17,8 +20,8 @@ from rich.markup import escape
 from ..log.broker import BrokerOptions
 from ..errors import BadInput, ChainfoldError
 
-__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "emit_json", "stderr", "stdout", "run",
-           "esc", "error_json"]
+__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "engine_options", "Engine", "emit_json",
+           "stderr", "stdout", "run", "esc", "error_json"]
 
 # emoji=False: message ids like 6:3:-1:-1 hold ":-1:", which rich would turn into an emoji. Text
 # that comes from users or the log (ids, stream names, paths, reasons) still needs ``esc`` before it
@@ -64,6 +67,49 @@ def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             tls_trust_certs=tls_trust_certs, tls_allow_insecure=tls_allow_insecure,
             tls_cert=tls_cert, tls_key=tls_key,
         )
+        return fn(*args, **kw)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where a command's replay runs (``--engine``): here (``local``), or as an Apache Spark job
+    on ``master`` (``spark``)."""
+
+    name: str = "local"
+    master: str | None = None
+
+    @property
+    def spark(self) -> bool:
+        return self.name == "spark"
+
+    def refuse_workers(self, workers: int) -> None:
+        if self.spark and workers > 1:
+            raise BadInput("--workers is the local engine's; with --engine spark the Spark cluster runs the tasks")
+
+    @contextlib.contextmanager
+    def distribution(self, elog: Any, broker: BrokerOptions) -> Iterator[Any]:
+        """The Spark session and what the distributed driver needs to replay ``elog`` (a
+        :class:`~chainfold.log.pulsar.PulsarLog` open on ``broker``), stopped on exit."""
+        from ..engines.spark import pulsar_distribution, spark_cluster
+        from ..log.broker import resolve_url
+
+        url = dataclasses.replace(broker, service_url=resolve_url(broker))
+        with spark_cluster(self.master) as cluster:
+            yield pulsar_distribution(cluster, elog.topic, url, elog.client, os.environ.get("CHAINFOLD_ADMIN_URL"))
+
+
+def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--engine`` and ``--spark-master`` and pass them to the command as ``engine: Engine``."""
+
+    @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+                  help="Run on this machine, or as an Apache Spark job (pip install 'chainfold[spark]').")
+    @click.option("--spark-master", envvar="CHAINFOLD_SPARK_MASTER", default="local[*]", show_default=True,
+                  metavar="URL", help="With --engine spark: the Spark master (local[N], spark://host:7077, ...).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, engine: str, spark_master: str, **kw: Any) -> Any:
+        kw["engine"] = Engine(engine, spark_master)
         return fn(*args, **kw)
 
     return wrapper

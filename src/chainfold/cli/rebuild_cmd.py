@@ -14,7 +14,8 @@ from ..replay.model import load_model
 from ..replay.notes import model_notes
 from ..log.pulsar import open_log
 from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, rebuild as rebuild_log
-from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr, stdout
+from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, run, snapshots_option,
+                     stderr, stdout)
 from .progress import progress
 from .publish import _parse_until
 
@@ -43,11 +44,13 @@ def write_state_export(path: str, states: dict) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes: one per partition, or key shards of one topic (then only the "
                    "final snapshot is taken).")
+@engine_options
 @snapshots_option
 @broker_options
 @json_option
 def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str | None, snapshot_every: int,
-            keep: int, no_snapshots: bool, workers: int, snapshots_dir: str, broker, as_json: bool) -> None:
+            keep: int, no_snapshots: bool, workers: int, engine: Engine, snapshots_dir: str, broker,
+            as_json: bool) -> None:
     """Rebuild every stream's state by folding TOPIC from the newest valid snapshot (or from the
     start with --full). Duplicated event ids fold once; malformed entries are reported, not folded."""
 
@@ -57,7 +60,14 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
         options = RebuildOptions(snapshots_root=Path(snapshots_dir), full=full, until=until_id, until_time=until_time,
                                  snapshot_every=snapshot_every if not no_snapshots else 0, keep=keep,
                                  write_snapshots=not no_snapshots)
-        if workers > 1:
+        engine.refuse_workers(workers)
+        if engine.spark:
+            from ..engines.distributed import distributed_rebuild
+
+            with open_log(topic, broker) as log, engine.distribution(log, broker) as dist, \
+                    progress(f"rebuild {log.topic} (spark)") as update:
+                result = distributed_rebuild(dist, log, model_ref, options, on_progress=update)
+        elif workers > 1:
             from ..log.broker import resolve_url
             from ..engines.parallel import PulsarSource, parallel_rebuild
 

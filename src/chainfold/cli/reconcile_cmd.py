@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -12,7 +13,7 @@ from ..replay.model import load_model
 from ..log.pulsar import open_log
 from ..ops.corrections import producer_name_for, publish_corrections as publish, write_corrections
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
-from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr
+from .common import Engine, broker_options, cli, emit_json, engine_options, esc, json_option, run, snapshots_option, stderr
 from .progress import progress
 from .reconcile_view import print_reconcile
 from .rebuild_cmd import write_state_export
@@ -37,12 +38,13 @@ from .rebuild_cmd import write_state_export
                    "directory): what a correct worker would have recorded (docs/incidents.md).")
 @click.option("--html", "html_out", metavar="FILE", type=click.Path(dir_okay=False),
               help="Also write the report as one self-contained HTML page (docs/cli.md#the-html-report).")
+@engine_options
 @snapshots_option
 @broker_options
 @json_option
 def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str | None, checkpoints_path: str | None,
               repair_out: str | None, corrections_out: str | None, publish_corrections: str | None,
-              evidence_out: str | None, html_out: str | None, snapshots_dir: str, broker,
+              evidence_out: str | None, html_out: str | None, engine: Engine, snapshots_dir: str, broker,
               as_json: bool) -> None:
     """Find what the worker that folded TOPIC missed, doubled, reordered or got wrong, from its state
     export and its processed log and/or tracker checkpoints. Exit 0 consistent (or repaired),
@@ -57,12 +59,18 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
             raise BadInput("--publish-corrections needs --repair OUT")
         if evidence_out and not repair_out:
             raise BadInput("--evidence-out needs --repair OUT")
-        with open_log(topic, broker) as log:
+        with open_log(topic, broker) as log, (engine.distribution(log, broker) if engine.spark
+                                              else contextlib.nullcontext()) as dist:
+            hooks = {}
+            if dist is not None:
+                from ..engines.distributed import distributed_reconcile_engine
+
+                hooks = distributed_reconcile_engine(dist)
             try:
                 with progress(f"reconcile {log.topic}") as update:
                     report = reconcile_log(log, model, snapshots_root=Path(snapshots_dir), state=state,
                                            state_path=state_path, processed=processed, tracker=tracker,
-                                           repair=bool(repair_out), on_progress=update)
+                                           repair=bool(repair_out), on_progress=update, **hooks)
             except HistoryUnrecoverable as exc:
                 doc = unrecoverable_report(log.topic, str(exc), processed, tracker)
                 if html_out:

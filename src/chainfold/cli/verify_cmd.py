@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import click
@@ -14,7 +17,8 @@ from ..log.pulsar import open_log
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE
 from ..ops.verify import VerifyOptions, compare_logs, verify_log
 from ..envelope import json_error
-from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr, stdout
+from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, run, snapshots_option,
+                     stderr, stdout)
 from .progress import progress
 
 
@@ -36,12 +40,13 @@ segment_option = click.option("--segment-size", type=int, default=DEFAULT_SEGMEN
 @click.option("--reset", is_flag=True, help="Discard the recorded checkpoints and record the log as it is now.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes: one per partition, or ranges of the recorded segments of one topic.")
+@engine_options
 @segment_option
 @snapshots_option
 @broker_options
 @json_option
 def verify(topic: str, against: str | None, against_service_url: str | None, reset: bool, workers: int,
-           segment_size: int, snapshots_dir: str, broker, as_json: bool) -> None:
+           engine: Engine, segment_size: int, snapshots_dir: str, broker, as_json: bool) -> None:
     """Recompute the hashes over TOPIC and compare them with the checkpoints recorded on earlier reads
     and with the snapshots' recorded chains (or with another log, --against). Names the first entry
     that differs. Exit 0 intact, 1 mismatch.
@@ -55,7 +60,9 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
 
         record_dir: Path | None = None
         existed = False
-        with open_log(topic, broker) as log:
+        engine.refuse_workers(workers)
+        with open_log(topic, broker) as log, (engine.distribution(log, broker) if engine.spark
+                                              else contextlib.nullcontext()) as dist:
             options = VerifyOptions(record_dir=topic_dir(Path(snapshots_dir), log.topic), snapshots_root=Path(snapshots_dir),
                                     segment_size=segment_size, reset=reset)
             if not against:
@@ -64,19 +71,28 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
             with progress(f"verify {log.topic}") as update:
                 if against:
                     if against_service_url:
-                        import dataclasses
-
                         other_opts = dataclasses.replace(broker, service_url=against_service_url)
                         other = open_log(against, other_opts)
                     else:
                         other = type(log)(log.client, against)
                     try:
-                        report = compare_logs(log, other, segment_size=segment_size, on_progress=update)
+                        scan = None
+                        if dist is not None:
+                            from ..engines.distributed import distributed_scanner
+                            from ..engines.spark import pulsar_distribution
+                            from ..log.broker import resolve_url
+
+                            theirs = dataclasses.replace(broker, service_url=against_service_url or resolve_url(broker))
+                            scan = distributed_scanner({log.topic: dist, other.topic: pulsar_distribution(
+                                dist.cluster, other.topic, theirs, other.client, os.environ.get("CHAINFOLD_ADMIN_URL"))})
+                        report = compare_logs(log, other, segment_size=segment_size, on_progress=update, scan=scan)
                     finally:
                         other.close()
-                elif workers > 1:
-                    import dataclasses
+                elif dist is not None:
+                    from ..engines.distributed import distributed_verify
 
+                    report = distributed_verify(dist, log, options, on_progress=update)
+                elif workers > 1:
                     from ..log.broker import resolve_url
                     from ..engines.parallel import PulsarSource, parallel_verify
 

@@ -42,27 +42,31 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ModelError, WorkerFailed
 from ..hashing.chain import Checkpoint
-from ..hashing.record import PartitionRecord
+from ..hashing.record import PartitionRecord, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, PartitionScan, Piece, PieceStage
 from ..log import EventLog, Position
 from ..log.source import DEFAULT_BATCH
-from ..ops.rebuild import RebuildOptions, RebuildResult, RebuildRun, plan_rebuild
+from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild
 from ..ops.verify import VerifyOptions, VerifyReport, conclude_partition, prepare_record, snapshot_probes
 from ..replay.decode import Decoder, Duplicate, Malformed
 from ..replay.fold import OnModelError
 from ..replay.model import Model, load_model
-from ..store.snapshots import PartitionPosition
+from ..store.snapshots import PartitionPosition, SnapshotStore, topic_dir
 from .cluster import Cluster, Chunks
 from .spark_io import Point, ReadRange, clip_ranges
 from .tasks import (GPOS_SHIFT, Assembly, Chunk, ChunkSummary, StreamResult, assemble, dedup_pairs, fold_items,
                     fold_streams, gpos, read_chunk)
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..ops.reconcile import Reference
+
 __all__ = ["Planner", "Distribution", "distributed_rebuild", "distributed_verify", "distributed_scan",
-           "DistributedRebuild"]
+           "distributed_reference", "distributed_reconcile_engine", "distributed_scanner", "DistributedRebuild", "executor_ref"]
 
 log = logging.getLogger("chainfold.engines.distributed")
 
@@ -126,6 +130,21 @@ class _Totals:
 
     def __init__(self, read: int, last: Position | None, redelivered: int) -> None:
         self.read, self.last, self.redelivered = read, last, redelivered
+
+
+class _Phases:
+    """Wall time of each phase of a distributed replay, logged (``-v``) as each ends."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.t = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[phase] = round(now - self.t, 3)
+        log.info("%s: %s took %.2fs", self.what, phase, now - self.t)
+        self.t = now
 
 
 class _Read:
@@ -255,19 +274,30 @@ class _Outcome:
                 self.error = r.error
 
 
-class DistributedRebuild:
-    """One rebuild on a cluster (see the module doc): :meth:`run` returns the local engine's
-    :class:`~chainfold.ops.rebuild.RebuildResult`, or raises its :class:`ModelError`."""
+Tap = Callable[[int, int, str, str, "bytes | None"], None]
+"""``tap(partition number, index, event id, stream, leaf hash or None)``: each event folded, in log order."""
 
-    def __init__(self, dist: Distribution, elog: EventLog, model_ref: str, options: RebuildOptions, *,
-                 on_error: OnModelError = "stop", on_progress: Callable[[int], None] | None = None) -> None:
+
+class DistributedRebuild:
+    """One replay of ``plan`` on a cluster (see the module doc): :meth:`run` returns the local
+    engine's :class:`~chainfold.ops.rebuild.RebuildResult`, or raises its :class:`ModelError`.
+    ``model_ref`` is the name executors load the model by (``plan.model`` is the driver's);
+    ``tap`` hears every event folded (with its leaf hash when ``tap_leaves``), ``on_partition``
+    every partition's end (its number and scan)."""
+
+    def __init__(self, dist: Distribution, plan: RebuildPlan, model_ref: str, *, on_error: OnModelError = "stop",
+                 on_progress: Callable[[int], None] | None = None, tap: Tap | None = None, tap_leaves: bool = False,
+                 on_partition: Callable[[int, PartitionScan], None] | None = None) -> None:
         self.dist = dist
         self.model_ref = model_ref
-        self.model: Model = load_model(model_ref)
+        self.model: Model = plan.model
         self.on_error = on_error
-        self.plan = plan_rebuild(elog, self.model, options)
-        self.run_ = RebuildRun(self.plan, on_progress)
+        self.plan = plan
+        self.run_ = RebuildRun(plan, on_progress)
         self.on_progress = on_progress
+        self.tap = tap
+        self.tap_leaves = tap_leaves
+        self.on_partition = on_partition
 
     @property
     def options(self) -> RebuildOptions:
@@ -288,21 +318,25 @@ class DistributedRebuild:
         return [part.start + n for n in range(every, part.read + 1, every)]
 
     def run(self) -> RebuildResult:
+        self.phases = _Phases(f"replay of {self.plan.elog.topic}")
         parts = self._parts()
+        self.phases.done(f"planning {sum(len(p.ranges) for p in parts)} ranges")
         read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
+        self.phases.done("read, hash, decode")
         try:
             return self._run(read)
         finally:
             read.release()
 
     def _run(self, read: _Read) -> RebuildResult:
-        cluster, plan = self.dist.cluster, self.plan
+        cluster, plan, phases = self.dist.cluster, self.plan, self.phases
         stops = {p.pi: self._stops(p) for p in read.parts}
         cuts = sorted(gpos(pi, c) for pi, cs in stops.items() for c in cs)
         where = cluster.share(read.where)
         snap = plan.snapshot
         repeated = read.chunks.repeated(_in_run(dedup_pairs, where), snap.seen if snap is not None else ())
         losers = cluster.share(frozenset(g for _, positions in repeated for g in positions[1:] if g >= 0))
+        phases.done("dedup")
         start = []
         if snap is not None:
             only = self.options.streams
@@ -311,6 +345,7 @@ class DistributedRebuild:
                                  streams=self.options.streams)
         outcome = _Outcome(read.chunks.fold(functools.partial(_fold_inputs, where=where, duplicates=losers), start,
                                             fold), cuts)
+        phases.done("fold")
         stages = {p.pi: self.run_.hash_stage(p.name, PieceStage) for p in read.parts}
         ends = {p.pi: p.end for p in read.parts}
         if outcome.error is not None:  # the local pass stops at the end of the batch holding the failing entry
@@ -319,11 +354,13 @@ class DistributedRebuild:
             ends[part.pi] = min(_batch_end(part.start, stops[part.pi], g & _LOW), part.end)
         layout = cluster.share({p.pi: (stages[p.pi].chain.segment_size, sorted(set(stops[p.pi]) | {ends[p.pi]}),
                                        _carry_from(stages[p.pi])) for p in read.parts})
-        need_ids = self.run_.sink is not None or snap is not None
+        need_ids = self.run_.sink is not None or snap is not None or self.tap is not None
         items = read.chunks.stream(functools.partial(_assembly_of, where=where, layout=layout, duplicates=losers,
-                                                     ids=need_ids, id_leaves=False))
+                                                     ids=need_ids, id_leaves=self.tap_leaves))
         self._assemble(read, items, stages, stops, ends, outcome)
-        return self.run_.finish()
+        result = self.run_.finish()
+        phases.done("assembly")
+        return result
 
     def _assemble(self, read: _Read, items: Iterator[Assembly], stages: dict[int, PieceStage],
                   stops: dict[int, list[int]], ends: dict[int, int], outcome: _Outcome) -> None:
@@ -331,6 +368,7 @@ class DistributedRebuild:
         run, model = self.run_, self.model
         decoder = run.folder.decoder
         states = run.folder.fold.states
+        started = dict(states)  # the snapshot's streams, in the order the fold stage holds them
         error = outcome.error
         cut_no = 0
         done = 0
@@ -343,16 +381,21 @@ class DistributedRebuild:
             snap_until = error[0] & _LOW if failing else end  # type: ignore[index]
             expected: set[int] = set()
 
-            def answered(item: tuple[Any, ...], first: bool, _expected: set[int] = expected) -> None:
+            def answered(item: tuple[Any, ...], first: bool, _expected: set[int] = expected, _pi: int = part.pi) -> None:
                 if first == (item[0] in _expected):
                     raise WorkerFailed(f"the distributed dedup and the seen ids disagree on event {item[1]!r} at "
                                        f"entry {item[0]}: a bug; rerun with --engine local")
+                if first and self.tap is not None:
+                    self.tap(_pi, item[0], item[1], item[2], item[3] if len(item) > 3 else None)
 
             feeder = _SeenFeeder(decoder, part.start, stops[part.pi], answered)
             for _ in part.ranges:
                 a = next(items)
                 expected.update(i for i, _, _ in a.duplicates)
-                ids, bad, dups = _Queue(a.ids or []), _Queue(a.malformed), _Queue(a.duplicates)
+                events = a.ids or []
+                if a.id_leaves is not None:
+                    events = [(i, e, s, leaf) for (i, e, s), leaf in zip(events, a.id_leaves)]
+                ids, bad, dups = _Queue(events), _Queue(a.malformed), _Queue(a.duplicates)
                 for piece in a.pieces:
                     if piece.begin >= end:
                         break
@@ -380,16 +423,18 @@ class DistributedRebuild:
             last = self.plan.elog.position(part.last) if part.last is not None else None
             scan = stage.finish(_Totals(part.read, last, part.redelivered), read_to_end=not self.options.bounded)
             run.scanned(part.name, scan)
-        self._final_states(outcome)
+            if self.on_partition is not None:
+                self.on_partition(part.pi, scan)
+        self._final_states(outcome, started)
 
-    def _final_states(self, outcome: _Outcome) -> None:
+    def _final_states(self, outcome: _Outcome, started: dict[str, Any]) -> None:
         """The folded states in the order the local fold stage would hold them (the snapshot's
         streams first, then each stream as its first event was applied), skipped events, counts."""
         folder, model = self.run_.folder, self.model
         fold = folder.fold
         final = {r.stream: r for r in outcome.results}
         states: dict[str, Any] = {}
-        for s, v in fold.states.items():
+        for s, v in started.items():
             r = final.get(s)
             states[s] = model.load_state(r.state) if r is not None and r.present else v
         fresh = sorted((r.first_applied, r.stream) for r in outcome.results
@@ -440,7 +485,17 @@ def distributed_rebuild(dist: Distribution, elog: EventLog, model_ref: str, opti
     ``elog`` is the driver's view of the log (planning reads a few entries); ``model_ref`` names the
     model (every executor loads it by that name)."""
     opts = RebuildOptions.of(options, **changes)
-    return DistributedRebuild(dist, elog, model_ref, opts, on_error=on_error, on_progress=on_progress).run()
+    plan = plan_rebuild(elog, load_model(model_ref), opts)
+    return DistributedRebuild(dist, plan, executor_ref(model_ref), on_error=on_error, on_progress=on_progress).run()
+
+
+def executor_ref(model_ref: str) -> str:
+    """The name executors load the model by: a model file's path made absolute (executors do not
+    run in the driver's folder), a module path as it is."""
+    target, sep, attr = model_ref.partition(":")
+    if target.endswith(".py") or "/" in target:
+        return str(Path(target).resolve()) + sep + attr
+    return model_ref
 
 
 # --- verify ----------------------------------------------------------------------------------------
@@ -489,6 +544,18 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
         read.release()
 
 
+def distributed_scanner(dists: dict[str, Distribution]) -> Callable[..., PartitionScan]:
+    """The ``scan`` of :func:`chainfold.ops.verify.compare_logs` on a cluster: each topic hashed by
+    its :class:`Distribution` (``dists``, by full topic name), nothing recorded."""
+
+    def scan(elog: EventLog, partition: str, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
+             on_progress: Callable[[int], None] | None = None) -> PartitionScan:
+        return distributed_scan(dists[elog.topic], elog, [partition], records={partition: None},
+                                segment_size=segment_size, write=False, on_progress=on_progress)[0]
+
+    return scan
+
+
 def distributed_verify(dist: Distribution, elog: EventLog, options: VerifyOptions | None = None, /, *,
                        on_progress: Callable[[int], None] | None = None, **changes: Any) -> VerifyReport:
     """:func:`chainfold.ops.verify.verify_log` on a cluster: the same report."""
@@ -502,3 +569,57 @@ def distributed_verify(dist: Distribution, elog: EventLog, options: VerifyOption
     for p, scan in zip(parts, scans):
         conclude_partition(report, p, scan, probes.get(p, []))
     return report
+
+
+# --- reconcile -------------------------------------------------------------------------------------
+
+
+def distributed_reference(dist: Distribution, elog: EventLog, model: Model, snapshots_root: Path, *,
+                          leaves: bool = False, on_progress: Callable[[int], None] | None = None) -> Reference:
+    """:func:`chainfold.ops.reconcile.build_reference` on a cluster: the same reference (the log's
+    first-seen events in log order, the expected states, the scans checked against the record)."""
+    from ..ops.reconcile import PartitionReference, Reference, check_start, note_record
+
+    tdir = topic_dir(snapshots_root, elog.topic)
+    parts = elog.partitions()
+    records = {p: PartitionRecord(tdir, p) for p in parts}
+    recorded = {p: open_record(records[p])[0] for p in parts}
+    seg = next((r[0].segment_size for r in recorded.values() if r), DEFAULT_SEGMENT_SIZE)
+    options = RebuildOptions(snapshots_root=snapshots_root, full=True, write_snapshots=False)
+    plan = RebuildPlan(elog, model, options, parts, records, recorded, seg,
+                       SnapshotStore(snapshots_root, elog.topic, keep=options.keep))
+    names: list[str] = []
+    numbers: dict[str, int] = {}
+    refs = [PartitionReference(p, names, numbers, leaves) for p in parts]
+    holder: list[Reference] = []
+
+    def partition_done(pi: int, scan: PartitionScan) -> None:
+        reference = holder[0]
+        decoder = reference.folder.decoder
+        reference.malformed_in += [pi] * (len(decoder.malformed) - len(reference.malformed_in))
+        reference.duplicates_in += [pi] * (len(decoder.duplicates) - len(reference.duplicates_in))
+        reference.refs.append(refs[pi])
+        reference.scans.append(scan)
+        note_record(reference, parts[pi], scan)
+        check_start(elog, parts[pi], scan, refs[pi])
+
+    replay = DistributedRebuild(dist, plan, executor_ref(model.name), on_progress=on_progress,
+                                tap=lambda pi, index, eid, stream, leaf: refs[pi].append(index, eid, stream, leaf),
+                                tap_leaves=leaves, on_partition=partition_done)
+    holder.append(Reference(elog.topic, [], [], replay.run_.folder, names))
+    replay.run()
+    reference = holder[0]
+    reference.locate()
+    return reference
+
+
+def distributed_reconcile_engine(dist: Distribution) -> dict[str, Any]:
+    """The ``build`` and ``rebuild`` of :func:`chainfold.ops.reconcile.reconcile` on ``dist``."""
+
+    def build(elog: EventLog, model: Model, snapshots_root: Path, **kw: Any) -> Reference:
+        return distributed_reference(dist, elog, model, snapshots_root, **kw)
+
+    def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None, /, **kw: Any) -> RebuildResult:
+        return distributed_rebuild(dist, elog, model.name, options, **kw)
+
+    return {"build": build, "rebuild": rebuild}

@@ -2,17 +2,24 @@
 
 PySpark is an optional extra (``pip install chainfold[spark]``); nothing else in chainfold imports
 this module, and it imports PySpark only when a session is made, so a missing extra is reported as
-:class:`SparkUnavailable` ("install chainfold[spark]") by the command that asked for Spark.
+:class:`~chainfold.errors.SparkUnavailable` ("install chainfold[spark]") by the command that asked
+for Spark.
 
-What is here now: the session (master URL, a Java 17+ found for it, loopback-only networking, task
-retries also in local mode) and the job that reads a plan's ranges in tasks
-(:func:`read_ranges`), on which the engine's stages are wired (design: :mod:`.spark_io`).
+Here: the session (master URL, a Java 17+ found for it, loopback-only networking unless configured,
+task retries also in local mode); :class:`SparkCluster`, the
+:class:`~chainfold.engines.cluster.Cluster` the distributed driver (:mod:`.distributed`) runs its
+tasks on (chunks cached in the executors, the dedup and fold shuffles, chainfold's errors carried
+back from executors to the driver); :func:`spark_distribution`, everything a command needs to run
+on Spark; and the read stage alone as a job (:func:`read_ranges`, for benchmarks).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import logging
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -21,11 +28,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import BadInput
+from ..errors import BadInput, ChainfoldError, SparkUnavailable, WorkerFailed
+from ..log import EventLog
 from ..log.broker import BrokerOptions
-from .spark_io import ReadRange, open_range
+from .cluster import Shared, group_of
+from .spark_io import RANGE_QUEUE, PulsarPlanner, ReadRange, open_range
+from .tasks import Chunk
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
@@ -34,6 +44,9 @@ __all__ = [
     "ENV_MASTER",
     "DEFAULT_MASTER",
     "SparkUnavailable",
+    "SparkCluster",
+    "spark_cluster",
+    "pulsar_distribution",
     "require_pyspark",
     "find_java_home",
     "spark_session",
@@ -42,19 +55,12 @@ __all__ = [
     "collect_ranges",
 ]
 
+log = logging.getLogger("chainfold.engines.spark")
+
 ENV_MASTER = "CHAINFOLD_SPARK_MASTER"
 DEFAULT_MASTER = "local[*]"
 TASK_MAX_FAILURES = 4  # Spark's default on a cluster; local mode needs it spelt into the master URL
 _JAVA_MIN = 17
-
-
-class SparkUnavailable(BadInput):
-    """``--engine spark`` cannot run here: PySpark (the ``chainfold[spark]`` extra) or a Java 17+
-    runtime is missing. ``missing`` names which."""
-
-    def __init__(self, missing: str, detail: str) -> None:
-        self.missing = missing
-        super().__init__(detail)
 
 
 def require_pyspark() -> Any:
@@ -125,20 +131,27 @@ def spark_session(
     needs ``spark.driver.host``); executors run this interpreter (``spark.pyspark.python``) unless
     set; the UI and the console progress bar are off (stdout stays clean for ``--json``); a task is
     tried ``max_failures`` times before the job fails, in local mode too.
+
+    A session this process already runs (a notebook's, a test session's) is used as it is and left
+    running; a warning says so when its master is not ``master``.
     """
     require_pyspark()
     from pyspark import SparkContext
 
+    master = _with_retries(master or os.environ.get(ENV_MASTER) or DEFAULT_MASTER, max_failures)
     active = SparkContext._active_spark_context
     if active is not None:
-        raise BadInput(f"a Spark session is already running in this process (master {active.master}); "
-                       "chainfold runs one at a time")
+        from pyspark.sql import SparkSession
+
+        if active.master != master:
+            log.warning("using the Spark session this process already runs (master %s), not %s", active.master, master)
+        yield SparkSession(active)
+        return
     os.environ["JAVA_HOME"] = find_java_home()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    master = _with_retries(master or os.environ.get(ENV_MASTER) or DEFAULT_MASTER, max_failures)
     settings = {
         "spark.driver.host": "127.0.0.1",
         "spark.driver.bindAddress": "127.0.0.1",
@@ -158,6 +171,187 @@ def spark_session(
         yield spark
     finally:
         spark.stop()
+
+
+# --- errors from executors -----------------------------------------------------------------------
+
+_MARK = "chainfold-error:"
+_MARK_END = ":chainfold-error-end"
+T = TypeVar("T")
+
+
+def _carry(exc: ChainfoldError) -> RuntimeError:
+    """An exception whose text carries ``exc`` (pickled): Spark hands the driver an executor's
+    error as text only."""
+    return RuntimeError(_MARK + base64.b64encode(pickle.dumps(exc)).decode() + _MARK_END)
+
+
+def _carrying(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` run in an executor: a chainfold error it raises reaches the driver whole."""
+
+    def run(*args: Any, **kw: Any) -> T:
+        try:
+            return fn(*args, **kw)
+        except ChainfoldError as exc:
+            raise _carry(exc) from None
+
+    return run
+
+
+def _carrying_iter(fn: Callable[..., Iterable[T]]) -> Callable[..., Iterator[T]]:
+    """:func:`_carrying` for a function that returns an iterable (raising while iterated)."""
+
+    def run(*args: Any, **kw: Any) -> Iterator[T]:
+        try:
+            yield from fn(*args, **kw)
+        except ChainfoldError as exc:
+            raise _carry(exc) from None
+
+    return run
+
+
+def driver_error(exc: BaseException) -> ChainfoldError:
+    """The chainfold error an executor raised, from the exception a failed Spark job gives the
+    driver; else :class:`~chainfold.errors.WorkerFailed` saying what Spark said (exit 3: Spark
+    gave up after retrying the task)."""
+    text = str(exc)
+    i = text.find(_MARK)
+    if i >= 0:
+        j = text.find(_MARK_END, i)
+        try:
+            err = pickle.loads(base64.b64decode(text[i + len(_MARK) : j]))
+            if isinstance(err, ChainfoldError):
+                return err
+        except Exception:  # noqa: BLE001 - fall through to the generic report
+            pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else repr(exc))
+    return WorkerFailed(f"the Spark job failed after its retries: {detail[:500]}")
+
+
+@contextlib.contextmanager
+def _spark_errors() -> Iterator[None]:
+    try:
+        yield
+    except ChainfoldError:
+        raise
+    except Exception as exc:  # py4j / PySpark errors of a failed job
+        if type(exc).__module__.startswith(("py4j", "pyspark")):
+            raise driver_error(exc) from None
+        raise
+
+
+# --- the cluster -----------------------------------------------------------------------------------
+
+
+def _merge_positions(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(a + b))
+
+
+class _SparkChunks:
+    """The chunks of one read, cached in the executors (one Spark partition per range)."""
+
+    def __init__(self, cluster: SparkCluster, rdd: Any, n: int) -> None:
+        self.cluster = cluster
+        self.rdd = rdd
+        self.n = n
+
+    def collect(self, fn: Callable[[Chunk], T]) -> list[T]:
+        with _spark_errors():
+            return self.rdd.map(_carrying(fn)).collect()
+
+    def stream(self, fn: Callable[[Chunk], T]) -> Iterator[T]:
+        """Results in range order, ``parallelism`` ranges per job: the driver holds that many."""
+        sc = self.cluster.sc
+        mapped = self.rdd.map(_carrying(fn))
+        step = max(1, self.cluster.parallelism)
+        for lo in range(0, self.n, step):
+            with _spark_errors():
+                got = sc.runJob(mapped, lambda it: it, partitions=list(range(lo, min(self.n, lo + step))))
+            yield from got
+
+    def repeated(self, pairs: Callable[[Chunk], Iterable[tuple[str, int]]],
+                 prior: Iterable[str] = ()) -> list[tuple[str, tuple[int, ...]]]:
+        sc = self.cluster.sc
+        keyed = self.rdd.flatMap(_carrying_iter(pairs)).map(lambda kv: (kv[0], (kv[1],)))
+        prior = [(k, (-1,)) for k in prior]
+        if prior:
+            keyed = keyed.union(sc.parallelize(prior, max(1, min(len(prior) // 100_000 + 1, self.cluster.groups))))
+        with _spark_errors():
+            return (keyed.reduceByKey(_merge_positions, numPartitions=self.cluster.groups)
+                    .filter(lambda kv: len(kv[1]) > 1).collect())
+
+    def fold(self, items: Callable[[Chunk], Iterable[tuple[str, int, Any]]], start: Sequence[tuple[str, int, Any]],
+             fold: Callable[[Iterator[tuple[str, int, Any]]], Iterator[T]]) -> list[T]:
+        sc, groups = self.cluster.sc, self.cluster.groups
+        its = self.rdd.flatMap(_carrying_iter(items))
+        if start:
+            its = its.union(sc.parallelize(list(start), max(1, min(len(start) // 100_000 + 1, groups))))
+        keyed = its.map(lambda t: ((t[0], t[1]), t[2]))
+        ordered = keyed.repartitionAndSortWithinPartitions(groups, partitionFunc=lambda k: group_of(k[0], groups))
+
+        def run(it: Iterator[tuple[tuple[str, int], Any]]) -> Iterator[T]:
+            return fold((k[0], k[1], v) for k, v in it)
+
+        with _spark_errors():
+            return ordered.mapPartitions(_carrying_iter(run)).collect()
+
+    def release(self) -> None:
+        try:
+            self.rdd.unpersist()
+        except Exception:  # noqa: BLE001 - a session already stopped has nothing cached
+            pass
+
+
+class SparkCluster:
+    """The :class:`~chainfold.engines.cluster.Cluster` of a Spark session: a read is an RDD with
+    one partition per range, cached (memory, then disk) in the executors; shares are broadcasts;
+    the dedup shuffle is a ``reduceByKey`` and the fold's a ``repartitionAndSortWithinPartitions``
+    by stream into ``groups`` partitions (default: twice the default parallelism). A chainfold error
+    an executor raises (a broker gone past its retry budget, a log shorter than planned) fails the
+    task; Spark retries it, and when it gives up the driver raises that error
+    (:func:`driver_error`)."""
+
+    def __init__(self, spark: "SparkSession", *, groups: int | None = None) -> None:
+        self.spark = spark
+        self.sc = spark.sparkContext
+        self.groups = groups or max(2, 2 * self.sc.defaultParallelism)
+
+    @property
+    def parallelism(self) -> int:
+        return int(self.sc.defaultParallelism)
+
+    def share(self, value: Any) -> Shared:
+        return self.sc.broadcast(value)
+
+    def read(self, tasks: Sequence[Callable[[], Chunk]]) -> _SparkChunks:
+        from pyspark import StorageLevel
+
+        n = max(1, len(tasks))
+        rdd = self.sc.parallelize(list(tasks), n).map(_carrying(lambda task: task()))
+        rdd.persist(StorageLevel.MEMORY_AND_DISK)
+        return _SparkChunks(self, rdd, len(tasks))
+
+
+@contextlib.contextmanager
+def spark_cluster(master: str | None = None, *, conf: dict[str, str] | None = None) -> Iterator[SparkCluster]:
+    """A :class:`SparkCluster` on a new session (see :func:`spark_session`), stopped on exit."""
+    with spark_session(master, conf=conf) as spark:
+        yield SparkCluster(spark)
+
+
+def pulsar_distribution(cluster: Any, topic: str, broker: BrokerOptions, client: Any,
+                        admin_url: str | None = None) -> Any:
+    """What the distributed driver needs to replay ``topic`` on ``cluster``: tasks that open the
+    topic on ``broker`` (given by URL: executors never start an embedded broker), each with a
+    connection of its own, and a planner that asks ``client`` (``internalStats`` at ``admin_url``
+    when given, else probing). A :class:`~chainfold.engines.distributed.Distribution`."""
+    from .distributed import Distribution
+    from .pool import PulsarSource
+
+    if not broker.service_url:
+        raise BadInput("the Spark engine reads from a broker given by URL (resolve the embedded one first)")
+    return Distribution(cluster, PulsarSource(topic, broker, receiver_queue=RANGE_QUEUE), PulsarPlanner(client, admin_url))
 
 
 # --- the read stage as a Spark job -----------------------------------------------------------------
@@ -184,13 +378,13 @@ def _ranges_rdd(spark: "SparkSession", ranges: Sequence[ReadRange]) -> Any:
     return spark.sparkContext.parallelize(list(enumerate(ranges)), max(1, len(ranges)))
 
 
-def _count_task(broker: BrokerOptions, reader_kw: dict[str, Any]) -> Callable[[Iterable[tuple[int, ReadRange]]], Iterator[RangeStats]]:
+def _count_task(open_log: Callable[[], EventLog], reader_kw: dict[str, Any]) -> Callable[[Iterable[tuple[int, ReadRange]]], Iterator[RangeStats]]:
     def run(items: Iterable[tuple[int, ReadRange]]) -> Iterator[RangeStats]:
         for _, rng in items:
             t0 = time.perf_counter()
             n = size = 0
             first = None
-            with open_range(broker, rng, **reader_kw) as reader:
+            with open_range(open_log, rng, **reader_kw) as reader:
                 for entry in reader:
                     if first is None:
                         first = str(entry.message_id)
@@ -202,20 +396,21 @@ def _count_task(broker: BrokerOptions, reader_kw: dict[str, Any]) -> Callable[[I
     return run
 
 
-def read_ranges(spark: "SparkSession", broker: BrokerOptions, ranges: Sequence[ReadRange],
+def read_ranges(spark: "SparkSession", open_log: Callable[[], EventLog], ranges: Sequence[ReadRange],
                 **reader_kw: Any) -> list[RangeStats]:
-    """Read every range in a task of its own and count (the read stage alone); in plan order."""
-    return _ranges_rdd(spark, ranges).mapPartitions(_count_task(broker, reader_kw)).collect()
+    """Read every range in a task of its own (``open_log()``: a log of its own, e.g. a
+    :class:`~chainfold.engines.pool.PulsarSource`) and count (the read stage alone); in plan order."""
+    return _ranges_rdd(spark, ranges).mapPartitions(_count_task(open_log, reader_kw)).collect()
 
 
-def collect_ranges(spark: "SparkSession", broker: BrokerOptions, ranges: Sequence[ReadRange],
+def collect_ranges(spark: "SparkSession", open_log: Callable[[], EventLog], ranges: Sequence[ReadRange],
                    **reader_kw: Any) -> list[list[tuple[str, bytes]]]:
     """Every range's ``(message id, payload)`` pairs, read in tasks, in plan order (for tests:
     small topics only, everything comes back to the driver)."""
 
     def run(items: Iterable[tuple[int, ReadRange]]) -> Iterator[list[tuple[str, bytes]]]:
         for _, rng in items:
-            with open_range(broker, rng, **reader_kw) as reader:
+            with open_range(open_log, rng, **reader_kw) as reader:
                 yield [(str(e.message_id), e.payload) for e in reader]
 
     return _ranges_rdd(spark, ranges).mapPartitions(run).collect()

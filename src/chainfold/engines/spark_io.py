@@ -115,6 +115,7 @@ __all__ = [
     "fetch_internal_stats",
     "probe_layout",
     "plan_partition",
+    "PulsarPlanner",
     "RangeReader",
     "open_range",
     "RANGE_QUEUE",
@@ -506,6 +507,23 @@ def plan_partition(
     per = max(min_entries, math.ceil(n / target_ranges))
     return ranges + split_layout(partition, spans, entries_per_range=per, start=tail,
                                  first_index=first_index, index=len(ranges))
+
+
+@dataclass(frozen=True)
+class PulsarPlanner:
+    """Plans a partition's ranges on a Pulsar broker (:func:`plan_partition`): from
+    ``internalStats`` when ``admin_url`` is set, else by probing through ``client``; ranges of at
+    least ``min_entries`` entries (an entry is a batch of up to a producer's batch size)."""
+
+    client: pulsar.Client
+    admin_url: str | None = None
+    min_entries: int = 16
+
+    def __call__(self, partition: str, *, recorded: Sequence[_RecordedSegment], after: Point | None,
+                 after_index: int, target_ranges: int) -> list[ReadRange]:
+        return plan_partition(partition, client=self.client, admin_url=self.admin_url, recorded=recorded,
+                              after=after, after_index=after_index, target_ranges=target_ranges,
+                              min_entries=self.min_entries)
 
 
 # --- reading -----------------------------------------------------------------------------------------

@@ -273,6 +273,18 @@ class PartitionReference:
             start = d.index(0) - d.offset(0)  # the log index of the batch's first entry
             self.leaves.extend(leaves[d.index(j) - start] for j in range(len(d.events)))
 
+    def append(self, index: int, event_id: str, stream: str, leaf: bytes | None) -> None:
+        """One more reference event (what :meth:`add` does per event, for engines that fold elsewhere)."""
+        self.index.append(index)
+        self.ids.append(event_id)
+        sno = self._numbers.get(stream)
+        if sno is None:
+            sno = self._numbers[stream] = len(self._names)
+            self._names.append(stream)
+        self.stream_no.append(sno)
+        if self.leaves is not None and leaf is not None:
+            self.leaves.append(leaf)
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -331,13 +343,14 @@ def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leave
         reference.duplicates_in += [len(reference.refs)] * (len(decoder.duplicates) - len(reference.duplicates_in))
         reference.refs.append(ref)
         reference.scans.append(scan)
-        _note_record(reference, p, scan)
-        _check_start(elog, p, scan, ref)
+        note_record(reference, p, scan)
+        check_start(elog, p, scan, ref)
     reference.locate()
     return reference
 
 
-def _note_record(reference: Reference, p: str, scan: PartitionScan) -> None:
+def note_record(reference: Reference, p: str, scan: PartitionScan) -> None:
+    """Notes on the record of partition ``p`` (corrupt, or disagreeing with the log)."""
     if scan.record_error:
         reference.notes.append(scan.record_error + "; not trusted")
     if scan.mismatch is not None:
@@ -345,7 +358,7 @@ def _note_record(reference: Reference, p: str, scan: PartitionScan) -> None:
                                f"{scan.mismatch.reason}")
 
 
-def _check_start(elog: EventLog, p: str, scan: PartitionScan, ref: PartitionReference) -> None:
+def check_start(elog: EventLog, p: str, scan: PartitionScan, ref: PartitionReference) -> None:
     """The reference must start where the record says the log started."""
     recorded = scan.recorded
     if not (recorded and recorded[0].first is not None and scan.entries and len(ref)):
@@ -597,11 +610,13 @@ def positions(reference: Reference, report: ReconcileReport) -> dict[str, Any]:
 
 
 def repair_states(elog: EventLog, model: Model, snapshots_root: Path, reference: Reference,
-                  report: ReconcileReport, state: dict[str, Any]) -> None:
+                  report: ReconcileReport, state: dict[str, Any], *, rebuild: Callable[..., Any] | None = None) -> None:
     """Replay only the divergent streams from the newest valid snapshot before the first
     divergence, check the result against the reference (a fresh rebuild from the start of the
-    log), and put the corrected states and the corrections in ``report``."""
-    from .rebuild import rebuild
+    log), and put the corrected states and the corrections in ``report``. ``rebuild`` is the
+    engine's (:func:`chainfold.ops.rebuild.rebuild` by default)."""
+    if rebuild is None:
+        from .rebuild import rebuild
 
     first, divergent, notes = report.first_divergence, report.divergent_streams, report.notes
     if not divergent:
@@ -651,15 +666,19 @@ def reconcile(
     tracker: TrackerEvidence | None = None,
     repair: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    build: Callable[..., Reference] = build_reference,
+    rebuild: Callable[..., Any] | None = None,
 ) -> ReconcileReport:
     """Compare a worker's evidence with the log; with ``repair``, compute the corrected states.
 
     Raises :class:`MalformedInputLine` / :class:`BadInput` for evidence naming events or streams
     the log never had, and :class:`HistoryUnrecoverable` when the log no longer holds its start.
+    ``build`` (the reference: :func:`build_reference`) and ``rebuild`` (the repair's replay) are the
+    engine's: the distributed engine passes its own.
     """
     t0 = time.monotonic()
     evidence = Evidence(state, state_path, processed, tracker)
-    reference = build_reference(elog, model, snapshots_root, leaves=tracker is not None, on_progress=on_progress)
+    reference = build(elog, model, snapshots_root, leaves=tracker is not None, on_progress=on_progress)
     check_evidence(reference, evidence)
     handling = diff_handling(reference, evidence)
     divergent = diff_states(reference, state)
@@ -677,7 +696,7 @@ def reconcile(
     )
     report.details["positions"] = positions(reference, report)
     if repair:
-        repair_states(elog, model, snapshots_root, reference, report, state)
+        repair_states(elog, model, snapshots_root, reference, report, state, rebuild=rebuild)
     report.seconds = time.monotonic() - t0
     return report
 

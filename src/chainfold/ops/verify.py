@@ -257,22 +257,30 @@ def _compare_partition(left: EventLog, lp: str, ls: PartitionScan, right: EventL
                       d.comparisons)
 
 
+def _scan(elog: EventLog, partition: str, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
+          on_progress: Callable[[int], None] | None = None) -> PartitionScan:
+    return hash_partition(elog, Span(partition), segment_size=segment_size, write=False, on_progress=on_progress)
+
+
 def compare_logs(left: EventLog, right: EventLog, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
-                 on_progress: Callable[[int], None] | None = None) -> VerifyReport:
+                 on_progress: Callable[[int], None] | None = None,
+                 scan: Callable[..., PartitionScan] | None = None) -> VerifyReport:
     """Compare two logs partition by partition (``verify TOPIC --against OTHER``).
 
     Both are hashed once; the first divergent entry is then found from the two checkpoint
     sequences by bisection over heads and descent inside one segment, reading only that segment
     again from each side. The mismatch names the entry of ``left`` (the topic being verified).
+    ``scan(log, partition, segment_size=, on_progress=)`` hashes one partition, recording nothing
+    (the engine's: here by default, a cluster's with the distributed engine).
     """
+    scan = scan or _scan
     lparts, rparts = left.partitions(), right.partitions()
     report = VerifyReport(left.topic, [], against=right.topic)
     if len(lparts) != len(rparts):
         report.notes.append(f"{left.topic} has {len(lparts)} partitions, {right.topic} has {len(rparts)}")
     done = 0
     for i, lp in enumerate(lparts):
-        ls = hash_partition(left, Span(lp), segment_size=segment_size, write=False,
-                            on_progress=_offset(on_progress, done))
+        ls = scan(left, lp, segment_size=segment_size, on_progress=_offset(on_progress, done))
         done += ls.entries
         report.scans.append(ls)
         if report.mismatch is not None:
@@ -282,7 +290,7 @@ def compare_logs(left: EventLog, right: EventLog, *, segment_size: int = DEFAULT
                 report.mismatch = Mismatch(0, 0, None, None, f"no partition {i} in {right.topic}")
                 report.mismatch_partition = lp
             continue
-        rs = hash_partition(right, Span(rparts[i]), segment_size=segment_size, write=False)
+        rs = scan(right, rparts[i], segment_size=segment_size)
         m = _compare_partition(left, lp, ls, right, rparts[i], rs)
         if m is not None and m.reason.startswith("log changed"):
             report.notes.append(f"{lp}: {m.reason}")
