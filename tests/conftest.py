@@ -51,6 +51,37 @@ def broker_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def spark():
+    """One Spark session (``local[2]``) for the whole test session: every Spark test shares it, and
+    a command run in-process with ``--engine spark`` uses it (chainfold uses a session the process
+    already runs)."""
+    from chainfold.engines.spark import spark_session
+
+    with spark_session("local[2]", app_name="chainfold-tests") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def standalone_master() -> Iterator[str]:
+    """A Spark master and a worker from ``scripts/spark-standalone`` on loopback (ports
+    ``CHAINFOLD_TEST_SPARK_MASTER_PORT`` [7177], ``CHAINFOLD_TEST_SPARK_UI_PORT`` [8181]), shared by
+    the slow cluster tests; stopped afterwards. Yields the master URL."""
+    data = Path(tempfile.mkdtemp(prefix="chainfold-spark-cluster-"))
+    script = str(ROOT / "scripts" / "spark-standalone")
+    opts = ["--data", str(data), "--port", os.environ.get("CHAINFOLD_TEST_SPARK_MASTER_PORT", "7177"),
+            "--ui-port", os.environ.get("CHAINFOLD_TEST_SPARK_UI_PORT", "8181"), "--cores", "2", "--memory", "1g"]
+    started = subprocess.run([script, "start", *opts], capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, f"spark-standalone start failed:\n{started.stderr[-3000:]}"
+        status = subprocess.run([script, "status", *opts], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        yield started.stdout.strip()
+    finally:
+        subprocess.run([script, "stop", *opts], capture_output=True, text=True, timeout=120)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def pulsar_client(broker_url: str):
     import pulsar
 

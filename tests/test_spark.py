@@ -9,20 +9,18 @@ Cluster ports: ``CHAINFOLD_TEST_SPARK_MASTER_PORT`` [7177], ``CHAINFOLD_TEST_SPA
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from chainfold.engines.pool import PulsarSource
 from chainfold.engines.spark import _with_retries, find_java_home
 from chainfold.engines.spark_io import plan_partition
 from chainfold.log.broker import BrokerOptions
 from chainfold.log.pulsar import PulsarLog
 
-from .conftest import APACHE, ROOT, unique_topic
+from .conftest import APACHE, unique_topic
 
 try:
     import pyspark  # noqa: F401
@@ -31,15 +29,9 @@ except ImportError:
         raise
     pytest.skip("needs PySpark: pip install 'chainfold[spark]' (make setup-spark)", allow_module_level=True)
 
-from chainfold.engines.spark import collect_ranges, read_ranges, spark_session  # noqa: E402
+from chainfold.engines.spark import collect_ranges, read_ranges  # noqa: E402
 
 pytestmark = pytest.mark.spark
-
-
-@pytest.fixture(scope="module")
-def spark():
-    with spark_session("local[2]", app_name="chainfold-tests") as s:
-        yield s
 
 
 def _topic(client, batched: int = 4000, single: int = 20) -> PulsarLog:
@@ -75,11 +67,11 @@ def test_tasks_read_the_ranges_like_the_serial_read(spark, pulsar_client, broker
     plog = _topic(pulsar_client)
     ranges = plan_partition(plog.topic, client=pulsar_client, target_ranges=6, min_entries=1)
     assert len(ranges) >= 3
-    broker = BrokerOptions(service_url=broker_url)
-    parts = collect_ranges(spark, broker, ranges, receiver_queue=50)
+    source = PulsarSource(plog.topic, BrokerOptions(service_url=broker_url), receiver_queue=50)
+    parts = collect_ranges(spark, source, ranges)
     got = [m for part in parts for m in part]
     assert got == _serial(plog)
-    stats = read_ranges(spark, broker, ranges)
+    stats = read_ranges(spark, source, ranges)
     assert [s.index for s in stats] == [r.index for r in ranges]
     assert [s.messages for s in stats] == [len(p) for p in parts]
     assert all(s.first == p[0][0] and s.last == p[-1][0] for s, p in zip(stats, parts))
@@ -96,7 +88,7 @@ def test_tasks_read_a_partitioned_topic(spark, pulsar_client, broker_url: str) -
     plog.append_payloads([(b"m%d" % i, f"s{i % 13}", None) for i in range(5000)])
     ranges = [r for part in plog.partitions()
               for r in plan_partition(part, admin_url=admin, target_ranges=3, min_entries=1)]
-    parts = collect_ranges(spark, BrokerOptions(service_url=broker_url), ranges)
+    parts = collect_ranges(spark, PulsarSource(topic, BrokerOptions(service_url=broker_url)), ranges)
     by_partition: dict[str, list] = {}
     for r, part in zip(ranges, parts):
         by_partition.setdefault(r.partition, []).extend(part)
@@ -134,27 +126,10 @@ def test_a_failed_task_is_retried_in_local_mode(spark, tmp_path: Path) -> None:
 # --- a loopback standalone cluster -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def standalone_master() -> Iterator[str]:
-    """A master and a worker from ``scripts/spark-standalone`` on loopback; stopped afterwards."""
-    data = Path(tempfile.mkdtemp(prefix="chainfold-spark-cluster-"))
-    script = str(ROOT / "scripts" / "spark-standalone")
-    opts = ["--data", str(data), "--port", os.environ.get("CHAINFOLD_TEST_SPARK_MASTER_PORT", "7177"),
-            "--ui-port", os.environ.get("CHAINFOLD_TEST_SPARK_UI_PORT", "8181"), "--cores", "2", "--memory", "1g"]
-    started = subprocess.run([script, "start", *opts], capture_output=True, text=True, timeout=300)
-    try:
-        assert started.returncode == 0, f"spark-standalone start failed:\n{started.stderr[-3000:]}"
-        status = subprocess.run([script, "status", *opts], capture_output=True, text=True, timeout=60)
-        assert status.returncode == 0, status.stdout + status.stderr
-        yield started.stdout.strip()
-    finally:
-        subprocess.run([script, "stop", *opts], capture_output=True, text=True, timeout=120)
-        shutil.rmtree(data, ignore_errors=True)
-
-
 _CLUSTER_JOB = """
 import json, sys
 import pulsar
+from chainfold.engines.pool import PulsarSource
 from chainfold.engines.spark import collect_ranges, spark_session
 from chainfold.engines.spark_io import plan_partition
 from chainfold.log.broker import BrokerOptions, client_logger
@@ -166,7 +141,7 @@ client.close()
 conf = {"spark.executor.memory": "512m", "spark.cores.max": "2"}
 with spark_session(master, app_name="chainfold-cluster-test", conf=conf) as s:
     assert s.sparkContext.master == master, s.sparkContext.master
-    parts = collect_ranges(s, BrokerOptions(service_url=url), ranges)
+    parts = collect_ranges(s, PulsarSource(topic, BrokerOptions(service_url=url)), ranges)
 print(json.dumps([[i, p.hex()] for part in parts for i, p in part]))
 """
 

@@ -136,10 +136,11 @@ def _serial(plog: PulsarLog, partition: str | None = None) -> list[tuple[str, by
     return [(str(e.message_id), e.payload) for e in plog.read(partition)]
 
 
-def _read_all(client: pulsar.Client, ranges: list[ReadRange], **kw) -> list[tuple[str, bytes]]:
+def _read_all(client: pulsar.Client, ranges: list[ReadRange], receiver_queue: int | None = None
+              ) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     for r in ranges:
-        reader = RangeReader(client, r, **kw)
+        reader = RangeReader(PulsarLog(client, r.partition, receiver_queue=receiver_queue), r)
         part = [(str(e.message_id), e.payload) for e in reader]
         assert reader.complete and reader.count == len(part)
         if r.messages is not None:
@@ -199,9 +200,9 @@ def test_a_range_past_the_end_is_short_not_complete(pulsar_client) -> None:
     beyond = ReadRange(rng.partition, 0, rng.start, Point(rng.end.ledger, rng.end.entry + 5),
                        Point(rng.end.ledger, rng.end.entry + 3))
     with pytest.raises(LogShorterThanPlanned) as err:
-        list(RangeReader(pulsar_client, beyond))
+        list(RangeReader(PulsarLog(pulsar_client, beyond.partition), beyond))
     assert err.value.exit_code == 3 and err.value.reach == beyond.reach
-    reader = RangeReader(pulsar_client, beyond, strict=False)
+    reader = RangeReader(PulsarLog(pulsar_client, beyond.partition), beyond, strict=False)
     assert [(str(e.message_id), e.payload) for e in reader] == _serial(plog)
     assert not reader.complete
 
@@ -314,6 +315,7 @@ def test_chainfold_imports_no_pyspark() -> None:
     import subprocess
 
     code = ("import sys, chainfold, chainfold.cli, chainfold.engines.parallel, chainfold.engines.spark_io, "
+            "chainfold.engines.distributed, chainfold.engines.cluster, chainfold.engines.tasks, "
             "chainfold.engines.spark; print(any(m == 'pyspark' or m.startswith('pyspark.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ModelError, WorkerFailed
 from ..hashing.chain import Checkpoint
 from ..hashing.record import PartitionRecord, open_record
-from ..hashing.stage import DEFAULT_SEGMENT_SIZE, PartitionScan, Piece, PieceStage
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE, PartitionScan, PieceStage
 from ..log import EventLog, Position
 from ..log.source import DEFAULT_BATCH
 from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild

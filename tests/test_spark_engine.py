@@ -1,0 +1,249 @@
+"""``--engine spark`` on a real Spark (``local[2]``, one session shared by the test session): the
+JSON report, the ``--out``/``--repair`` state export, the corrections, the recorded checkpoints and
+leaf hashes, and the snapshots equal the local engine's byte for byte (timings removed), for
+``rebuild``, ``verify`` (also ``--against`` a copy with a dropped entry) and ``reconcile`` (a
+divergent worker), with duplicates and malformed entries in the log; on the embedded broker, and on
+Apache Pulsar with a partitioned topic. Failures: a broker gone (Spark retries the tasks, then exit
+3), a poison event (exit 2, the same error document). One command runs as its own process (a real
+Spark start-up), and, marked slow, one on a loopback standalone cluster (scripts/spark-standalone).
+
+Needs the chainfold[spark] extra and Java 17+; skipped without them, unless
+``CHAINFOLD_TEST_REQUIRE_SPARK=1`` (set by ``make test``). Cluster ports:
+``CHAINFOLD_TEST_SPARK_MASTER_PORT`` [7177], ``CHAINFOLD_TEST_SPARK_UI_PORT`` [8181].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from chainfold.cli import common
+from chainfold.envelope import decode
+from chainfold.errors import MalformedEnvelope
+from chainfold.log.pulsar import PulsarLog
+
+from .conftest import APACHE, unique_topic
+from .distributed_cases import MODEL, POISON_MODEL, assert_same_store, events, messy, normalized
+
+try:
+    import pyspark  # noqa: F401
+except ImportError:
+    if os.environ.get("CHAINFOLD_TEST_REQUIRE_SPARK"):
+        raise
+    pytest.skip("needs PySpark: pip install 'chainfold[spark]' (make setup-spark)", allow_module_level=True)
+
+pytestmark = [pytest.mark.spark, pytest.mark.broker]
+
+SPARK = ("--engine", "spark", "--spark-master", "local[2]")
+
+
+@pytest.fixture
+def invoke(monkeypatch: pytest.MonkeyPatch, spark: Any) -> Callable[..., Any]:
+    """Run the CLI in this process (so ``--engine spark`` uses the shared session): ``run()`` ends
+    the process with os._exit, so it exits through SystemExit here."""
+
+    def fake_exit(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(common, "_exit", fake_exit)
+
+    def call(*args: str) -> Any:
+        return CliRunner().invoke(common.cli, [str(a) for a in args], catch_exceptions=False)
+
+    return call
+
+
+def _topic(pulsar_client: Any, partitions: int) -> PulsarLog:
+    topic = unique_topic("sparkeng")
+    if partitions:
+        from .test_apache import create_partitioned_topic
+
+        create_partitioned_topic(topic, partitions)
+    return PulsarLog(pulsar_client, topic)
+
+
+class Both:
+    """The same command through the local engine (store ``tmp/local``) and the Spark engine
+    (``tmp/spark``); the outputs compared."""
+
+    def __init__(self, invoke: Callable[..., Any], tmp: Path, url: str) -> None:
+        self.invoke, self.tmp, self.url = invoke, tmp, url
+        self.roots = (tmp / "local", tmp / "spark")
+        for r in self.roots:
+            r.mkdir(exist_ok=True)
+
+    def run(self, *args: str, code: int = 0, files: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``chainfold ARGS`` with ``{root}`` in an argument replaced by each engine's folder; the
+        two JSON reports (normalized) and the files named (relative to the root) must be equal."""
+        docs, blobs = [], []
+        for root, extra in zip(self.roots, ((), SPARK)):
+            argv = [str(a).replace("{root}", str(root)) for a in args]
+            r = self.invoke(*argv, "--snapshots", root / "snapshots", "--service-url", self.url, "--json", *extra)
+            assert r.exit_code == code, r.output
+            docs.append(normalized(json.loads(r.stdout), self.roots))
+            blobs.append({f: (root / f).read_bytes() for f in files})
+        assert docs[0] == docs[1]
+        assert blobs[0] == blobs[1]
+        return docs[0]
+
+    def same_store(self, topic: str) -> None:
+        assert_same_store(self.roots[0] / "snapshots", self.roots[1] / "snapshots", topic)
+
+
+def _worker_evidence(plog: PulsarLog, tmp: Path, expected: dict[str, Any]) -> tuple[Path, Path]:
+    """A worker that missed one event, handled one twice and got two streams wrong."""
+    ids: list[str] = []
+    for p in plog.partitions():
+        seen: set[str] = set()
+        for e in plog.read(p):
+            try:
+                eid = decode(e.payload).id
+            except MalformedEnvelope:
+                continue
+            if eid not in seen:
+                seen.add(eid)
+                ids.append(eid)
+    del ids[40]
+    ids.insert(9, ids[3])
+    processed = tmp / "processed.jsonl"
+    processed.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    state = dict(expected)
+    streams = sorted(state)
+    state[streams[1]] = {"balance": -7}
+    del state[streams[2]]
+    export = tmp / "worker-state.json"
+    export.write_text(json.dumps(state))
+    return processed, export
+
+
+def _story(invoke: Callable[..., Any], pulsar_client: Any, broker_url: str, tmp: Path, partitions: int) -> None:
+    plog = _topic(pulsar_client, partitions)
+    evs = messy(plog, 2500)
+    both = Both(invoke, tmp, broker_url)
+    topic = plog.topic
+
+    doc = both.run("rebuild", topic, "--model", MODEL, "--snapshot-every", "700", "--out", "{root}/state.json",
+                   files=("state.json",))
+    assert doc["duplicates"] and doc["malformed"] and len(doc["snapshots_written"]) >= 3
+    both.same_store(topic)
+
+    plog.append(events(400, seed=8))
+    plog.append(evs[100:120], assign_seq=False)  # duplicates of events the snapshots cover
+    doc = both.run("rebuild", topic, "--model", MODEL, "--snapshot-every", "700", "--out", "{root}/state.json",
+                   files=("state.json",))
+    assert doc["snapshot"] is not None and len(doc["duplicates"]) >= 20
+    both.same_store(topic)
+
+    doc = both.run("verify", topic)
+    assert doc["verdict"] == "intact" and doc["snapshots_checked"] >= 1
+    both.same_store(topic)
+
+    copy = PulsarLog(pulsar_client, unique_topic("sparkcopy")) if not partitions else _topic(pulsar_client, partitions)
+    entries = [e for p in plog.partitions() for e in plog.read(p)]
+    copy.append_payloads((e.payload, e.key, e.event_time) for i, e in enumerate(entries) if i != 1234)
+    doc = both.run("verify", topic, "--against", copy.topic, code=1)
+    assert doc["first_mismatch"] is not None
+
+    expected = json.loads((both.roots[0] / "state.json").read_text())
+    processed, export = _worker_evidence(plog, tmp, expected)
+    doc = both.run("reconcile", topic, "--model", MODEL, "--state", export, "--processed", processed,
+                   "--repair", "{root}/repaired.json", files=("repaired.json", "repaired.corrections.jsonl"))
+    assert doc["verdict"] == "repaired" and len(doc["missing"]) == 1 and doc["divergent_streams"]
+    both.same_store(topic)
+
+
+@pytest.mark.skipif(APACHE, reason="the embedded broker's story (Apache Pulsar: the partitioned one)")
+def test_rebuild_verify_reconcile_on_the_embedded_broker(invoke, pulsar_client, broker_url: str,
+                                                         tmp_path: Path) -> None:
+    _story(invoke, pulsar_client, broker_url, tmp_path, 0)
+
+
+@pytest.mark.apache
+def test_rebuild_verify_reconcile_on_a_partitioned_apache_topic(invoke, pulsar_client, broker_url: str,
+                                                                 tmp_path: Path) -> None:
+    _story(invoke, pulsar_client, broker_url, tmp_path, 3)
+
+
+def test_a_poison_event_stops_both_engines_alike(invoke, pulsar_client, broker_url: str, tmp_path: Path) -> None:
+    model = tmp_path / "poison_model.py"
+    model.write_text(POISON_MODEL)
+    plog = _topic(pulsar_client, 0)
+    from chainfold.envelope import Event
+
+    plog.append([Event(f"e{i}", f"s{i % 5}", None, "t", 1, {"poison": i == 1800}) for i in range(2500)])
+    both = Both(invoke, tmp_path, broker_url)
+    doc = both.run("rebuild", plog.topic, "--model", f"{model}:", "--snapshot-every", "500", code=2)
+    assert doc["event_id"] == "e1800" and doc["stream"] == "s0"
+    both.same_store(plog.topic)
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_broker_gone_fails_the_tasks_then_the_job_with_exit_3(spark, pulsar_client, broker_url: str,
+                                                                 tmp_path: Path) -> None:
+    """Tasks that cannot reach the broker fail; Spark tries each 4 times; then the driver raises
+    the task's own error (BrokerUnavailable, exit 3), not Spark's."""
+    from chainfold.engines.distributed import distributed_verify
+    from chainfold.engines.pool import PulsarSource
+    from chainfold.engines.spark import SparkCluster
+    from chainfold.engines.spark_io import PulsarPlanner
+    from chainfold.errors import BrokerUnavailable
+    from chainfold.engines.distributed import Distribution
+    from chainfold.log.broker import BrokerOptions
+    from chainfold.ops.verify import VerifyOptions
+
+    plog = _topic(pulsar_client, 0)
+    plog.append(events(300))
+    gone = BrokerOptions(service_url=f"pulsar://127.0.0.1:{_dead_port()}", connect_timeout=0.5)
+    dist = Distribution(SparkCluster(spark), PulsarSource(plog.topic, gone), PulsarPlanner(pulsar_client))
+    with pytest.raises(BrokerUnavailable) as err:
+        distributed_verify(dist, plog, VerifyOptions(record_dir=tmp_path / "rec"))
+    assert err.value.exit_code == 3
+
+
+def test_a_command_in_its_own_process(cli, pulsar_client, broker_url: str, tmp_path: Path) -> None:
+    """``chainfold rebuild --engine spark`` as a user runs it: its own Spark (local[2]) started and
+    stopped, the same report and state export as the local engine's."""
+    plog = _topic(pulsar_client, 0)
+    messy(plog, 1500)
+    outs = []
+    for name, extra in (("local", ()), ("spark", SPARK)):
+        r = cli("rebuild", plog.topic, "--model", MODEL, "--json", "--out", f"{name}.json", "--snapshots", name,
+                *extra, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.lstrip().startswith("{")  # nothing but the report on stdout
+        outs.append((normalized(json.loads(r.stdout), (tmp_path / "local", tmp_path / "spark")),
+                     (tmp_path / f"{name}.json").read_bytes()))
+    assert outs[0] == outs[1]
+    assert_same_store(tmp_path / "local", tmp_path / "spark", plog.topic)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(APACHE, reason="the cluster runs once, in the pulsar-lite tier")
+def test_rebuild_on_a_standalone_cluster(standalone_master: str, cli, pulsar_client, broker_url: str,
+                                          tmp_path: Path) -> None:
+    """A master and a worker of the PySpark install (scripts/spark-standalone, loopback), the
+    command as a driver process with ``--spark-master spark://...``: the local engine's result."""
+    plog = _topic(pulsar_client, 0)
+    messy(plog, 3000)
+    outs = []
+    for name, extra in (("local", ()), ("spark", ("--engine", "spark", "--spark-master", standalone_master))):
+        r = cli("rebuild", plog.topic, "--model", MODEL, "--json", "--out", f"{name}.json", "--snapshots", name,
+                "--snapshot-every", "1000", *extra, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append((normalized(json.loads(r.stdout), (tmp_path / "local", tmp_path / "spark")),
+                     (tmp_path / f"{name}.json").read_bytes()))
+    assert outs[0] == outs[1]
+    assert_same_store(tmp_path / "local", tmp_path / "spark", plog.topic)
+
