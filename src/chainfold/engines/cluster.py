@@ -8,9 +8,11 @@ in the four shapes a replay has:
 * ``collect(fn)`` / ``stream(fn)``: ``fn`` of every chunk, in range (log) order; ``stream`` hands
   them over a few at a time, so the driver's memory does not grow with the log;
 * ``repeated(pairs, prior)``: a shuffle by key (event id): every key that occurs more than once among
-  the chunks' ``(key, position)`` pairs and the ``prior`` keys (position -1), with all its positions;
-* ``fold(items, start, fold)``: a shuffle by group (stream), each group's items sorted by position,
-  handed to ``fold`` group after group; its results come back.
+  the chunks' keys and positions (``pairs(chunk)``: two columns) and the ``prior`` keys (position
+  -1), with all its positions;
+* ``fold(items, start, fold, groups)``: a shuffle by group (stream) into ``groups`` partitions,
+  each partition's items sorted by group and position and handed to ``fold``; its results come
+  back.
 
 Implementations: :class:`InProcess` (here: every task in this process, one after the other; the
 tests' and a debugging aid) and :class:`~chainfold.engines.spark.SparkCluster` (Apache Spark). The
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from .tasks import Chunk
@@ -51,11 +53,11 @@ class Chunks(Protocol):
 
     def stream(self, fn: Callable[[Chunk], T]) -> Iterator[T]: ...
 
-    def repeated(self, pairs: Callable[[Chunk], Iterable[tuple[str, int]]],
-                 prior: Iterable[str] = ()) -> list[tuple[str, tuple[int, ...]]]: ...
+    def repeated(self, pairs: Callable[[Chunk], tuple[Sequence[str], Sequence[int]]],
+                 prior: Collection[str] = ()) -> list[tuple[str, tuple[int, ...]]]: ...
 
     def fold(self, items: Callable[[Chunk], Iterable[tuple[str, int, Any]]], start: Sequence[tuple[str, int, Any]],
-             fold: Callable[[Iterator[tuple[str, int, Any]]], Iterator[T]]) -> list[T]: ...
+             fold: Callable[[Iterator[tuple[str, int, Any]]], Iterator[T]], groups: int | None = None) -> list[T]: ...
 
     def release(self) -> None: ...
 
@@ -94,22 +96,24 @@ class _LocalChunks:
         for c in self._chunks:
             yield _travel(fn(c))
 
-    def repeated(self, pairs: Callable[[Chunk], Iterable[tuple[str, int]]],
-                 prior: Iterable[str] = ()) -> list[tuple[str, tuple[int, ...]]]:
+    def repeated(self, pairs: Callable[[Chunk], tuple[Sequence[str], Sequence[int]]],
+                 prior: Collection[str] = ()) -> list[tuple[str, tuple[int, ...]]]:
         seen: dict[str, list[int]] = {k: [-1] for k in prior}
         for c in self._chunks:
-            for k, pos in pairs(c):
+            ids, positions = pairs(c)
+            for k, pos in zip(ids, positions):
                 seen.setdefault(k, []).append(pos)
         return [(k, tuple(sorted(v))) for k, v in seen.items() if len(v) > 1]
 
     def fold(self, items: Callable[[Chunk], Iterable[tuple[str, int, Any]]], start: Sequence[tuple[str, int, Any]],
-             fold: Callable[[Iterator[tuple[str, int, Any]]], Iterator[T]]) -> list[T]:
-        parts: list[list[tuple[str, int, Any]]] = [[] for _ in range(self._groups)]
+             fold: Callable[[Iterator[tuple[str, int, Any]]], Iterator[T]], groups: int | None = None) -> list[T]:
+        n = groups or self._groups
+        parts: list[list[tuple[str, int, Any]]] = [[] for _ in range(n)]
         for c in self._chunks:
             for it in items(c):
-                parts[group_of(it[0], self._groups)].append(_travel(it))
+                parts[group_of(it[0], n)].append(_travel(it))
         for it in start:
-            parts[group_of(it[0], self._groups)].append(it)
+            parts[group_of(it[0], n)].append(it)
         out: list[T] = []
         for part in parts:
             part.sort(key=lambda it: (it[0], it[1]))

@@ -71,6 +71,7 @@ __all__ = ["Planner", "Distribution", "distributed_rebuild", "distributed_verify
 log = logging.getLogger("chainfold.engines.distributed")
 
 _NEVER = 1 << 62
+_FOLD_GROUP = 500_000  # events per partition of the fold shuffle, at most about (a task sorts them in memory)
 _LOW = (1 << GPOS_SHIFT) - 1
 
 
@@ -343,8 +344,10 @@ class DistributedRebuild:
             start = [(s, -1, ("state", v)) for s, v in snap.states.items() if only is None or s in only]
         fold = functools.partial(fold_streams, model_ref=self.model_ref, on_error=self.on_error, cuts=cuts,
                                  streams=self.options.streams)
+        total = sum(p.read for p in read.parts)
+        groups = -(-total // _FOLD_GROUP) if total > _FOLD_GROUP * 2 * cluster.parallelism else None
         outcome = _Outcome(read.chunks.fold(functools.partial(_fold_inputs, where=where, duplicates=losers), start,
-                                            fold), cuts)
+                                            fold, groups), cuts)
         phases.done("fold")
         stages = {p.pi: self.run_.hash_stage(p.name, PieceStage) for p in read.parts}
         ends = {p.pi: p.end for p in read.parts}
@@ -392,9 +395,12 @@ class DistributedRebuild:
             for _ in part.ranges:
                 a = next(items)
                 expected.update(i for i, _, _ in a.duplicates)
-                events = a.ids or []
-                if a.id_leaves is not None:
-                    events = [(i, e, s, leaf) for (i, e, s), leaf in zip(events, a.id_leaves)]
+                if a.ids is None:
+                    events: Sequence[tuple[Any, ...]] = []
+                elif a.id_leaves is not None:
+                    events = list(zip(a.indexes, a.ids, a.streams, a.id_leaves))  # type: ignore[arg-type]
+                else:
+                    events = list(zip(a.indexes, a.ids, a.streams))  # type: ignore[arg-type]
                 ids, bad, dups = _Queue(events), _Queue(a.malformed), _Queue(a.duplicates)
                 for piece in a.pieces:
                     if piece.begin >= end:

@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -244,8 +244,35 @@ def _spark_errors() -> Iterator[None]:
 # --- the cluster -----------------------------------------------------------------------------------
 
 
-def _merge_positions(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(sorted(a + b))
+def _by_bucket(keys: Any, positions: Any, buckets: int) -> Iterator[tuple[int, tuple[bytes, bytes]]]:
+    """``(bucket, (keys, positions))`` column pieces of one chunk, a record per bucket."""
+    import numpy as np
+
+    which = keys % np.uint64(buckets)
+    for b in np.unique(which):
+        mask = which == b
+        yield int(b), (keys[mask].tobytes(), positions[mask].tobytes())
+
+
+def _repeats(records: Iterable[tuple[int, tuple[bytes, bytes]]]) -> Iterator[tuple[bytes, bytes]]:
+    """The keys (and their positions) that occur more than once in one bucket's records."""
+    import numpy as np
+
+    ks, ps = [], []
+    for _, (kb, pb) in records:
+        ks.append(np.frombuffer(kb, dtype=np.uint64))
+        ps.append(np.frombuffer(pb, dtype=np.int64))
+    if not ks:
+        return
+    k, p = np.concatenate(ks), np.concatenate(ps)
+    order = np.argsort(k, kind="stable")
+    k, p = k[order], p[order]
+    same = k[1:] == k[:-1]
+    rep = np.zeros(len(k), dtype=bool)
+    rep[1:] |= same
+    rep[:-1] |= same
+    if rep.any():
+        yield k[rep].tobytes(), p[rep].tobytes()
 
 
 class _SparkChunks:
@@ -270,37 +297,88 @@ class _SparkChunks:
                 got = sc.runJob(mapped, lambda it: it, partitions=list(range(lo, min(self.n, lo + step))))
             yield from got
 
-    def repeated(self, pairs: Callable[[Chunk], Iterable[tuple[str, int]]],
-                 prior: Iterable[str] = ()) -> list[tuple[str, tuple[int, ...]]]:
-        sc = self.cluster.sc
-        keyed = self.rdd.flatMap(_carrying_iter(pairs)).map(lambda kv: (kv[0], (kv[1],)))
-        prior = [(k, (-1,)) for k in prior]
-        if prior:
-            keyed = keyed.union(sc.parallelize(prior, max(1, min(len(prior) // 100_000 + 1, self.cluster.groups))))
+    def repeated(self, pairs: Callable[[Chunk], tuple[Sequence[str], Sequence[int]]],
+                 prior: Collection[str] = ()) -> list[tuple[str, tuple[int, ...]]]:
+        """Keys hashed to 64 bits (:func:`~chainfold.replay.dedup.id_keys`) and shuffled in column
+        pieces, one record per chunk and bucket; the keys whose hash occurs more than once are then
+        looked up exactly (distinct ids sharing a hash are told apart there)."""
+        import numpy as np
+
+        from ..replay.dedup import id_keys
+
+        sc, buckets = self.cluster.sc, self.cluster.groups
+
+        def bucketed(chunk: Chunk) -> Iterator[tuple[int, tuple[bytes, bytes]]]:
+            ids, positions = pairs(chunk)
+            return _by_bucket(id_keys(ids), np.asarray(positions, dtype=np.int64), buckets)
+
+        records = self.rdd.flatMap(_carrying_iter(bucketed))
+        prior = list(prior)
+        prior_keys = id_keys(prior) if prior else None
+        if prior_keys is not None:
+            records = records.union(sc.parallelize(list(_by_bucket(prior_keys, np.full(len(prior), -1, dtype=np.int64),
+                                                                    buckets)), buckets))
         with _spark_errors():
-            return (keyed.reduceByKey(_merge_positions, numPartitions=self.cluster.groups)
-                    .filter(lambda kv: len(kv[1]) > 1).collect())
+            found = records.partitionBy(buckets, lambda b: b).mapPartitions(_carrying_iter(_repeats)).collect()
+        keys = np.concatenate([np.frombuffer(k, dtype=np.uint64) for k, _ in found]) if found else np.zeros(0, np.uint64)
+        wanted = self.cluster.share(frozenset(int(g) for _, p in found for g in np.frombuffer(p, dtype=np.int64) if g >= 0))
+
+        def named(chunk: Chunk) -> list[tuple[str, int]]:
+            ids, positions = pairs(chunk)
+            return [(i, g) for i, g in zip(ids, positions) if g in wanted.value]
+
+        by_id: dict[str, list[int]] = {}
+        if prior_keys is not None and len(keys):
+            for i in np.flatnonzero(np.isin(prior_keys, keys)):
+                by_id[prior[i]] = [-1]
+        if wanted.value:
+            for part in self.collect(named):
+                for i, g in part:
+                    by_id.setdefault(i, []).append(g)
+        return [(i, tuple(sorted(v))) for i, v in by_id.items() if len(v) > 1]
 
     def fold(self, items: Callable[[Chunk], Iterable[tuple[str, int, Any]]], start: Sequence[tuple[str, int, Any]],
-             fold: Callable[[Iterator[tuple[str, int, Any]]], Iterator[T]]) -> list[T]:
-        sc, groups = self.cluster.sc, self.cluster.groups
-        its = self.rdd.flatMap(_carrying_iter(items))
-        if start:
-            its = its.union(sc.parallelize(list(start), max(1, min(len(start) // 100_000 + 1, groups))))
-        keyed = its.map(lambda t: ((t[0], t[1]), t[2]))
-        ordered = keyed.repartitionAndSortWithinPartitions(groups, partitionFunc=lambda k: group_of(k[0], groups))
+             fold: Callable[[Iterator[tuple[str, int, Any]]], Iterator[T]], groups: int | None = None) -> list[T]:
+        """Items shuffled in lists, one record per chunk and group; each group's items sorted by
+        stream and position in the task that folds them."""
+        sc = self.cluster.sc
+        n = groups or self.cluster.groups
 
-        def run(it: Iterator[tuple[tuple[str, int], Any]]) -> Iterator[T]:
-            return fold((k[0], k[1], v) for k, v in it)
+        def grouped(chunk: Chunk) -> list[tuple[int, list[tuple[str, int, Any]]]]:
+            return _grouped(items(chunk), n)
+
+        records = self.rdd.flatMap(_carrying_iter(grouped))
+        if start:
+            records = records.union(sc.parallelize(_grouped(start, n), n))
+
+        def run(it: Iterable[tuple[int, list[tuple[str, int, Any]]]]) -> Iterator[T]:
+            everything = [x for _, part in it for x in part]
+            everything.sort(key=_stream_and_position)
+            return fold(iter(everything))
 
         with _spark_errors():
-            return ordered.mapPartitions(_carrying_iter(run)).collect()
+            return records.partitionBy(n, lambda g: g).mapPartitions(_carrying_iter(run)).collect()
 
     def release(self) -> None:
         try:
             self.rdd.unpersist()
         except Exception:  # noqa: BLE001 - a session already stopped has nothing cached
             pass
+
+
+def _stream_and_position(item: tuple[str, int, Any]) -> tuple[str, int]:
+    return item[0], item[1]
+
+
+def _grouped(items: Iterable[tuple[str, int, Any]], groups: int) -> list[tuple[int, list[tuple[str, int, Any]]]]:
+    out: dict[int, list[tuple[str, int, Any]]] = {}
+    of: dict[str, int] = {}
+    for it in items:
+        g = of.get(it[0])
+        if g is None:
+            g = of[it[0]] = group_of(it[0], groups)
+        out.setdefault(g, []).append(it)
+    return list(out.items())
 
 
 class SparkCluster:

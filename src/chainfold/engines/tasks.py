@@ -58,12 +58,27 @@ def gpos(pi: int, index: int) -> int:
 # --- read, hash, decode ----------------------------------------------------------------------------
 
 
+class Events(NamedTuple):
+    """The well-formed events of a chunk, column by column: offsets in the chunk, ids, streams and
+    payloads (columns pickle several times faster than a list of event objects, and a payload is
+    decoded again where it is folded: cheaper than pickling the decoded event there and back)."""
+
+    offsets: array
+    ids: list[str]
+    streams: list[str]
+    payloads: list[bytes]
+
+    def used(self, used: int) -> int:
+        """How many of the events are among the chunk's first ``used`` entries."""
+        return bisect.bisect_left(self.offsets, used)
+
+
 @dataclass
 class Chunk:
     """One range as read: ``count`` entries (each message id once), their leaf hashes (32 bytes
     each, concatenated), message ids (``ledger, entry, batch`` per entry), the malformed entries
-    (offset, reason) and the well-formed events (offset, event) when decoded, and ``late``: the
-    offset of the first entry published after the replay's ``until_time`` (``None``: none is)."""
+    (offset, reason) and the well-formed :class:`Events` when decoded, and ``late``: the offset of
+    the first entry published after the replay's ``until_time`` (``None``: none is)."""
 
     partition: str
     pi: int
@@ -72,7 +87,7 @@ class Chunk:
     leaves: bytes
     mids: array
     malformed: list[tuple[int, str]]
-    events: list[tuple[int, Event]] | None
+    events: Events | None
     late: int | None
     redelivered: int
     reconnects: int
@@ -119,7 +134,7 @@ def read_chunk(open_log: Callable[[], EventLog], rng: ReadRange, pi: int, ri: in
     hashes: list[bytes] = []
     mids = array("q")
     malformed: list[tuple[int, str]] = []
-    events: list[tuple[int, Event]] | None = [] if decode_events else None
+    events = Events(array("l"), [], [], []) if decode_events else None
     late = None
     n = 0
     with open_range(open_log, rng) as reader:
@@ -131,14 +146,25 @@ def read_chunk(open_log: Callable[[], EventLog], rng: ReadRange, pi: int, ri: in
             if until_time is not None and late is None:
                 late = next((n + k for k, e in enumerate(batch) if e.publish_time > until_time), None)
             if events is not None:
-                for k, e in enumerate(batch, n):
-                    try:
-                        events.append((k, decode(e.payload)))
-                    except MalformedEnvelope as exc:
-                        malformed.append((k, exc.reason))
+                _decode_into(events, malformed, batch, n)
             n += len(batch)
     return Chunk(rng.partition, pi, ri, n, b"".join(hashes), mids, malformed, events, late, reader.redelivered,
                  reader.reconnects, time.perf_counter() - t0)
+
+
+def _decode_into(events: Events, malformed: list[tuple[int, str]], batch: Sequence[Any], start: int) -> None:
+    offsets, ids, streams, payloads = events
+    for k, e in enumerate(batch, start):
+        payload = e.payload
+        try:
+            ev = decode(payload)
+        except MalformedEnvelope as exc:
+            malformed.append((k, exc.reason))
+            continue
+        offsets.append(k)
+        ids.append(ev.id)
+        streams.append(ev.stream)
+        payloads.append(payload)
 
 
 # --- what the driver assembles ---------------------------------------------------------------------
@@ -146,16 +172,18 @@ def read_chunk(open_log: Callable[[], EventLog], rng: ReadRange, pi: int, ri: in
 
 @dataclass
 class Assembly:
-    """What the driver needs of one chunk, in log order: its pieces (hashes), its well-formed
-    events as ``(index, event id, stream)`` (and their leaf hashes) when asked for, its malformed
-    entries as ``(index, message id, reason)`` and its duplicates as ``(index, message id, event id)``."""
+    """What the driver needs of one chunk, in log order: its pieces (hashes); its well-formed
+    events' indexes, ids and streams (and leaf hashes) when asked for; its malformed entries as
+    ``(index, message id, reason)`` and its duplicates as ``(index, message id, event id)``."""
 
     pi: int
     ri: int
     begin: int
     end: int
     pieces: list[Piece]
-    ids: list[tuple[int, str, str]] | None
+    indexes: array | None
+    ids: list[str] | None
+    streams: list[str] | None
     id_leaves: list[bytes] | None
     malformed: list[tuple[int, str, str]]
     duplicates: list[tuple[int, str, str]]
@@ -181,26 +209,34 @@ def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Seque
         piece_leaves = [leaves[32 * k : 32 * k + 32] for k in range(o, p)]
         pieces.append(Piece.of(piece_leaves, a, chunk.mid(o), chunk.mid(p - 1), carry=a >= carry_from))
         a = b
-    out_ids = out_leaves = None
-    if ids and chunk.events is not None:
-        out_ids = [(begin + k, ev.id, ev.stream) for k, ev in chunk.events if k < used]
+    ev = chunk.events
+    n = ev.used(used) if ev is not None else 0
+    out_idx = out_ids = out_streams = out_leaves = None
+    if ids and ev is not None:
+        out_idx = array("q", (begin + k for k in ev.offsets[:n]))
+        out_ids, out_streams = ev.ids[:n], ev.streams[:n]
         if id_leaves:
-            out_leaves = [chunk.leaf(k) for k, _ in chunk.events if k < used]
+            out_leaves = [chunk.leaf(k) for k in ev.offsets[:n]]
     malformed = [(begin + k, chunk.mid(k), reason) for k, reason in chunk.malformed if k < used]
-    base = gpos(chunk.pi, begin)
-    dups = [(begin + k, chunk.mid(k), ev.id) for k, ev in chunk.events or () if k < used and base + k in duplicates]
-    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_ids, out_leaves, malformed, dups)
+    dups = []
+    if duplicates and ev is not None:
+        base = gpos(chunk.pi, begin)
+        dups = [(begin + k, chunk.mid(k), eid) for k, eid in zip(ev.offsets[:n], ev.ids) if base + k in duplicates]
+    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_idx, out_ids, out_streams, out_leaves, malformed, dups)
 
 
 # --- dedup -----------------------------------------------------------------------------------------
 
 
-def dedup_pairs(chunk: Chunk, begin: int, used: int) -> Iterator[tuple[str, int]]:
-    """``(event id, gpos)`` of every well-formed event among the chunk's first ``used`` entries."""
+def dedup_pairs(chunk: Chunk, begin: int, used: int) -> tuple[list[str], array]:
+    """The ids and positions (gpos) of the well-formed events among the chunk's first ``used``
+    entries, as two columns."""
+    ev = chunk.events
+    if ev is None:
+        return [], array("q")
+    n = ev.used(used)
     base = gpos(chunk.pi, begin)
-    for k, ev in chunk.events or ():
-        if k < used:
-            yield ev.id, base + k
+    return ev.ids[:n], array("q", (base + k for k in ev.offsets[:n]))
 
 
 # --- fold ------------------------------------------------------------------------------------------
@@ -213,14 +249,17 @@ class _Named(NamedTuple):
 
 
 def fold_items(chunk: Chunk, begin: int, used: int, duplicates: frozenset[int] | set[int]
-               ) -> Iterator[tuple[str, int, tuple[Event, str, bool]]]:
-    """``(stream, gpos, (event, message id, duplicate?))`` of every well-formed event among the
+               ) -> Iterator[tuple[str, int, tuple[bytes, str, bool]]]:
+    """``(stream, gpos, (payload, message id, duplicate?))`` of every well-formed event among the
     chunk's first ``used`` entries (duplicates too: the ``seq`` check sees them)."""
+    ev = chunk.events
+    if ev is None:
+        return
     base = gpos(chunk.pi, begin)
-    for k, ev in chunk.events or ():
-        if k < used:
-            g = base + k
-            yield ev.stream, g, (ev, chunk.mid(k), g in duplicates)
+    mid = chunk.mid
+    for k, stream, payload in zip(ev.offsets[:ev.used(used)], ev.streams, ev.payloads):
+        g = base + k
+        yield stream, g, (payload, mid(k), g in duplicates)
 
 
 @dataclass
@@ -301,6 +340,7 @@ def _fold_one(stream: str, items: list[tuple[int, Any]], model: Model, on_error:
     if items and items[0][0] < 0:
         states[stream] = model.load_state(items[0][1][1])
         items = items[1:]
+    items = [(g, (decode(payload), mid, dup)) for g, (payload, mid, dup) in items]
     where = {mid: g for g, (_, mid, _) in items}
     seq = SeqGaps()
     seq(_decoded([x[0] for _, x in items], [g & _LOW for g, _ in items], [x[1] for _, x in items]))
