@@ -132,8 +132,6 @@ def whole_processes(url: str, topic: str, n: int, master: str, repeat: int, comm
 
 def per_task(url: str, topic: str, n: int, ranges: int) -> dict:
     """Each task kind on one core, over the whole topic (events per second of that core)."""
-    from functools import partial
-
     from chainfold.engines.cluster import InProcess
     from chainfold.engines.distributed import Distribution, distributed_rebuild
     from chainfold.engines.pool import PulsarSource

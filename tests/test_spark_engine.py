@@ -9,7 +9,8 @@ Spark start-up), and, marked slow, one on a loopback standalone cluster (scripts
 
 Needs the chainfold[spark] extra and Java 17+; skipped without them, unless
 ``CHAINFOLD_TEST_REQUIRE_SPARK=1`` (set by ``make test``). Cluster ports:
-``CHAINFOLD_TEST_SPARK_MASTER_PORT`` [7177], ``CHAINFOLD_TEST_SPARK_UI_PORT`` [8181].
+``CHAINFOLD_TEST_SPARK_MASTER_PORT`` [7177], ``CHAINFOLD_TEST_SPARK_UI_PORT`` [8181] (the cluster
+is shared with test_spark.py's slow test).
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def test_a_broker_gone_fails_the_tasks_then_the_job_with_exit_3(spark, pulsar_cl
     assert err.value.exit_code == 3
 
 
+@pytest.mark.skipif(APACHE, reason="once, in the pulsar-lite tier")
 def test_a_command_in_its_own_process(cli, pulsar_client, broker_url: str, tmp_path: Path) -> None:
     """``chainfold rebuild --engine spark`` as a user runs it: its own Spark (local[2]) started and
     stopped, the same report and state export as the local engine's."""
