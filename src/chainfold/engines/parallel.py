@@ -27,7 +27,8 @@ The result equals the serial one. Where the parallel replay cannot guarantee tha
 key and stream fall in different shards, one event id folded in two shards or partitions, a stream
 in two partitions, a range that does not match its recorded segments), the work is done again
 serially and a note says why. A parallel rebuild takes no periodic snapshots: only the one at the
-end.
+end. Model errors are handled in each worker's fold stage by the same policy (``on_model_error``);
+the events they skip are merged in log order, as a serial fold lists them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ..ops.rebuild import RebuildOptions, RebuildResult, RebuildRun, plan_rebuil
 from ..ops.verify import (VerifyOptions, VerifyReport, conclude_partition, hash_partition, prepare_record,
                           snapshot_probes, verify_log)
 from ..replay.decode import Routed, Shard, unresolved_index
-from ..replay.fold import Folder
+from ..replay.fold import Folder, OnModelError
 from ..replay.model import load_model
 from ..replay.pipeline import Stops, run_pass
 from ..replay.seen import SeenSet
@@ -92,14 +93,20 @@ class _FoldTask:
         """The folder (this shard's states and the seen ids of the snapshot), chain and position."""
         opts, sh = self.options, self.shard
         if self.snapshot_path is None:
-            return Folder(model, streams=opts.streams, shard=sh), None, None
+            return Folder(model, streams=opts.streams, shard=sh, on_error=opts.on_model_error), None, None
         snap = SnapshotStore(opts.snapshots_root, elog.topic).load(self.snapshot_path)
-        states = {s: model.load_state(v) for s, v in snap.states.items()
-                  if (sh is None or Shard(*sh).of(s) == sh[0]) and (opts.streams is None or s in opts.streams)}
+
+        def mine(s: str) -> bool:
+            return (sh is None or Shard(*sh).of(s) == sh[0]) and (opts.streams is None or s in opts.streams)
+
+        states = {s: model.load_state(v) for s, v in snap.states.items() if mine(s)}
         pos = next(p for p in snap.partitions if p.partition == self.partition)
         chain = ChainBuilder.from_state(pos.chain) if pos.entries else None
         after = elog.position(pos.message_id) if pos.message_id else None
-        return Folder(model, states, SeenSet.from_snapshot(snap.seen), streams=opts.streams, shard=sh), chain, after
+        folder = Folder(model, states, SeenSet.from_snapshot(snap.seen), streams=opts.streams, shard=sh,
+                        on_error=opts.on_model_error)
+        folder.fold.resume((k for k in snap.skipped if mine(k.stream)), keep=False)  # the caller lists them
+        return folder, chain, after
 
     def _hasher(self, elog: EventLog, chain: ChainBuilder | None) -> HashStage | None:
         if not self.hasher:
@@ -195,6 +202,7 @@ def _fold_in_tasks(run: RebuildRun, source: LogSource, model: str, workers: int,
         mine = [(t, o) for t, o in zip(tasks, outcomes) if t.partition == p]
         folder.malformed.extend(sorted((m for _, o in mine for m in o.malformed), key=lambda m: m.index))
         folder.duplicates.extend(sorted((d for _, o in mine for d in o.duplicates), key=lambda d: d.index))
+        folder.skipped.extend(sorted((k for _, o in mine for k in o.skipped), key=lambda k: k.index))
         folder.index = max(o.index for _, o in mine)
         scan = next(o.scan for t, o in mine if t.hasher)
         run.scanned(p, scan)
@@ -270,16 +278,19 @@ class _Router:
             self._send(s, idx[s], pays[s], keys[s])
 
 
-def _fold_worker(conn: Any, model_ref: str, shard: tuple[int, int], streams: frozenset[str] | None) -> None:
-    """A fold worker of a fanned-out rebuild: the starting states and seen ids, then routed
-    batches, then the end; answers with its :class:`~chainfold.engines.pool.Outcome`."""
+def _fold_worker(conn: Any, model_ref: str, shard: tuple[int, int], streams: frozenset[str] | None,
+                 on_error: OnModelError) -> None:
+    """A fold worker of a fanned-out rebuild: the starting states, seen ids and the snapshot's
+    skipped events of its shard, then routed batches, then the end; answers with its
+    :class:`~chainfold.engines.pool.Outcome` (the events it skipped itself)."""
     out = Outcome(shard[0])
     try:
         model = load_model(model_ref)
-        dumped, seen = pickle.loads(conn.recv_bytes())
+        dumped, seen, skipped = pickle.loads(conn.recv_bytes())
         states = {s: model.load_state(v) for s, v in dumped.items()}
         before, known = dict(states), frozenset(seen)
-        folder = Folder(model, states, SeenSet(seen), streams=streams, shard=shard)
+        folder = Folder(model, states, SeenSet(seen), streams=streams, shard=shard, on_error=on_error)
+        folder.fold.resume(skipped, keep=False)
         while (msg := conn.recv_bytes()) != _END:
             if out.error is not None:
                 continue  # keep draining: the reader must not block
@@ -304,8 +315,9 @@ def _fold_workers(run: RebuildRun, model_ref: str, workers: int):  # type: ignor
     try:
         for i in range(workers):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_fold_worker, args=(theirs, model_ref, (i, workers), run.plan.options.streams),
-                               daemon=True)
+            opts = run.plan.options
+            proc = ctx.Process(target=_fold_worker, args=(theirs, model_ref, (i, workers), opts.streams,
+                                                          opts.on_model_error), daemon=True)
             proc.start()
             theirs.close()
             procs.append(proc)
@@ -313,7 +325,8 @@ def _fold_workers(run: RebuildRun, model_ref: str, workers: int):  # type: ignor
         shard = Shard(0, workers)
         for i, conn in enumerate(conns):
             dumped = {s: model.dump_state(v) for s, v in folder.states.items() if shard.of(s) == i}
-            conn.send_bytes(pickle.dumps((dumped, folder.seen.ids), protocol=5))  # type: ignore[attr-defined]
+            skipped = [k for k in folder.skipped if shard.of(k.stream) == i]
+            conn.send_bytes(pickle.dumps((dumped, folder.seen.ids, skipped), protocol=5))  # type: ignore[attr-defined]
         yield conns
     finally:
         for conn in conns:
@@ -381,13 +394,16 @@ def _merge_routed(run: RebuildRun, elog: EventLog, scan: PartitionScan, outcomes
     """Merge the fold workers' results, naming their malformed and duplicated entries."""
     folder, model = run.folder, run.plan.model
     names = _names(elog, scan, [m.message_id for o in outcomes for m in o.malformed]
-                   + [d.message_id for o in outcomes for d in o.duplicates])
+                   + [d.message_id for o in outcomes for d in o.duplicates]
+                   + [k.message_id for o in outcomes for k in o.skipped])
     for o in outcomes:
         _absorb(folder, o, model.load_state)
     folder.malformed.extend(sorted((dataclasses.replace(m, message_id=names.get(m.message_id, m.message_id))
                                     for o in outcomes for m in o.malformed), key=lambda m: m.index))
     folder.duplicates.extend(sorted((dataclasses.replace(d, message_id=names.get(d.message_id, d.message_id))
                                      for o in outcomes for d in o.duplicates), key=lambda d: d.index))
+    folder.skipped.extend(sorted((dataclasses.replace(k, message_id=names.get(k.message_id, k.message_id))
+                                  for o in outcomes for k in o.skipped), key=lambda k: k.index))
 
 
 # --- verify ----------------------------------------------------------------------------------------

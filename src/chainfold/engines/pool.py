@@ -23,7 +23,7 @@ from ..errors import ChainfoldError, InvalidArgument, ModelError, WorkerFailed
 from ..log import EventLog
 from ..log.broker import BrokerOptions
 from ..replay.decode import Decoder, Duplicate, Malformed
-from ..replay.fold import Folder
+from ..replay.fold import Folder, Skipped
 
 __all__ = ["LogSource", "PulsarSource", "as_source", "peak_rss", "Outcome", "run_tasks", "publish_progress",
            "context", "peaks", "run_task"]
@@ -118,6 +118,7 @@ class Outcome:
     seen: set[str] = field(default_factory=set)  # event ids this task folded
     malformed: list[Malformed] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # events this task's model failed on, left out
     applied: int = 0
     index: int = 0
     misrouted: int = 0
@@ -134,6 +135,7 @@ class Outcome:
         self.seen = ids - known if known else ids
         self.malformed = decoder.malformed
         self.duplicates = decoder.duplicates
+        self.skipped = folder.skipped
         self.applied = folder.applied
         self.index = decoder.index
         self.misrouted = decoder.misrouted

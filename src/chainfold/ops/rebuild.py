@@ -4,7 +4,13 @@ A snapshot is used only if its checksum holds, it was taken with the same model 
 recorded chain agrees with the checkpoints recorded for the log at its position (and the log
 still holds the entry it ends at). Each rejected snapshot is reported with its reason and the next
 older one is tried. While folding, a snapshot is taken every ``snapshot_every`` entries and at the
-end; a model error stops the rebuild before any snapshot past the failing entry.
+end.
+
+What a model error does is ``on_model_error`` (replay/fold.py): ``stop`` ends the rebuild with
+:class:`~chainfold.errors.ModelError` before any snapshot or state past the failing entry;
+``skip-event`` and ``skip-stream`` fold on, list what they left out in the result's ``skipped``,
+and record it in every snapshot taken. A snapshot that skipped events starts only a rebuild under
+its own policy (any other rejects it with the reason).
 
 When the log no longer holds its beginning (retention, a lost ledger), a valid snapshot at or after
 the loss is used and the report says that earlier history could not be re-verified; without one the
@@ -30,9 +36,9 @@ from ..errors import HistoryUnrecoverable, SnapshotRejected
 from ..hashing.chain import ChainBuilder, Checkpoint
 from ..hashing.record import PartitionRecord, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
-from ..log import Entry, EventLog, Position
+from ..log import Entry, EventLog, MessageId, Position
 from ..log.source import Source, Span
-from ..replay.fold import Folder
+from ..replay.fold import Folder, OnModelError, check_policy
 from ..replay.model import Model
 from ..replay.pipeline import Stops, run_pass
 from ..replay import seen
@@ -58,7 +64,8 @@ class RebuildOptions:
     end), ``keep`` are kept, none with ``write_snapshots=False``. ``segment_size`` is for a log with
     nothing recorded. ``streams`` folds only those streams (targeted repair: no snapshots written);
     ``max_snapshot_entries`` ignores snapshots covering more entries (repair replays from before a
-    divergence).
+    divergence). ``on_model_error`` is what a model error does (``stop``, ``skip-event``,
+    ``skip-stream``; see the module doc).
     """
 
     snapshots_root: Path
@@ -71,9 +78,11 @@ class RebuildOptions:
     segment_size: int = DEFAULT_SEGMENT_SIZE
     streams: frozenset[str] | None = None
     max_snapshot_entries: int | None = None
+    on_model_error: OnModelError = "stop"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "snapshots_root", Path(self.snapshots_root))
+        check_policy(self.on_model_error)
 
     @classmethod
     def of(cls, options: RebuildOptions | None = None, **changes: Any) -> RebuildOptions:
@@ -156,6 +165,8 @@ class RebuildResult:
             "replayed": {"from_snapshot": self.from_snapshot, "events": sum(s.read for s in self.scans)},
             "applied": f.applied,
             "streams": len(f.states),
+            "on_model_error": self.plan.options.on_model_error,
+            "skipped": [k.to_json() for k in f.skipped],
             "malformed": [{"message_id": m.message_id, "index": m.index, "reason": m.reason} for m in f.malformed],
             "duplicates": [{"event_id": d.event_id, "message_id": d.message_id, "index": d.index}
                            for d in f.duplicates],
@@ -333,6 +344,9 @@ def _unusable(plan: RebuildPlan, cand: Snapshot, earliest: dict[str, Position | 
     opts = plan.options
     if [pos.partition for pos in cand.partitions] != plan.parts:
         return f"taken of partitions {[pos.partition for pos in cand.partitions]}, the log has {plan.parts}", False
+    conflict = cand.policy_conflict(opts.on_model_error)
+    if conflict is not None:
+        return conflict, False
     if opts.max_snapshot_entries is not None and cand.entries > opts.max_snapshot_entries:
         return f"covers {cand.entries} entries, past the replay start {opts.max_snapshot_entries}", True
     for pos in cand.partitions:
@@ -383,12 +397,14 @@ class RebuildRun:
         self.plan = plan
         self.on_progress = on_progress
         opts, model, snap = plan.options, plan.model, plan.snapshot
-        folder = Folder(model, streams=opts.streams)
+        folder = Folder(model, streams=opts.streams, on_error=opts.on_model_error)
         if snap is not None:
             states = snap.restore_states(model)
             if opts.streams is not None:
                 states = {s: v for s, v in states.items() if s in opts.streams}
-            folder = Folder(model, states, seen.restore(snap.seen), index=snap.entries, streams=opts.streams)
+            folder = Folder(model, states, seen.restore(snap.seen), index=snap.entries, streams=opts.streams,
+                            on_error=opts.on_model_error)
+            folder.fold.resume(k for k in snap.skipped if opts.streams is None or k.stream in opts.streams)
         self.folder = folder
         self.result = RebuildResult(plan, folder)
         self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap) \
@@ -453,6 +469,10 @@ class RebuildRun:
     def finish(self) -> RebuildResult:
         """The snapshot at the end (unless the last periodic one is there already), and the result."""
         sink = self.sink
+        if len(self.plan.parts) > 1:
+            # a snapshot's skipped events (of every partition) came first: the report lists them in
+            # log order, partition by partition, as a fold from the start of the log does
+            self.folder.skipped.sort(key=lambda k: (MessageId.parse(k.message_id).partition, k.index))
         if sink is not None and self._read > 0 and sink.covered() != sink.entries:
             sink.take()
         if sink is not None:

@@ -7,7 +7,12 @@ A snapshot file is a CBOR map::
     body = {"topic", "partitions": [{"partition", "entries", "message_id", "chain"}, ...],
             "model_name", "model_fingerprint", "segment_size", "states": {stream: state},
             "seen": [event ids, sorted], "created": ms, "stats": {...},
-            "streams_root": Merkle root over the states, "entries": sum over partitions}
+            "streams_root": Merkle root over the states, "entries": sum over partitions,
+            "on_model_error": "stop" | "skip-event" | "skip-stream",
+            "skipped": [{"index", "message_id", "stream", "event_id", "error"}, ...]}
+
+``on_model_error`` is the policy the fold ran under and ``skipped`` the events the model failed on
+that it left out (in log order), so that a snapshot never covers a skipped event silently.
 
 ``streams_root`` is the RFC 9162 root (:func:`chainfold.merkle.root`) over one leaf per stream,
 streams sorted by id: ``leaf_hash(canonical CBOR of [stream, state])``. :func:`encode` computes it
@@ -40,7 +45,7 @@ FORMAT = 1
 
 BODY_KEYS = frozenset({
     "topic", "partitions", "model_name", "model_fingerprint", "segment_size", "states", "seen",
-    "created", "stats", "streams_root", "entries",
+    "created", "stats", "streams_root", "entries", "on_model_error", "skipped",
 })
 _ENVELOPE_KEYS = frozenset({"format", "body", "sha256"})
 NOT_SNAPSHOT = "truncated or not a snapshot file"

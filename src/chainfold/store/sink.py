@@ -26,7 +26,8 @@ class SnapshotSink:
     for it (the one being replayed), else the position :meth:`done` recorded for it, else where the
     replay started (``start``'s position, or nothing). States go through ``model.dump_state``; the
     seen ids are what :meth:`~chainfold.replay.seen.SeenIds.checkpoint` returns; ``stats`` count the
-    malformed and duplicated entries since the start of the log. :attr:`written` lists the paths.
+    malformed and duplicated entries since the start of the log; the fold stage's policy and the
+    events it skipped (since the start of the log: it resumed with the start's) go with them. :attr:`written` lists the paths.
     The caller makes the hash record durable first (a snapshot is checked against it).
     """
 
@@ -70,6 +71,8 @@ class SnapshotSink:
             created=int(time.time() * 1000),
             stats={"malformed": len(self.decoder.malformed) + base.get("malformed", 0),
                    "duplicates": len(self.decoder.duplicates) + base.get("duplicates", 0)},
+            on_model_error=self.fold.on_error,
+            skipped=tuple(self.fold.skipped),
         )
         path = self.store.write(snap)
         self.entries = snap.entries

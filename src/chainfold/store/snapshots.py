@@ -3,8 +3,10 @@
 A :class:`Snapshot` records, for every partition, how many entries it covers, the last message id
 covered and the :class:`~chainfold.hashing.chain.ChainBuilder` state there (so the hash chain
 continues without re-reading); the model's name and code fingerprint; the states per stream (as
-``model.dump_state`` gives them); and the event ids already folded (so a duplicate of an old event
-in the tail is not folded twice).
+``model.dump_state`` gives them); the event ids already folded (so a duplicate of an old event
+in the tail is not folded twice); and the events the model failed on that the fold left out, with
+the policy that left them out (``on_model_error``, ``skipped``: a snapshot never covers a skipped
+event silently, and a rebuild under another policy does not start from one that skipped any).
 
 :class:`SnapshotStore` holds one topic's snapshots: in a :class:`~chainfold.store.storage.SnapshotStorage`
 (by default :class:`~chainfold.store.storage.LocalStorage`, the topic's folder :func:`topic_dir`
@@ -34,6 +36,7 @@ from ..errors import BadInput, InvalidArgument, SnapshotRejected
 from ..hashing.chain import ChainBuilder
 from ..log import full_topic_name
 from ..merkle import HASH_SIZE
+from ..replay.fold import ON_MODEL_ERROR, Skipped
 from ..replay.model import Model, render_json
 from . import codec
 from .codec import FORMAT, Undecodable, streams_root
@@ -162,8 +165,10 @@ class Snapshot:
     """The folded states of ``topic`` at ``partitions``' positions (see the module doc).
 
     ``states`` maps stream id → ``model.dump_state(state)`` (CBOR-encodable); ``seen`` holds the
-    event ids already folded. Construction takes copies of ``states`` (shallow) and ``seen``, so the
-    folder may go on folding. ``entries`` (sum over partitions) and ``streams_root`` are derived.
+    event ids already folded; ``skipped`` the events the model failed on that the fold left out under
+    the policy ``on_model_error`` (replay/fold.py), in log order. Construction takes copies of
+    ``states`` (shallow) and ``seen``, so the folder may go on folding. ``entries`` (sum over
+    partitions) and ``streams_root`` are derived.
     """
 
     topic: str
@@ -175,6 +180,8 @@ class Snapshot:
     seen: frozenset[str]
     created: int = field(default_factory=_now_ms)
     stats: dict[str, Any] = field(default_factory=dict)
+    on_model_error: str = "stop"
+    skipped: tuple[Skipped, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -206,6 +213,11 @@ class Snapshot:
         if not isinstance(self.stats, Mapping):
             raise InvalidArgument("stats must be a mapping")
         set_(self, "stats", dict(self.stats))
+        if self.on_model_error not in ON_MODEL_ERROR:
+            raise InvalidArgument(f"on_model_error must be one of {', '.join(ON_MODEL_ERROR)}, not {self.on_model_error!r}")
+        set_(self, "skipped", tuple(self.skipped))
+        if not all(isinstance(k, Skipped) for k in self.skipped):
+            raise InvalidArgument("skipped must be Skipped values")
 
     @classmethod
     def capture(
@@ -219,6 +231,8 @@ class Snapshot:
         segment_size: int,
         stats: Mapping[str, Any] | None = None,
         created: int | None = None,
+        on_model_error: str = "stop",
+        skipped: tuple[Skipped, ...] | list[Skipped] = (),
     ) -> Snapshot:
         """A snapshot of live states: each goes through ``model.dump_state``; model name and
         fingerprint are taken from ``model``."""
@@ -233,6 +247,8 @@ class Snapshot:
             seen=frozenset(seen),
             created=_now_ms() if created is None else created,
             stats=dict(stats or {}),
+            on_model_error=on_model_error,
+            skipped=tuple(skipped),
         )
 
     def restore_states(self, model: Model) -> dict[str, Any]:
@@ -263,7 +279,23 @@ class Snapshot:
             "created": self.created,
             "stats": self.stats,
             "entries": self.entries,
+            "on_model_error": self.on_model_error,
+            "skipped": [k.record() for k in self.skipped],
         }
+
+    def policy_conflict(self, on_model_error: str) -> str | None:
+        """Why this snapshot cannot start a fold under ``on_model_error``, or None.
+
+        A snapshot that skipped nothing holds what every policy folds up to its position (no model
+        error happened before it), so it serves any policy; one that skipped events holds states
+        only its own policy gives.
+        """
+        if not self.skipped or self.on_model_error == on_model_error:
+            return None
+        first = self.skipped[0]
+        return (f"it skipped {len(self.skipped)} event(s) the model failed on under --on-model-error "
+                f"{self.on_model_error} (first: event {first.event_id!r}, message {first.message_id}); "
+                f"this fold runs with --on-model-error {on_model_error}")
 
     def position(self, partition: str) -> PartitionPosition | None:
         """The position in ``partition``, or ``None`` if the snapshot does not cover it."""
@@ -314,6 +346,9 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
             raise ValueError("streams_root must be 32 bytes")
         if type(fields["stats"]) is not dict:
             raise ValueError("stats must be a map")
+        if type(fields["skipped"]) is not list:
+            raise ValueError("skipped must be a list")
+        skipped = tuple(Skipped.from_record(r) for r in fields["skipped"])
         snap = Snapshot(
             topic=fields["topic"],
             partitions=tuple(positions),
@@ -324,6 +359,8 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
             seen=frozenset(seen),
             created=fields["created"],
             stats=fields["stats"],
+            on_model_error=fields["on_model_error"],
+            skipped=skipped,
         )
         if snap.topic != fields["topic"]:
             raise ValueError(f"topic {fields['topic']!r} is not a full topic name")
@@ -575,4 +612,6 @@ def _summary(fields: dict[str, Any]) -> dict[str, Any]:
         "seen": len(seen) if isinstance(seen, list) else None,
         "streams_root": hexa(fields.get("streams_root")),
         "stats": render_json(fields.get("stats")),
+        "on_model_error": fields.get("on_model_error"),
+        "skipped": len(skipped) if isinstance(skipped := fields.get("skipped"), list) else None,
     }
