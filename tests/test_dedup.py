@@ -278,6 +278,7 @@ ids = [f"ev-{(i * 7919) % (total * 3 // 4):x}" for i in range(total)]  # a quart
 state = here / "state.json"
 st = json.loads(state.read_text()) if state.exists() else {"pos": 0, "kept": []}
 ix = DedupIndex.open(here / "ix", st["kept"][-1] if st["kept"] else None, memory_bytes=3000)
+print("open", flush=True)
 for b in range(st["pos"], total, batch):
     ix.add_new(ids[b:b + batch])
     if (b // batch) % 2:
@@ -300,7 +301,10 @@ def test_kill_9_during_spills_and_checkpoints_then_resume(tmp_path, seed):
     ids = _ids(total)
     kills = 0
     while True:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(total), str(batch)])
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(total), str(batch)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        child.stdout.readline()  # imports done, index open: the random wait is all work (however loaded the machine)
         try:
             child.wait(timeout=float(rng.uniform(0.5, 2.0)))
         except subprocess.TimeoutExpired:

@@ -35,6 +35,7 @@ the folder) and never changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -521,16 +522,14 @@ class Piece:
 # --- the filter in front of every piece ---------------------------------------------------------------
 
 
+@functools.cache
 def _bit_masks() -> np.ndarray:
     """65536 words of 4 distinct bits each (deterministic): the bits a key sets in its word."""
     bits = (_splitmix(np.arange(1 << 19, dtype=np.uint64)) >> np.uint64(58)).reshape(-1, 4)
-    masks = np.bitwise_or.reduce(np.uint64(1) << bits, axis=1)
-    distinct = np.array([bin(m).count("1") == 4 for m in masks.tolist()])
-    return masks[distinct][: 1 << 16].copy()
-
-
-_MASKS = _bit_masks()
-assert _MASKS.size == 1 << 16
+    ordered = np.sort(bits, axis=1)
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).all(axis=1)
+    masks = np.bitwise_or.reduce(np.uint64(1) << bits[distinct], axis=1)
+    return masks[: 1 << 16].copy()
 
 
 class KeyFilter:
@@ -545,10 +544,11 @@ class KeyFilter:
         self.capacity = max(int(capacity), 1 << 16)
         self.words = np.zeros(-(-self.capacity * self.BITS // 64), dtype=np.uint64)
         self._n = np.uint64(self.words.size)
+        self._masks = _bit_masks()
 
     def _where(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(over="ignore"):
-            return ((keys >> _S32) * self._n) >> _S32, _MASKS[keys & np.uint64(0xFFFF)]
+            return ((keys >> _S32) * self._n) >> _S32, self._masks[keys & np.uint64(0xFFFF)]
 
     def add(self, keys: np.ndarray) -> None:
         """Add ``keys``; fastest sorted (as a piece holds them): one OR per word touched."""
