@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import merkle
-from ..errors import HistoryUnrecoverable, SnapshotRejected
+from ..errors import DedupIndexBusy, HistoryUnrecoverable, SnapshotRejected
 from ..hashing.chain import ChainBuilder, Checkpoint
 from ..hashing.record import PartitionRecord, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
@@ -40,8 +40,8 @@ from ..log import Entry, EventLog, MessageId, Position
 from ..log.source import Source, Span
 from ..replay.fold import Folder, OnModelError, check_policy
 from ..replay.model import Model
+from ..replay.dedup import DEFAULT_MEMORY_BYTES, DedupIndex
 from ..replay.pipeline import Stops, run_pass
-from ..replay import seen
 from ..store.sink import SnapshotSink
 from ..store.snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
 
@@ -65,7 +65,8 @@ class RebuildOptions:
     nothing recorded. ``streams`` folds only those streams (targeted repair: no snapshots written);
     ``max_snapshot_entries`` ignores snapshots covering more entries (repair replays from before a
     divergence). ``on_model_error`` is what a model error does (``stop``, ``skip-event``,
-    ``skip-stream``; see the module doc).
+    ``skip-stream``; see the module doc). ``dedup_memory`` bounds the bytes of event ids the dedup
+    index keeps in memory (per process) before it spills them beside the snapshots.
     """
 
     snapshots_root: Path
@@ -79,6 +80,7 @@ class RebuildOptions:
     streams: frozenset[str] | None = None
     max_snapshot_entries: int | None = None
     on_model_error: OnModelError = "stop"
+    dedup_memory: int = DEFAULT_MEMORY_BYTES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "snapshots_root", Path(self.snapshots_root))
@@ -391,26 +393,49 @@ class RebuildRun:
     """A rebuild between its plan and its result: the folder (decode and fold stages) starting from
     the plan's snapshot, the snapshot sink, and what each partition's pass found. The serial rebuild
     runs :meth:`partition` for each partition; the parallel engine folds elsewhere and reports its
-    passes with :meth:`scanned`; both end with :meth:`finish`."""
+    passes with :meth:`scanned`; both end with :meth:`finish`, or :meth:`close` on the way out.
+
+    The decode stage's index of folded event ids is a :class:`~chainfold.replay.dedup.DedupIndex`
+    from the snapshot's manifest: the writer of the topic's dedup folder when the rebuild takes
+    snapshots, else a reader of its own (:mod:`chainfold.store.dedup_folder`). When another process
+    is taking this topic's snapshots, this one takes none and says so in its notes."""
 
     def __init__(self, plan: RebuildPlan, on_progress: Callable[[int], None] | None = None) -> None:
         self.plan = plan
         self.on_progress = on_progress
         opts, model, snap = plan.options, plan.model, plan.snapshot
-        folder = Folder(model, streams=opts.streams, on_error=opts.on_model_error)
+        self.dedup = plan.store.dedup
+        self.dedup.memory_bytes = opts.dedup_memory
+        states = None
         if snap is not None:
             states = snap.restore_states(model)
             if opts.streams is not None:
                 states = {s: v for s, v in states.items() if s in opts.streams}
-            folder = Folder(model, states, seen.restore(snap.seen), index=snap.entries, streams=opts.streams,
-                            on_error=opts.on_model_error)
+        self.seen, writes = self._index(snap.dedup if snap is not None else None)
+        folder = Folder(model, states, self.seen, index=snap.entries if snap is not None else 0, streams=opts.streams,
+                        on_error=opts.on_model_error)
+        if snap is not None:
             folder.fold.resume(k for k in snap.skipped if opts.streams is None or k.stream in opts.streams)
         self.folder = folder
         self.result = RebuildResult(plan, folder)
         self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap) \
-            if opts.takes_snapshots else None
+            if writes else None
         self.start = {pos.partition: pos for pos in snap.partitions} if snap is not None else {}
         self._read = 0
+
+    def _index(self, manifest: dict[str, Any] | None) -> tuple[DedupIndex, bool]:
+        """The index of the ids folded up to the start, and whether snapshots are written with it."""
+        if self.plan.options.takes_snapshots:
+            try:
+                return self.dedup.writer(manifest), True
+            except DedupIndexBusy:
+                self.plan.notes.append("no snapshots written: another chainfold process is taking snapshots of "
+                                       f"this topic (its dedup index {self.dedup.dir} is in use)")
+        return self.dedup.reader(manifest), False
+
+    def close(self) -> None:
+        """Release the dedup index (its folder's lock; a reader's scratch folder is removed)."""
+        self.seen.close()
 
     def start_of(self, p: str) -> tuple[ChainBuilder | None, Position | None]:
         """Where partition ``p``'s pass starts: the snapshot's chain and position, or nothing."""
@@ -477,6 +502,7 @@ class RebuildRun:
             sink.take()
         if sink is not None:
             self.result.written = sink.written
+        self.close()
         self.result.seconds = time.monotonic() - self.plan.started
         return self.result
 
@@ -490,9 +516,12 @@ def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None,
     """
     plan = plan_rebuild(elog, model, RebuildOptions.of(options, **changes))
     run = RebuildRun(plan, on_progress)
-    for p in plan.parts:
-        run.partition(p)
-    return run.finish()
+    try:
+        for p in plan.parts:
+            run.partition(p)
+        return run.finish()
+    finally:
+        run.close()
 
 
 def states_digest(states: dict[str, Any]) -> str:
