@@ -105,13 +105,22 @@ def snapshot_bodies(root: Path, topic: str) -> list[dict[str, Any]]:
     return out
 
 
+def dedup_pieces(root: Path, topic: str) -> list[str]:
+    """The names of the pieces in the topic's dedup folder (what the snapshots' manifests name,
+    and nothing else once the sink has collected the garbage), and anything else left there."""
+    d = topic_dir(root, topic) / "dedup"
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.name != ".lock") if d.exists() else []
+
+
 def assert_same_store(a: Path, b: Path, topic: str) -> None:
-    """Two stores hold the same record files and the same snapshots (``created`` aside)."""
+    """Two stores hold the same record files, the same snapshots (``created`` aside; their dedup
+    manifests name pieces by SHA-256) and the same dedup pieces."""
     ra, rb = record_files(a, topic), record_files(b, topic)
     assert ra.keys() == rb.keys()
     for k in ra:
         assert ra[k] == rb[k], f"{k} differs"
     assert snapshot_bodies(a, topic) == snapshot_bodies(b, topic)
+    assert dedup_pieces(a, topic) == dedup_pieces(b, topic)
 
 
 def copy_store(src: Path, dst: Path) -> Path:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from chainfold.bench import STEPS, story
+from chainfold.bench_scale import SCALE_STEPS
 from chainfold.examples import accounts
 
 from .conftest import run_cli
@@ -42,15 +43,27 @@ def test_bench_parallel_and_human_output(cli) -> None:
 
 
 @pytest.mark.broker
-def test_bench_scale(cli) -> None:
-    r = cli("bench", "--scale", "2000,4000", "--streams", "20", "--json")
+def test_bench_scale_runs_each_command_as_a_whole_process(cli, tmp_path) -> None:
+    r = cli("bench", "--scale", "2000,4000", "--streams", "20", "--json", "--keep", str(tmp_path / "w"))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert [row["events"] for row in doc["scale"]] == [2000, 4000]
     for row in doc["scale"]:
-        assert [x["name"] for x in row["results"]] == ["read_limit", "rebuild", "rebuild_from_snapshot"]
+        assert [x["name"] for x in row["results"]] == list(SCALE_STEPS)
+        for x in row["results"]:
+            assert x["seconds"] > 0 and x["peak_rss_mb"] > 0
+            assert x["events"] == (row["events"] // 10 if x["name"] == "rebuild_from_snapshot" else row["events"])
+    targets = {t["target"] for t in doc["targets"]}
+    assert "rebuild_full: peak RSS at 4,000 <= 1.5 x at 2,000" in targets
+    assert "N=4,000: rebuild from a 90% snapshot <= 0.15 x rebuild --full" in targets
+    assert (tmp_path / "w" / "n2000" / "events.jsonl").exists()  # --keep keeps each N's files
 
 
 def test_bench_refuses_unknown_steps() -> None:
     r = run_cli("bench", "--steps", "rebuild,nope")
     assert r.returncode == 2 and "nope" in (r.stderr + r.stdout)
+
+
+def test_bench_refuses_a_scale_step_without_scale() -> None:
+    r = run_cli("bench", "--steps", "publish")
+    assert r.returncode == 2 and "--scale" in (r.stderr + r.stdout)

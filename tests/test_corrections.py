@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from chainfold.envelope import decode, encode
 from chainfold.examples import accounts
 from chainfold.examples.apply_corrections import CorrectionApplier, add_delta, main as apply_main
+from chainfold.statediff import state_delta
 from chainfold.log import MemoryLog
 from chainfold.ops.corrections import (
     KEY_FORMAT, correction_events, correction_key, make_correction, producer_name_for,
@@ -133,7 +134,7 @@ def test_applier_sets_expected_adds_delta_or_reports_a_conflict() -> None:
     c2 = corr("s2", {"balance": 30, "status": "open"}, {"balance": 35, "status": "open"}, {"balance": 5})
     assert a.apply(c2) == "delta" and a.figures["s2"] == {"balance": 55, "status": "open"}
     # a non-numeric difference on a figure that moved on: nothing to add safely
-    c3 = corr("s3", {"status": "new"}, {"status": "closed"}, None)
+    c3 = corr("s3", {"status": "new"}, {"status": "closed"}, {"status": ["closed", "new"]})
     assert a.apply(c3) == "conflict" and a.figures["s3"] == {"status": "open"} and a.conflicts == [c3]
     # a stream the worker should never have had
     c4 = corr("s4", {"balance": 1}, None, None)
@@ -171,6 +172,28 @@ def test_redelivered_corrections_change_nothing(items, seed: int) -> None:
     for c in deliveries:
         many.apply(c)
     assert many.figures == once.figures and many.applied == once.applied
+
+
+def test_numbers_and_a_status_differ_on_a_figure_that_moved_on_is_a_conflict() -> None:
+    exp, act = {"balance": 100, "status": "closed"}, {"balance": 95, "status": "open"}
+    c = corr("s", act, exp, state_delta(exp, act))
+    assert c["delta"] == {"balance": 5, "status": ["closed", "open"]}
+    a = CorrectionApplier({"s": {"balance": 115, "status": "open"}})
+    assert a.apply(c) == "conflict" and a.figures["s"] == {"balance": 115, "status": "open"}
+
+
+def test_state_delta() -> None:
+    """``delta``: numbers as expected - actual, any other change as [expected, actual], field by field."""
+    assert state_delta({"balance": 7500, "status": "open", "n": 3}, {"balance": 12500, "status": "open", "n": 3}) \
+        == {"balance": -5000}
+    assert state_delta({"status": "open", "tags": ["a"]}, {"status": "closed", "tags": ["a", "b"]}) \
+        == {"status": ["open", "closed"], "tags": [["a"], ["a", "b"]]}
+    assert state_delta({"a": {"b": 2, "c": "x"}}, {"a": {"b": 1, "c": "x"}}) == {"a": {"b": 1}}
+    assert state_delta({"n": 2, "s": "x", "f": True}, {}) == {"n": 2, "s": ["x", None], "f": [True, None]}
+    assert state_delta({"n": 2, "s": "x"}, None) == {"n": 2, "s": ["x", None]}  # a stream missing from the export
+    assert state_delta(None, {"n": 2, "s": "x"}) == {"n": -2, "s": [None, "x"]}  # one the log never had
+    assert state_delta(5, 3) == 2 and state_delta("a", "b") == ["a", "b"] and state_delta(1, True) == [1, True]
+    assert state_delta({"n": 1, "s": "x"}, {"n": 1, "s": "x"}) is None and state_delta(3, 3) is None
 
 
 def test_add_delta_nested() -> None:

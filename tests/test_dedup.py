@@ -18,7 +18,7 @@ from pyfusefilter.pyfusefilter import ffi, lib
 
 from chainfold.errors import (ChainfoldError, DedupIndexBusy, DedupIndexError, DedupManifestInvalid,
                               DedupPieceDamaged)
-from chainfold.replay import dedup
+from chainfold.replay import dedup, pieces
 from chainfold.replay.dedup import DedupIndex, collect_garbage, manifest_digests
 
 ALPHABET = "ab\x00é\ud800😀"
@@ -33,7 +33,7 @@ def _weak_key(data: bytes) -> int:
 @pytest.fixture(params=["xxh3", "colliding"])
 def keys(request, monkeypatch):
     if request.param == "colliding":
-        monkeypatch.setattr(dedup, "_key_of", _weak_key)
+        monkeypatch.setattr(pieces, "_key_of", _weak_key)
     return request.param
 
 
@@ -142,8 +142,8 @@ def test_numpy_filter_query_matches_the_library():
     rng = np.random.default_rng(3)
     for n in (1, 2, 7, 1000, 70_000):
         members = np.unique(rng.integers(0, 2**64, n, dtype=np.uint64))
-        geometry = dedup._Geometry.for_size(members.size + 3)
-        seed, fingerprints = dedup._build_filter(members, geometry)
+        geometry = pieces._Geometry.for_size(members.size + 3)
+        seed, fingerprints = pieces._build_filter(members, geometry)
         probes = np.concatenate((members, rng.integers(0, 2**64, 3000, dtype=np.uint64)))
         f = ffi.new("binary_fuse8_t *")
         assert lib.binary_fuse8_allocate(geometry.size, f)
@@ -151,14 +151,14 @@ def test_numpy_filter_query_matches_the_library():
         ffi.memmove(f.Fingerprints, fingerprints, len(fingerprints))
         expected = [bool(lib.binary_fuse8_contain(int(k), f)) for k in probes]
         lib.binary_fuse8_free(f)
-        h, fp = dedup._mixed(probes, np.uint64(seed))
+        h, fp = pieces._mixed(probes, np.uint64(seed))
         piece = type("P", (), {})()
         piece.shift, piece.bits, piece.uniform_seed, piece.array_length = np.uint64(64), 0, seed, geometry.array_length
         piece.scl = np.uint64(geometry.segment_count_length)
         piece.segment_length = np.uint64(geometry.segment_length)
         piece.mask = np.uint64(geometry.segment_length_mask)
         piece.filters = np.frombuffer(fingerprints, dtype=np.uint8)
-        got = dedup._Piece.maybe(piece, probes, {}).tolist()
+        got = pieces.Piece.maybe(piece, probes, {}).tolist()
         assert got == expected
         assert all(got[: members.size])  # no false negative
 
@@ -278,6 +278,7 @@ ids = [f"ev-{(i * 7919) % (total * 3 // 4):x}" for i in range(total)]  # a quart
 state = here / "state.json"
 st = json.loads(state.read_text()) if state.exists() else {"pos": 0, "kept": []}
 ix = DedupIndex.open(here / "ix", st["kept"][-1] if st["kept"] else None, memory_bytes=3000)
+print("open", flush=True)
 for b in range(st["pos"], total, batch):
     ix.add_new(ids[b:b + batch])
     if (b // batch) % 2:
@@ -300,7 +301,10 @@ def test_kill_9_during_spills_and_checkpoints_then_resume(tmp_path, seed):
     ids = _ids(total)
     kills = 0
     while True:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(total), str(batch)])
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(total), str(batch)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        child.stdout.readline()  # imports done, index open: the random wait is all work (however loaded the machine)
         try:
             child.wait(timeout=float(rng.uniform(0.5, 2.0)))
         except subprocess.TimeoutExpired:

@@ -32,9 +32,8 @@ from chainfold.merkle import CompactRange
 from chainfold.ops.rebuild import rebuild
 from chainfold.ops.reconcile import Processed, reconcile
 from chainfold.ops.verify import VerifyOptions, compare_logs, verify_log
-from chainfold.replay import seen as seen_mod
+from chainfold.replay.dedup import DedupIndex
 from chainfold.replay.model import load_model
-from chainfold.replay.seen import SeenSet
 from chainfold.store.snapshots import topic_dir
 
 from .distributed_cases import MODEL, POISON_MODEL, assert_same_store, events, messy, normalized
@@ -79,7 +78,7 @@ def assert_same_rebuild(a: Any, b: Any, tmp: Path, topic: str) -> None:
     assert a.folder.rendered() == b.folder.rendered()
     assert list(a.folder.states) == list(b.folder.states)  # the order the fold stage holds them in
     if b.written or b.snapshot is not None:  # else the driver does not gather the seen ids: nothing stores them
-        assert sorted(a.folder.seen) == sorted(b.folder.seen)
+        assert len(a.folder.seen) == len(b.folder.seen)  # the ids themselves: the snapshots' manifests, below
     assert a.folder.fold.skipped == b.folder.fold.skipped
     assert_same_store(tmp / "local", tmp / "dist", topic)
 
@@ -171,41 +170,37 @@ def test_piece_stage_checks_and_records_like_the_hash_stage(tmp_path_factory: py
 
 
 def test_seen_ids_are_fed_in_the_local_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A snapshot stores what the seen ids' ``checkpoint()`` returns, which for an index that spills
-    to disk depends on the batches it was given: the driver calls ``add_new`` with the local decode
-    stage's batches (duplicates included) and ``checkpoint`` at the same points."""
-    calls: dict[str, list[Any]] = {}
+    """A snapshot stores the manifest the dedup index's ``checkpoint()`` returns, which depends on
+    the batches it was given (when it spills, what each piece holds): the driver calls ``add_new``
+    with the local decode stage's batches (duplicates included) and ``checkpoint`` at the same
+    points, from a snapshot too (ids it holds are duplicates), with a memory bound small enough to
+    spill between snapshots."""
+    calls: list[Any] = []
+    add_new, checkpoint = DedupIndex.add_new, DedupIndex.checkpoint
 
-    class Spy(SeenSet):
-        log: list[Any]
+    def spy_add(self, ids):  # type: ignore[no-untyped-def]
+        calls.append(("add", list(ids)))
+        return add_new(self, ids)
 
-        def add_new(self, ids):  # type: ignore[no-untyped-def]
-            self.log.append(("add", list(ids)))
-            return super().add_new(ids)
+    def spy_checkpoint(self):  # type: ignore[no-untyped-def]
+        manifest = checkpoint(self)
+        calls.append(("checkpoint", len(self), manifest))
+        return manifest
 
-        def checkpoint(self):  # type: ignore[no-untyped-def]
-            self.log.append(("checkpoint", len(self)))
-            return super().checkpoint()
-
+    monkeypatch.setattr(DedupIndex, "add_new", spy_add)
+    monkeypatch.setattr(DedupIndex, "checkpoint", spy_checkpoint)
     elog = MemoryLog("spy")
     messy(elog, 2600)
-    logs: dict[str, list[Any]] = {"local": [], "dist": []}
+    logs: dict[str, list[Any]] = {}
 
     def run(side: str) -> None:
-        log = logs[side]
-
-        def restore(stored, _log=log):  # type: ignore[no-untyped-def]
-            s = Spy(stored)
-            s.log = _log
-            return s
-
-        monkeypatch.setattr(seen_mod, "restore", restore)
-        monkeypatch.setattr("chainfold.replay.fold.SeenSet", lambda ids=(), _log=log: restore(ids, _log))
-        opts = dict(snapshots_root=tmp_path / side, snapshot_every=700)
+        calls.clear()
+        opts = dict(snapshots_root=tmp_path / side, snapshot_every=700, dedup_memory=20_000)
         if side == "local":
             rebuild(elog, load_model(MODEL), **opts)
         else:
             distributed_rebuild(dist_of(elog), elog, MODEL, **opts)
+        logs.setdefault(side, []).extend(calls)
 
     run("local")
     run("dist")
@@ -213,9 +208,9 @@ def test_seen_ids_are_fed_in_the_local_batches(tmp_path: Path, monkeypatch: pyte
     elog.append(events(2600)[:5], assign_seq=False)  # duplicates of events before the snapshot
     run("local")
     run("dist")
-    calls = logs
-    assert calls["local"] == calls["dist"]
-    assert any(c[0] == "checkpoint" for c in calls["local"])
+    assert logs["local"] == logs["dist"]
+    assert sum(c[0] == "checkpoint" for c in logs["local"]) >= 6
+    assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
 
 
 # --- rebuild ---------------------------------------------------------------------------------------
@@ -274,6 +269,30 @@ def test_a_model_error_stops_where_the_local_rebuild_stops(tmp_path: Path) -> No
     assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
 
 
+@pytest.mark.parametrize("policy", ["skip-event", "skip-stream"])
+@pytest.mark.parametrize("partitions", [0, 2])
+def test_skip_policies_give_the_local_result(tmp_path: Path, policy: str, partitions: int) -> None:
+    """``--on-model-error skip-event|skip-stream``: the same ``skipped`` (in log order), states,
+    and snapshots recording the skipped events at each stop; then from such a snapshot (under
+    skip-stream its streams stay frozen), with more poison events and duplicates of earlier ones."""
+    model = _poison(tmp_path)
+    elog = MemoryLog("skips", partitions=partitions)
+    poison = {3, 700, 1234, 2345, 2400, 2900, 3300}
+    evs = [Event(f"e{i}", f"s{i % 9}", None, "t", 1, {"poison": i in poison}) for i in range(3600)]
+    elog.append(evs[:2500])
+    a, b = both_rebuilds(elog, tmp_path, model, snapshot_every=300, on_model_error=policy)
+    assert len(a.to_json()["skipped"]) >= 5
+    assert_same_rebuild(a, b, tmp_path, elog.topic)
+    elog.append(evs[2500:])
+    elog.append(evs[690:710], assign_seq=False)
+    a, b = both_rebuilds(elog, tmp_path, model, snapshot_every=300, on_model_error=policy)
+    assert a.to_json()["snapshot"] is not None and a.to_json()["duplicates"]
+    assert_same_rebuild(a, b, tmp_path, elog.topic)
+    a, b = both_rebuilds(elog, tmp_path, model, snapshot_every=0, on_model_error=policy, write_snapshots=False,
+                         streams=frozenset({"s0", "s3"}))
+    assert_same_rebuild(a, b, tmp_path, elog.topic)
+
+
 # --- verify ----------------------------------------------------------------------------------------
 
 
@@ -326,8 +345,10 @@ def test_reconcile_of_a_divergent_worker_gives_the_local_report(tmp_path: Path, 
     state = dict(expected)
     state["acct-0003"] = {"balance": -1}
     del state["acct-0005"]
+    state["never-in-the-log"] = {"balance": 3}
     ids = [e.id for e in evs if e.id != evs[33].id]
     ids.insert(7, evs[2].id)
+    ids.insert(50, "an-id-from-elsewhere")
     ids[100], ids[101] = ids[101], ids[100]
     processed = Processed("processed.jsonl", ids, list(range(1, len(ids) + 1)), [None] * len(ids))
     out = []
@@ -337,7 +358,34 @@ def test_reconcile_of_a_divergent_worker_gives_the_local_report(tmp_path: Path, 
         r = reconcile(elog, model, snapshots_root=tmp_path / side, state=state, processed=processed, repair=True,
                       **hooks)
         out.append((normalized(r.to_json(), (tmp_path / "local", tmp_path / "dist")), r.repaired_states, r.corrections))
-    assert out[0][0]["verdict"] == "repaired" and out[0][0]["missing"] == [evs[33].id]
+    doc = out[0][0]
+    assert doc["verdict"] == "repaired" and doc["missing"] == [evs[33].id]
+    assert doc["unknown_ids"] == ["an-id-from-elsewhere"] and doc["unknown_streams"] == ["never-in-the-log"]
+    assert out[0] == out[1]
+    assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
+
+
+@pytest.mark.parametrize("policy", ["skip-event", "skip-stream"])
+def test_reconcile_under_a_skip_policy_gives_the_local_report(tmp_path: Path, policy: str) -> None:
+    """The reference and the repair's replay skip the same events as the local engine's; the state
+    export alone (no processed log): ``processed_events`` null on both."""
+    model_ref = _poison(tmp_path)
+    model = load_model(model_ref)
+    elog = MemoryLog("rcskip", partitions=2)
+    elog.append([Event(f"e{i}", f"s{i % 7}", None, "t", 1, {"poison": i in (40, 900, 1500)}) for i in range(2000)])
+    expected = rebuild(elog, model, snapshots_root=tmp_path / "x", write_snapshots=False,
+                       on_model_error=policy).folder.rendered()
+    state = dict(expected)
+    state["s2"] = {"n": 1}
+    out = []
+    for side in ("local", "dist"):
+        hooks = distributed_reconcile_engine(dist_of(elog)) if side == "dist" else {}
+        rebuild(elog, model, snapshots_root=tmp_path / side, snapshot_every=600, on_model_error=policy)
+        r = reconcile(elog, model, snapshots_root=tmp_path / side, state=state, repair=True, on_model_error=policy,
+                      **hooks)
+        out.append((normalized(r.to_json(), (tmp_path / "local", tmp_path / "dist")), r.repaired_states))
+    doc = out[0][0]
+    assert doc["skipped"] and doc["processed"]["events"] is None and doc["verdict"] == "repaired"
     assert out[0] == out[1]
     assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
 

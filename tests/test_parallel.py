@@ -59,7 +59,7 @@ def summary(result: Any) -> dict[str, Any]:
         "duplicates": j["duplicates"],
         "log": j["log"],
         "replayed": j["replayed"],
-        "seen": sorted(result.folder.seen),
+        "seen": len(result.folder.seen),
         "index": result.folder.index,
     }
 

@@ -449,23 +449,43 @@ def test_bad_lines_in_processed_log(tmp_path: Path, line: str, reason: str) -> N
     assert isinstance(e, MalformedInputLine) and e.line == 2 and reason in e.reason
 
 
-def test_unknown_event_id(tmp_path: Path) -> None:
+def test_unknown_event_ids_are_findings(tmp_path: Path) -> None:
+    """Ids the log does not hold are what the worker did wrong: listed once each, in handling order;
+    on one partition the handling departs from the reference where the first of them was handled."""
     w = build(n=50, streams=3)
-    text = "".join(json.dumps({"id": i}) + "\n" for i in ("evt-7-1", "evt-7-2", "evt-nope", "evt-7-3"))
-    e = _bad(tmp_path, w, processed=text)
-    assert isinstance(e, MalformedInputLine) and e.line == 3 and "unknown event id 'evt-nope'" in e.reason
+    wk = simulate(w)
+    paths = write_worker(tmp_path, w, wk)
+    ids = [e.id for e in w.events]
+    handled = ids[:2] + ["evt-nope"] + ids[2:] + ["evt-nope", "evt-other"]
+    Path(paths["processed"]).write_text("".join(json.dumps({"id": i}) + "\n" for i in handled))
+    doc = run(w, paths, tmp_path).to_json()
+    assert doc["verdict"] == "divergent" and doc["unknown_ids"] == ["evt-nope", "evt-other"]
+    assert doc["first_divergence"] == {"index": 2, "segment": 0, "event_id": ids[2], "message_id": w.mid_of(ids[2])}
+    assert doc["processed"] == {"events": 53}
+    assert doc["missing"] == [] and doc["duplicates"] == [] and doc["out_of_order"] == []
+    assert doc["unknown_streams"] == [] and doc["divergent_streams"] == [] and doc["skipped"] == []
+    # repaired: every state is right, so the export is the corrected one
+    report = run(w, paths, tmp_path, repair=True)
+    assert report.verdict == "repaired" and report.repaired_states == wk.state and report.corrections == []
 
 
-def test_state_export_with_a_stream_the_log_never_had(tmp_path: Path) -> None:
+def test_streams_the_log_never_had_are_findings(tmp_path: Path) -> None:
     w = build(n=50, streams=3)
-    st = fold(w.events)
-    st["acct-9999"] = accounts.initial("acct-9999")
-    text = json.dumps(st, indent=1, sort_keys=True)
-    e = _bad(tmp_path, w, state=text)
-    want_line = text[: text.index('"acct-9999"')].count("\n") + 1
-    assert isinstance(e, MalformedInputLine), e
-    assert e.path.endswith("state.json") and e.line == want_line and "acct-9999" in e.reason
-    assert "never had" in e.reason
+    wk = simulate(w)
+    wk.state["acct-9999"] = accounts.initial("acct-9999")
+    wk.state["acct-0000x"] = {"balance": 5}
+    doc = run(w, write_worker(tmp_path, w, wk), tmp_path).to_json()
+    assert doc["verdict"] == "divergent" and doc["unknown_streams"] == ["acct-0000x", "acct-9999"]
+    assert doc["first_divergence"] is None and doc["unknown_ids"] == []
+    init = accounts.initial("acct-9999")
+    assert doc["divergent_streams"] == [
+        {"stream": "acct-0000x", "expected": None, "actual": {"balance": 5}, "delta": {"balance": -5}},
+        # zero counters against nothing differ by nothing; the status and the null fields are what is there
+        {"stream": "acct-9999", "expected": None, "actual": init, "delta": {"status": [None, "new"]}},
+    ]
+    report = run(w, write_worker(tmp_path, w, wk), tmp_path, repair=True)
+    assert report.verdict == "repaired" and report.repaired_states == fold(w.events)
+    assert [c["stream"] for c in report.corrections] == ["acct-0000x", "acct-9999"]
 
 
 @pytest.mark.parametrize("text, reason", [("[1, 2]", "one JSON object"), ('"x"', "one JSON object"),

@@ -29,6 +29,8 @@ from chainfold.errors import BadInput, SnapshotRejected
 from chainfold.examples import accounts
 from chainfold import Folder, load_model
 from chainfold.log import MemoryLog
+from chainfold.replay.dedup import DedupIndex
+from chainfold.store.codec import FORMAT_1_REFUSED
 from chainfold.store.snapshots import (
     FORMAT,
     PartitionPosition,
@@ -40,6 +42,7 @@ from chainfold.store.snapshots import (
 )
 
 TOPIC = "persistent://public/default/snaps"
+EMPTY = {"format": 1, "count": 0, "pieces": []}  # the manifest of no event ids
 COUNTERS = load_model("chainfold.examples.counters")
 ACCOUNTS = load_model("chainfold.examples.accounts")
 
@@ -68,10 +71,17 @@ def folded(model=ACCOUNTS, n_events: int = 400, n_streams: int = 25, seed: int =
     return folder, positions
 
 
+def manifest_of(store: SnapshotStore, ids) -> dict:
+    """The ids as a dedup index in ``store``'s dedup folder: its manifest."""
+    with store.dedup.writer(None) as index:
+        index.add_new(sorted(ids))
+        return index.checkpoint()
+
+
 def take(folder: Folder, positions: list[PartitionPosition], *, created: int = 1_700_000_000_000,
-         topic: str = TOPIC, model=None) -> Snapshot:
+         topic: str = TOPIC, model=None, dedup=EMPTY) -> Snapshot:
     return Snapshot.capture(
-        model or folder.model, topic=topic, partitions=positions, states=folder.states, seen=folder.seen,
+        model or folder.model, topic=topic, partitions=positions, states=folder.states, dedup=dedup,
         segment_size=16, created=created,
         stats={"malformed": len(folder.malformed), "duplicates": len(folder.duplicates)},
     )
@@ -148,15 +158,20 @@ def test_topic_dir_is_readable_safe_and_unambiguous(tmp_path: Path) -> None:
 # --- round trip -------------------------------------------------------------------------------------------
 
 
-def test_round_trip_is_exact(store: SnapshotStore, sample, written) -> None:
+def test_round_trip_is_exact(store: SnapshotStore, sample) -> None:
     folder, positions = sample
-    snap, path = written
+    manifest = manifest_of(store, folder.seen)
+    snap = take(folder, positions, dedup=manifest)
+    path = store.write(snap)
     assert path.parent == store.dir and path.name == "snap-000000000402-1700000000000.cbor"
     back = store.load(path)
     assert back == snap
     assert back.entries == 402 == sum(p.entries for p in positions)
     assert back.streams_root == snap.streams_root == streams_root(snap.states)
-    assert back.seen == frozenset(folder.seen) and back.stats == {"malformed": 1, "duplicates": 1}
+    assert back.dedup == manifest and back.stats == {"malformed": 1, "duplicates": 1}
+    assert manifest["count"] == len(folder.seen) and len(manifest["pieces"]) == 1
+    with DedupIndex.open(store.dedup.dir, back.dedup) as index:  # the ids, from the pieces beside it
+        assert sorted(index) == sorted(folder.seen)
     assert back.restore_states(ACCOUNTS) == folder.states
     assert back.model_fingerprint == ACCOUNTS.fingerprint and back.segment_size == 16
     # the chain continues exactly where it stopped
@@ -166,12 +181,12 @@ def test_round_trip_is_exact(store: SnapshotStore, sample, written) -> None:
     # the files are the canonical CBOR of the documented maps
     raw = path.read_bytes()
     env = cbor2.loads(raw)
-    assert set(env) == {"format", "body", "sha256"} and env["format"] == FORMAT == 1
+    assert set(env) == {"format", "body", "sha256"} and env["format"] == FORMAT == 2
     assert cbor2.dumps(env, canonical=True) == raw
     assert _sha(env["body"]) == env["sha256"]
     body = cbor2.loads(env["body"])
     assert cbor2.dumps(body, canonical=True) == env["body"]
-    assert body["seen"] == sorted(folder.seen) and body["entries"] == 402
+    assert body["dedup"] == manifest and "seen" not in body and body["entries"] == 402
     assert body["partitions"][0] == {"partition": positions[0].partition, "entries": positions[0].entries,
                                      "message_id": positions[0].message_id, "chain": positions[0].chain}
     leaves = [merkle.leaf_hash(cbor2.dumps([s, body["states"][s]], canonical=True)) for s in sorted(body["states"])]
@@ -184,16 +199,18 @@ def test_resuming_from_a_snapshot_folds_like_one_go(tmp_path: Path) -> None:
     log = MemoryLog(TOPIC)
     log.append(events[:150])
     store = SnapshotStore(tmp_path, TOPIC)
-    f1 = Folder(COUNTERS)
+    f1 = Folder(COUNTERS, seen=store.dedup.writer(None))
     chain = ChainBuilder(16)
     fold_hashing(f1, chain, log.read())
     pos = PartitionPosition.at(log.partitions()[0], chain)
     path = store.write(Snapshot.capture(COUNTERS, topic=TOPIC, partitions=[pos], states=f1.states,
-                                        seen=f1.seen, segment_size=16))
+                                        dedup=f1.seen.checkpoint(), segment_size=16))
+    f1.seen.close()
     log.append(events[150:] + events[:5])  # the tail repeats five old events: not folded again
     snap = store.load(path)
     p = snap.partitions[0]
-    f2 = Folder(COUNTERS, states=snap.restore_states(COUNTERS), seen=set(snap.seen), index=snap.entries)
+    f2 = Folder(COUNTERS, states=snap.restore_states(COUNTERS), seen=store.dedup.reader(snap.dedup),
+                index=snap.entries)
     chain2 = p.builder()
     from chainfold.log import MessageId
 
@@ -203,18 +220,20 @@ def test_resuming_from_a_snapshot_folds_like_one_go(tmp_path: Path) -> None:
     fold_hashing(whole, full_chain, log.read())
     assert f2.states == whole.states and len(f2.duplicates) == 5
     assert chain2.state() == full_chain.state()
+    f2.seen.close()
+    assert not any(store.dedup.scratch_dir.iterdir())  # the reader's scratch folder is gone
 
 
 def test_empty_snapshot_round_trips(store: SnapshotStore) -> None:
     pos = PartitionPosition.at(TOPIC, ChainBuilder(16))
-    snap = Snapshot(TOPIC, (pos,), "m", "f" * 64, 16, {}, frozenset(), created=5)
+    snap = Snapshot(TOPIC, (pos,), "m", "f" * 64, 16, {}, EMPTY, created=5)
     back = store.load(store.write(snap))
     assert back == snap and back.entries == 0 and back.streams_root == merkle.root([])
 
 
 def test_states_that_are_not_cbor_are_refused_on_write(store: SnapshotStore, sample) -> None:
     folder, positions = sample
-    snap = Snapshot(TOPIC, tuple(positions), "m", "f" * 64, 16, {"s": object()}, frozenset())
+    snap = Snapshot(TOPIC, tuple(positions), "m", "f" * 64, 16, {"s": object()}, EMPTY)
     with pytest.raises(BadInput, match="stream 's'"):
         store.write(snap)
     assert store.list() == [] and not store.dir.exists()  # refused before anything is written
@@ -225,9 +244,11 @@ def test_invalid_snapshots_are_refused_at_construction(sample) -> None:
     with pytest.raises(ValueError, match="chain state covers"):
         PartitionPosition(TOPIC, 3, None, ChainBuilder(16).state())
     with pytest.raises(ValueError, match="segment size"):
-        Snapshot(TOPIC, tuple(positions), "m", "f", 1024, {}, frozenset())
+        Snapshot(TOPIC, tuple(positions), "m", "f", 1024, {}, EMPTY)
     with pytest.raises(ValueError, match="twice"):
-        Snapshot(TOPIC, (positions[0], positions[0]), "m", "f", 16, {}, frozenset())
+        Snapshot(TOPIC, (positions[0], positions[0]), "m", "f", 16, {}, EMPTY)
+    with pytest.raises(ValueError, match="dedup index manifest"):
+        Snapshot(TOPIC, tuple(positions), "m", "f", 16, {}, frozenset())  # format 1's ids: not a manifest
 
 
 def test_writing_into_another_topics_store_is_refused(tmp_path: Path, sample) -> None:
@@ -262,9 +283,24 @@ def test_trailing_bytes_and_foreign_files_are_rejected(store: SnapshotStore, wri
 def test_other_format_versions_are_rejected(store: SnapshotStore, written) -> None:
     _, path = written
     env = cbor2.loads(path.read_bytes())
-    for fmt in (2, 0, True, 1.0, "1"):
+    for fmt in (3, 0, True, 2.0, "2"):
         path.write_bytes(cbor2.dumps({**env, "format": fmt}, canonical=True))
         assert "not supported" in reason_of(store, path)
+
+
+def test_format_1_snapshots_are_refused_with_what_to_do(store: SnapshotStore, written) -> None:
+    """A snapshot of an older chainfold (every event id in every file) is never misread."""
+    _, path = written
+    env = cbor2.loads(path.read_bytes())
+    body = cbor2.loads(env["body"])
+    body["seen"] = sorted(["e1", "e2"])
+    del body["dedup"]
+    raw = cbor2.dumps(body, canonical=True)
+    path.write_bytes(cbor2.dumps({"format": 1, "body": raw, "sha256": _sha(raw)}, canonical=True))
+    assert reason_of(store, path) == FORMAT_1_REFUSED == "format 1, written by an older chainfold: rebuild --full once"
+    [(_, rejected)] = list(store.candidates(ACCOUNTS))
+    assert isinstance(rejected, SnapshotRejected) and rejected.reason == FORMAT_1_REFUSED
+    assert store.inspect(path)["reason"] == FORMAT_1_REFUSED
 
 
 def test_every_single_bit_flip_is_rejected(store: SnapshotStore, tmp_path: Path) -> None:
@@ -352,7 +388,9 @@ def test_malformed_body_behind_a_good_checksum_is_rejected(store: SnapshotStore,
     _, path = written
     rewrite_body(path, lambda b: b.update(entries=b["entries"] + 1))
     assert "not the sum over partitions" in reason_of(store, path)
-    rewrite_body(path, lambda b: b.pop("seen"))
+    rewrite_body(path, lambda b: b.update(dedup={"format": 1, "count": 3, "pieces": []}))
+    assert "dedup: 'count' is not the sum" in reason_of(store, path)
+    rewrite_body(path, lambda b: b.pop("dedup"))
     assert "does not have the snapshot fields" in reason_of(store, path)
 
 
@@ -473,9 +511,8 @@ _WRITER = textwrap.dedent(
     for i in range(n_streams):
         chain.add(b"e%d" % i, "1:%d:-1:-1" % i)
     states = {"s-%07d" % i: {"events": i, "types": {"Deposited": i % 7}, "amount": i * 3} for i in range(n_streams)}
-    seen = ["e-%08d" % i for i in range(n_streams)]
-    snap = Snapshot(topic, (PartitionPosition.at(topic, chain),), "big", "f" * 64, 16, states, frozenset(seen),
-                    created=int(time.time() * 1000))
+    snap = Snapshot(topic, (PartitionPosition.at(topic, chain),), "big", "f" * 64, 16, states,
+                    {"format": 1, "count": 0, "pieces": []}, created=int(time.time() * 1000))
     store = SnapshotStore(root, topic, keep=50)
     print("writing", flush=True)
     store.write(snap)
@@ -550,7 +587,7 @@ def test_inspect_describes_valid_and_rejected_files(store: SnapshotStore, sample
     json.dumps(s)  # JSON-ready
     assert s["valid"] is True and s["reason"] is None
     assert s["topic"] == TOPIC and s["entries"] == 402 and s["streams"] == len(snap.states)
-    assert s["seen"] == len(snap.seen) and s["streams_root"] == snap.streams_root.hex()
+    assert s["seen"] == snap.dedup["count"] and s["streams_root"] == snap.streams_root.hex()
     assert s["model"] == ACCOUNTS.name and s["fingerprint"] == ACCOUNTS.fingerprint
     assert s["created"] == "2023-11-14T22:13:20.000Z" and s["size_bytes"] == path.stat().st_size
     p0 = s["partitions"][0]

@@ -191,9 +191,9 @@ def test_stops_see_exact_counts_whatever_the_batches(tmp_path: Path) -> None:
     log = MemoryLog("stops")
     log.append([event_from_json(d) for d in accounts.generate(1000, 20, 1)])
     model = load_model("chainfold.examples.accounts")
-    decoder, fold = Decoder(), FoldStage(model)
-    hasher = HashStage(log.partitions()[0], ChainBuilder(64))
     store = SnapshotStore(tmp_path, log.topic, keep=10)
+    decoder, fold = Decoder(store.dedup.writer(None)), FoldStage(model)
+    hasher = HashStage(log.partitions()[0], ChainBuilder(64))
     sink = SnapshotSink(store, fold, decoder, log.partitions(), 64)
     at: list[tuple[int, int, int]] = []
 
@@ -207,6 +207,8 @@ def test_stops_see_exact_counts_whatever_the_batches(tmp_path: Path) -> None:
     assert n == 1000 and at == [(300, 300, 300), (600, 600, 600), (777, 777, -1), (900, 900, 900)]
     assert [i.entries for i in store.list()] == [0, 0, 0]  # no position given: partitions not done yet
     assert len(sink.written) == 3 and sink.entries == 0
+    assert [store.load(p).dedup["count"] for p in sink.written] == [300, 600, 900]  # the ids folded by then
+    decoder.seen.close()
 
 
 def test_seen_set_answers_batches_in_order() -> None:

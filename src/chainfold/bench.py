@@ -17,8 +17,8 @@ Each step's ``events`` is the number of events it processed (the tail for
 ``rebuild_from_snapshot``), ``seconds`` the time of the measured call only (not the process start,
 imports or connecting), ``events_per_s`` their ratio. Building the data is not measured.
 
-:func:`run_scaling` repeats ``rebuild`` and ``rebuild_from_snapshot`` for several N (cost growth
-and memory), :func:`run_parallel` ``rebuild`` and ``verify`` with several worker counts.
+:func:`run_parallel` repeats ``rebuild`` and ``verify`` with several worker counts; how the costs
+grow with the history (``--scale``) is :mod:`chainfold.bench_scale`.
 
 ``python -m chainfold.bench --step NAME --config JSON`` runs one step (what the parent starts).
 """
@@ -48,7 +48,6 @@ __all__ = [
     "BenchReport",
     "story",
     "run_bench",
-    "run_scaling",
     "run_parallel",
     "peak_rss_mb",
 ]
@@ -385,7 +384,6 @@ class BenchReport:
     results: list[StepResult] = field(default_factory=list)
     setup: dict[str, float] = field(default_factory=dict)
     parallel: list[dict[str, Any]] = field(default_factory=list)
-    scale: list[dict[str, Any]] = field(default_factory=list)
 
     def get(self, name: str) -> StepResult | None:
         return next((r for r in self.results if r.name == name), None)
@@ -405,14 +403,6 @@ class BenchReport:
                 v = row["rebuild_speedup"]
                 out.append({"target": "rebuild, 2 workers >= 1.6 x 1 worker", "value": v, "threshold": 1.6,
                             "met": v >= 1.6})
-        by_n = {row["events"]: row for row in self.scale}
-        if 100_000 in by_n and 1_000_000 in by_n:
-            a = _result(by_n[100_000], "rebuild")
-            b = _result(by_n[1_000_000], "rebuild")
-            if a and b:
-                v = b["peak_rss_mb"] / a["peak_rss_mb"]
-                out.append({"target": "rebuild peak memory at 1M <= 1.3 x at 100k", "value": round(v, 2),
-                            "threshold": 1.3, "met": v <= 1.3})
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -424,16 +414,10 @@ class BenchReport:
         }
         if self.parallel:
             doc["parallel"] = self.parallel
-        if self.scale:
-            doc["scale"] = self.scale
         doc["targets"] = self.targets()
         doc["setup_seconds"] = {k: round(v, 2) for k, v in self.setup.items()}
         doc["machine"] = machine()
         return doc
-
-
-def _result(row: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((r for r in row["results"] if r["name"] == name), None)
 
 
 def machine() -> dict[str, Any]:
@@ -493,24 +477,6 @@ def run_bench(cfg: BenchConfig, *, steps: tuple[str, ...] = STEPS, parallel: tup
                 base.setdefault(what, r.events_per_s)
                 row[f"{what}_speedup"] = round(r.events_per_s / base[what], 2) if base[what] else None
             report.parallel.append(row)
-    return report
-
-
-def run_scaling(sizes: tuple[int, ...], streams: int, seed: int, service_url: str, workdir: str,
-                progress: Progress = lambda s: None) -> BenchReport:
-    """``read_limit``, ``rebuild`` and ``rebuild_from_snapshot`` at each N in ``sizes``, same streams."""
-    report = BenchReport(new_config(sizes[-1], streams, seed, service_url, workdir))
-    for n in sizes:
-        cfg = new_config(n, streams, seed, service_url, os.path.join(workdir, f"n{n}"))
-        Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-        sub = BenchReport(cfg)
-        _setup(cfg, sub, progress, eventsourcing=False)
-        for name in ("read_limit", "rebuild", "rebuild_from_snapshot"):
-            progress(f"N={n:,}: measuring {name}")
-            sub.results.append(run_step(name, cfg))
-        report.scale.append({"events": n, "topic": cfg.topic, "setup_seconds": sub.setup,
-                             "results": [r.to_json() for r in sub.results]})
-        shutil.rmtree(os.path.join(cfg.workdir, "snapshots"), ignore_errors=True)
     return report
 
 

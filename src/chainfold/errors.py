@@ -11,6 +11,7 @@ unrecoverable)::
     │   │   └── SegmentSizeMismatch   two hash sequences cut into segments of different sizes
     │   ├── MalformedEnvelope         a payload that is not an envelope (docs/formats.md)
     │   ├── MalformedInputLine        a JSON Lines input line that cannot be accepted
+    │   ├── MissingDirectory          an output file's directory does not exist (never created silently)
     │   ├── ModelNotFound             --model names nothing loadable
     │   ├── ModelError                a model raised while folding an event
     │   ├── CheckpointCorrupt         a checkpoint file that is truncated or fails its chain
@@ -44,6 +45,7 @@ __all__ = [
     "WorkerFailed",
     "MalformedEnvelope",
     "MalformedInputLine",
+    "MissingDirectory",
     "ModelNotFound",
     "ModelError",
     "CheckpointCorrupt",
@@ -122,6 +124,17 @@ class MalformedInputLine(BadInput):
         self.line = line
         self.reason = reason
         super().__init__(f"{path}:{line}: {reason}")
+
+
+class MissingDirectory(BadInput):
+    """An output named by ``option`` (``target``) would go into ``path``, a directory that does not
+    exist: chainfold does not create it, so a typo in a path never scatters files."""
+
+    def __init__(self, option: str, target: str, path: str) -> None:
+        self.option = option
+        self.target = target
+        self.path = path
+        super().__init__(f"{option} {target}: directory {path} does not exist (create it first)")
 
 
 class ModelNotFound(BadInput):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ABSENT", "FieldDiff", "field_diffs", "format_value", "format_change"]
+__all__ = ["ABSENT", "FieldDiff", "field_diffs", "format_value", "format_change", "state_delta"]
 
 
 class _Absent:
@@ -76,6 +76,37 @@ def field_diffs(expected: Any, actual: Any, *, only_changed: bool = False) -> li
     out: list[FieldDiff] = []
     _walk("", ABSENT if expected is None else expected, ABSENT if actual is None else actual, out)
     return [d for d in out if d.changed] if only_changed else out
+
+
+def state_delta(expected: Any, actual: Any) -> Any:
+    """What it takes to go from ``actual`` to ``expected``: a report's and a correction's ``delta``
+    (docs/corrections.md). For numbers ``expected - actual``; for objects, field by field, only the
+    fields that differ (a number against an absent field counts that field as 0); for any other
+    change (text, a boolean, a list, a number against text, a value against an absent field) the
+    pair ``[expected, actual]``, an absent side as null. None when nothing differs. A whole state
+    that one side does not have (None) counts as an empty object when the other is an object."""
+    if _number(expected) and _number(actual):
+        return (expected - actual) or None
+    if (isinstance(expected, dict) or isinstance(actual, dict)) and \
+            isinstance(expected, (dict, type(None))) and isinstance(actual, (dict, type(None))):
+        e, a = expected or {}, actual or {}
+        out = {}
+        for k in list(e) + [k for k in a if k not in e]:
+            d = _field_delta(e.get(k, ABSENT), a.get(k, ABSENT))
+            if d is not None:
+                out[k] = d
+        return out or None
+    if type(expected) is type(actual) and expected == actual:
+        return None
+    return [expected, actual]
+
+
+def _field_delta(e: Any, a: Any) -> Any:
+    if e is ABSENT and _number(a):
+        e = 0
+    elif a is ABSENT and _number(e):
+        a = 0
+    return state_delta(None if e is ABSENT else e, None if a is ABSENT else a)
 
 
 def format_value(v: Any, width: int = 40) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ..bench import STEPS, BenchReport, new_config, run_bench, run_scaling
+from ..bench import STEPS, BenchReport, new_config, run_bench
+from ..bench_scale import SCALE_STEPS, ScaleReport, run_scale
 from .common import broker_options, cli, emit_json, esc, json_option, run, stderr, stdout
 
 
@@ -27,11 +28,13 @@ def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> tupl
 
 def _steps(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
     if not value:
-        return STEPS
+        return ()
     names = tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [n for n in names if n not in STEPS]
+    known = STEPS + tuple(s for s in SCALE_STEPS if s not in STEPS)
+    bad = [n for n in names if n not in known]
     if bad:
-        raise click.BadParameter(f"unknown step(s) {', '.join(bad)}; steps are {', '.join(STEPS)}")
+        raise click.BadParameter(f"unknown step(s) {', '.join(bad)}; steps are {', '.join(STEPS)} "
+                                 f"(with --scale: {', '.join(SCALE_STEPS)})")
     return names
 
 
@@ -43,11 +46,14 @@ def _steps(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed of the accounts story.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes for the verify and rebuild steps.")
-@click.option("--steps", callback=_steps, metavar="A,B,...", help=f"Only these steps ({', '.join(STEPS)}).")
+@click.option("--steps", callback=_steps, metavar="A,B,...",
+              help=f"Only these steps ({', '.join(STEPS)}; with --scale: {', '.join(SCALE_STEPS)}).")
 @click.option("--parallel", callback=_ints, metavar="W1,W2,...",
               help="Also measure rebuild and verify with each worker count (e.g. 1,2,4) and the speed-ups.")
 @click.option("--scale", callback=_ints, metavar="N1,N2,...",
-              help="Instead: read_limit, rebuild and rebuild_from_snapshot at each N (e.g. 100000,1000000).")
+              help="Instead: each command as a whole process at each N (e.g. 1000000,10000000): wall time and "
+                   "peak memory of read_limit, verify, rebuild --full (with and without snapshots), rebuild "
+                   "from a 90%% snapshot, reconcile --processed and publish. Takes long: minutes per million.")
 @click.option("--keep", "keep_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Keep snapshots and the eventsourcing database here (default: a temporary folder, removed).")
 @broker_options
@@ -58,7 +64,10 @@ def bench(events: int, streams: int, seed: int, workers: int, steps: tuple[str, 
     broker (the embedded one by default): read_limit (a bare pulsar-client read loop, the ceiling),
     verify (hashes), rebuild (decode + hash + fold), rebuild_from_snapshot (the last 10%) and
     eventsourcing (the eventsourcing library rebuilding the same accounts from SQLite), with the peak
-    memory of each. The topic stays on the broker."""
+    memory of each. The topic stays on the broker.
+
+    With --scale, how each command's cost grows with the history: at each N, the commands a user
+    types, each timed and measured (peak RSS) as a whole process."""
 
     def body() -> int:
         from ..log.broker import resolve_url
@@ -69,17 +78,27 @@ def bench(events: int, streams: int, seed: int, workers: int, steps: tuple[str, 
         def progress(msg: str) -> None:
             stderr.print(f"[dim]bench:[/] {esc(msg)}", markup=True, highlight=False)
 
+        report: BenchReport | ScaleReport
         try:
             if scale:
-                report = run_scaling(scale, streams, seed, url, workdir, progress=progress)
+                bad = [s for s in steps if s not in SCALE_STEPS]
+                if bad:
+                    raise click.BadParameter(f"not a --scale step: {', '.join(bad)}", param_hint="--steps")
+                report = run_scale(scale, streams, seed, url, workdir, steps=steps or SCALE_STEPS,
+                                   keep_files=keep_dir is not None, progress=progress)
             else:
+                bad = [s for s in steps if s not in STEPS]
+                if bad:
+                    raise click.BadParameter(f"a --scale step only: {', '.join(bad)}", param_hint="--steps")
                 cfg = new_config(events, streams, seed, url, workdir, workers)
-                report = run_bench(cfg, steps=steps, parallel=parallel, progress=progress)
+                report = run_bench(cfg, steps=steps or STEPS, parallel=parallel, progress=progress)
         finally:
             if keep_dir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
         if as_json:
             emit_json(report.to_json())
+        elif isinstance(report, ScaleReport):
+            print_scale(report)
         else:
             print_report(report)
         return 0
@@ -108,8 +127,6 @@ def print_report(report: BenchReport) -> None:
     doc = report.to_json()
     if doc.get("results"):
         stdout.print(_table(f"{doc['events']:,} events, {doc['streams']:,} streams", doc["results"]))
-    for row in doc.get("scale", []):
-        stdout.print(_table(f"N = {row['events']:,}", row["results"]))
     if doc.get("parallel"):
         t = Table(title="parallel", title_justify="left")
         for col in ("workers", "rebuild events/s", "speed-up", "verify events/s", "speed-up"):
@@ -124,3 +141,40 @@ def print_report(report: BenchReport) -> None:
     m = doc["machine"]
     stdout.print(f"[dim]{m['cpus']} CPUs, Python {m['python']}, pulsar-client {m['pulsar_client']}; "
                  f"setup (not measured): {doc['setup_seconds']}[/]")
+
+
+def print_scale(report: ScaleReport) -> None:
+    doc = report.to_json()
+    rows = doc["scale"]
+    for row in rows:
+        stdout.print(_scale_table(row))
+    if len(rows) > 1:
+        t = Table(title="peak RSS MB (whole processes)", title_justify="left")
+        t.add_column("step")
+        for row in rows:
+            t.add_column(f"N = {row['events']:,}", justify="right")
+        for name in SCALE_STEPS:
+            cells = [next((f"{r['peak_rss_mb']:.0f}" for r in row["results"] if r["name"] == name), "-")
+                     for row in rows]
+            if any(c != "-" for c in cells):
+                t.add_row(name, *cells)
+        stdout.print(t)
+    for tg in doc["targets"]:
+        mark = "[green]met[/]" if tg["met"] else "[red]missed[/]"
+        stdout.print(f"{mark}  {esc(tg['target'])}: {esc(tg['value'])}")
+    m = doc["machine"]
+    stdout.print(f"[dim]{m['cpus']} CPUs, Python {m['python']}, pulsar-client {m['pulsar_client']}; "
+                 f"{doc['measured_as']}[/]")
+
+
+def _scale_table(row: dict[str, Any]) -> Table:
+    results = row["results"]
+    lim = next((r for r in results if r["name"] == "read_limit"), None)
+    t = Table(title=f"N = {row['events']:,} (whole processes)", title_justify="left")
+    for col in ("step", "events", "seconds", "events/s", "peak RSS MB", "x read_limit"):
+        t.add_column(col, justify="left" if col == "step" else "right")
+    for r in results:
+        ratio = f"{r['events_per_s'] / lim['events_per_s']:.2f}" if lim and lim["events_per_s"] else ""
+        t.add_row(r["name"], f"{r['events']:,}", f"{r['seconds']:.1f}", _rate(r["events_per_s"]),
+                  f"{r['peak_rss_mb']:.0f}", ratio)
+    return t

@@ -18,10 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..log.broker import BrokerOptions
-from ..errors import BadInput, ChainfoldError
+from ..errors import BadInput, ChainfoldError, MissingDirectory
+from ..replay.fold import ON_MODEL_ERROR
 
-__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "engine_options", "Engine", "emit_json",
-           "stderr", "stdout", "run", "esc", "error_json"]
+__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "engine_options", "Engine",
+           "on_model_error_option", "with_skipped", "print_skipped", "output_dir_exists", "emit_json", "stderr",
+           "stdout", "run", "esc", "error_json"]
 
 # emoji=False: message ids like 6:3:-1:-1 hold ":-1:", which rich would turn into an emoji. Text
 # that comes from users or the log (ids, stream names, paths, reasons) still needs ``esc`` before it
@@ -119,6 +121,41 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Write the ma
 snapshots_option = click.option(
     "--snapshots", "snapshots_dir", default="snapshots", show_default=True, envvar="CHAINFOLD_SNAPSHOTS",
     type=click.Path(file_okay=False), help="Snapshot and checkpoint store.")
+
+
+on_model_error_option = click.option(
+    "--on-model-error", "on_model_error", type=click.Choice(ON_MODEL_ERROR), default="stop", show_default=True,
+    help="When the model raises on an event: stop (exit 2 naming it), skip-event (fold the stream on "
+         "without it) or skip-stream (keep the stream at its last good state); skipped events are "
+         "reported and make the exit code 1.")
+
+
+def with_skipped(code: int, skipped: list[Any]) -> int:
+    """The exit code of a command whose fold skipped ``skipped`` (docs/cli.md#poison-events): 1 when
+    it would otherwise be 0 and events were skipped (the states are not those of the whole log)."""
+    return 1 if code == 0 and skipped else code
+
+
+def print_skipped(skipped: list[dict[str, Any]], shown: int = 20) -> None:
+    """The events a skip policy left out, for people (stdout)."""
+    if not skipped:
+        return
+    stdout.print(f"[bold red]{len(skipped):,} event(s) skipped[/]: the model failed on them (--on-model-error)")
+    for k in skipped[:shown]:
+        stdout.print(f"  [red]skipped[/] {esc(k['event_id'])} (stream {esc(k['stream'])}, message "
+                     f"{esc(k['message_id'])}): {esc(k['error'])}")
+    if len(skipped) > shown:
+        stdout.print(f"  ... and {len(skipped) - shown:,} more (see --json)")
+
+
+def output_dir_exists(option: str, path: str | None) -> None:
+    """:class:`~chainfold.errors.MissingDirectory` unless the directory an output ``path`` goes into
+    exists (checked before any work: outputs never create directories; ``-`` is stdout)."""
+    if not path or path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise MissingDirectory(option, path, os.path.dirname(path) or parent)
 
 
 def emit_json(obj: Any) -> None:

@@ -14,8 +14,8 @@ from ..replay.model import load_model
 from ..replay.notes import model_notes
 from ..log.pulsar import open_log
 from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, rebuild as rebuild_log
-from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, run, snapshots_option,
-                     stderr, stdout)
+from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, on_model_error_option,
+                     output_dir_exists, print_skipped, run, snapshots_option, stderr, stdout, with_skipped)
 from .progress import progress
 from .publish import _parse_until
 
@@ -45,21 +45,24 @@ def write_state_export(path: str, states: dict) -> None:
               help="Worker processes: one per partition, or key shards of one topic (then only the "
                    "final snapshot is taken).")
 @engine_options
+@on_model_error_option
 @snapshots_option
 @broker_options
 @json_option
 def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str | None, snapshot_every: int,
-            keep: int, no_snapshots: bool, workers: int, engine: Engine, snapshots_dir: str, broker,
-            as_json: bool) -> None:
+            keep: int, no_snapshots: bool, workers: int, engine: Engine, on_model_error: str, snapshots_dir: str,
+            broker, as_json: bool) -> None:
     """Rebuild every stream's state by folding TOPIC from the newest valid snapshot (or from the
-    start with --full). Duplicated event ids fold once; malformed entries are reported, not folded."""
+    start with --full). Duplicated event ids fold once; malformed entries are reported, not folded.
+    Exit 1 when events were skipped (--on-model-error skip-event or skip-stream)."""
 
     def body() -> int:
+        output_dir_exists("--out", out)
         model = load_model(model_ref)
         until_id, until_time = _parse_until(until)
         options = RebuildOptions(snapshots_root=Path(snapshots_dir), full=full, until=until_id, until_time=until_time,
                                  snapshot_every=snapshot_every if not no_snapshots else 0, keep=keep,
-                                 write_snapshots=not no_snapshots)
+                                 write_snapshots=not no_snapshots, on_model_error=on_model_error)  # type: ignore[arg-type]
         engine.refuse_workers(workers)
         if engine.spark:
             from ..engines.distributed import distributed_rebuild
@@ -88,7 +91,10 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
         else:  # the state export is on stdout: the notes go beside it
             for n in doc["notes"]:
                 stderr.print(f"[yellow]note:[/] {esc(n)}")
-        return 0
+            if doc["skipped"]:
+                stderr.print(f"[bold red]{len(doc['skipped']):,} event(s) skipped[/] (--on-model-error "
+                             f"{doc['on_model_error']}): see --json")
+        return with_skipped(0, doc["skipped"])
 
     run(body, as_json=as_json)
 
@@ -110,6 +116,7 @@ def print_rebuild(doc: dict) -> None:
         stdout.print(f"  [red]malformed[/] {esc(m['message_id'])}: {esc(m['reason'])}")
     if len(doc["malformed"]) > 20:
         stdout.print(f"  ... and {len(doc['malformed']) - 20} more (see --json)")
+    print_skipped(doc["skipped"])
     lg = doc["log"]
     stdout.print(f"log: {lg['events']:,} entries, {lg['segments']:,} segments, head {lg['head']}")
     for w in doc["snapshots_written"][-1:]:

@@ -13,7 +13,8 @@ from ..replay.model import load_model
 from ..log.pulsar import open_log
 from ..ops.corrections import producer_name_for, publish_corrections as publish, write_corrections
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
-from .common import Engine, broker_options, cli, emit_json, engine_options, esc, json_option, run, snapshots_option, stderr
+from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, on_model_error_option,
+                     output_dir_exists, run, snapshots_option, stderr, with_skipped)
 from .progress import progress
 from .reconcile_view import print_reconcile
 from .rebuild_cmd import write_state_export
@@ -29,7 +30,8 @@ from .rebuild_cmd import write_state_export
 @click.option("--checkpoints", "checkpoints_path", type=click.Path(dir_okay=False),
               help="The worker's tracker checkpoints (chainfold.Tracker's checkpoints.jsonl).")
 @click.option("--repair", "repair_out", metavar="OUT", type=click.Path(dir_okay=False),
-              help="Replay the divergent streams, validate, write the corrected state export to OUT.")
+              help="Replay the divergent streams, validate, write the corrected state export to OUT "
+                   "(always, also when consistent; OUT's directory must exist).")
 @click.option("--corrections", "corrections_out", metavar="FILE", type=click.Path(dir_okay=False),
               help="With --repair: where the corrections go (JSON Lines); default OUT's name + .corrections.jsonl.")
 @click.option("--publish-corrections", metavar="TOPIC2", help="With --repair: also publish the corrections to TOPIC2.")
@@ -39,18 +41,22 @@ from .rebuild_cmd import write_state_export
 @click.option("--html", "html_out", metavar="FILE", type=click.Path(dir_okay=False),
               help="Also write the report as one self-contained HTML page (docs/cli.md#the-html-report).")
 @engine_options
+@on_model_error_option
 @snapshots_option
 @broker_options
 @json_option
 def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str | None, checkpoints_path: str | None,
               repair_out: str | None, corrections_out: str | None, publish_corrections: str | None,
-              evidence_out: str | None, html_out: str | None, engine: Engine, snapshots_dir: str, broker,
-              as_json: bool) -> None:
+              evidence_out: str | None, html_out: str | None, engine: Engine, on_model_error: str, snapshots_dir: str,
+              broker, as_json: bool) -> None:
     """Find what the worker that folded TOPIC missed, doubled, reordered or got wrong, from its state
     export and its processed log and/or tracker checkpoints. Exit 0 consistent (or repaired),
-    1 divergent, 2 bad input, 3 unrecoverable."""
+    1 divergent (or events skipped by --on-model-error), 2 bad input, 3 unrecoverable."""
 
     def body() -> int:
+        for option, path in (("--repair", repair_out), ("--corrections", corrections_out),
+                             ("--evidence-out", evidence_out), ("--html", html_out)):
+            output_dir_exists(option, path)
         model = load_model(model_ref)
         state = load_state_export(state_path)
         processed = load_processed(processed_path) if processed_path else None
@@ -70,7 +76,8 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                 with progress(f"reconcile {log.topic}") as update:
                     report = reconcile_log(log, model, snapshots_root=Path(snapshots_dir), state=state,
                                            state_path=state_path, processed=processed, tracker=tracker,
-                                           repair=bool(repair_out), on_progress=update, **hooks)
+                                           repair=bool(repair_out), on_progress=update,
+                                           on_model_error=on_model_error, **hooks)  # type: ignore[arg-type]
             except HistoryUnrecoverable as exc:
                 doc = unrecoverable_report(log.topic, str(exc), processed, tracker)
                 if html_out:
@@ -81,6 +88,8 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                 stderr.print(f"[bold red]error:[/] {esc(exc)}")
                 return 3
             doc = report.to_json()
+            if repair_out and report.repaired_states is None:
+                doc["notes"].append(f"{repair_out} not written: the repair did not validate")
             if repair_out and report.repaired_states is not None:
                 write_state_export(repair_out, report.repaired_states)
                 cpath = corrections_out or str(Path(repair_out).with_suffix("")) + ".corrections.jsonl"
@@ -106,7 +115,8 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
             emit_json(doc)
         else:
             print_reconcile(doc)
-        return {"consistent": 0, "repaired": 0, "divergent": 1, "unrecoverable": 3}[doc["verdict"]]
+        code = {"consistent": 0, "repaired": 0, "divergent": 1, "unrecoverable": 3}[doc["verdict"]]
+        return with_skipped(code, doc["skipped"])
 
     run(body, as_json=as_json)
 
@@ -125,7 +135,7 @@ def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
         "verdict": "unrecoverable",
         "topic": topic,
         "log": {"events": None, "segments": None, "head": None},
-        "processed": {"events": len(processed.ids) if processed else (tracker.size if tracker else 0)},
+        "processed": {"events": len(processed.ids) if processed else (tracker.size if tracker else None)},
         "first_divergence": None,
         "missing": [],
         "duplicates": [],
@@ -133,6 +143,9 @@ def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
         "malformed": [],
         "divergent_streams": [],
         "replayed": {"from_snapshot": None, "events": 0},
+        "unknown_ids": [],
+        "unknown_streams": [],
+        "skipped": [],
         "error": reason,
     }
 

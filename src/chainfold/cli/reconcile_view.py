@@ -98,9 +98,11 @@ def print_reconcile(doc: dict[str, Any]) -> None:
     colour = {"consistent": "green", "repaired": "green"}.get(doc["verdict"], "bold red")
     lg = doc.get("log") or {}
     events = lg.get("events")
+    handled = doc["processed"]["events"]
     _say(f"[{colour}]{esc(doc['verdict']).upper()}[/] {esc(doc.get('topic', ''))}: "
-                 + (f"{events:,} log entries, " if isinstance(events, int) else "")
-                 + f"{doc['processed']['events']:,} handled by the worker")
+         + (f"{events:,} log entries, " if isinstance(events, int) else "")
+         + (f"{handled:,} handled by the worker" if isinstance(handled, int)
+            else "events handled by the worker unknown (no --processed or --checkpoints)"))
     if doc.get("error"):
         _say(f"[bold red]error:[/] {esc(doc['error'])}")
     fd = doc.get("first_divergence")
@@ -124,8 +126,12 @@ def print_reconcile(doc: dict[str, Any]) -> None:
         _say(f"replayed {rp.get('events', 0):,} entries from {src}")
     if "repair" in doc:
         r = doc["repair"]
-        _say(f"[green]repaired[/] {r['streams']} stream(s), validated against a fresh rebuild: "
-             f"state → {esc(r['state'])}, corrections → {esc(r['corrections'])}")
+        if doc["verdict"] == "consistent":
+            _say(f"nothing to repair: the export is correct as it is → {esc(r['state'])} "
+                 f"(corrections → {esc(r['corrections'])}: none)")
+        else:
+            _say(f"[green]repaired[/] {r['streams']} stream(s), validated against a fresh rebuild: "
+                 f"state → {esc(r['state'])}, corrections → {esc(r['corrections'])}")
         pb = r.get("publish")
         if pb:
             _say(f"corrections published to {esc(pb['topic'])}: {pb['published']} sent, "

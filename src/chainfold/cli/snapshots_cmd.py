@@ -40,6 +40,7 @@ def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_mode
     table.add_column("entries", justify="right", no_wrap=True)
     table.add_column("streams", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("skipped", justify="right", no_wrap=True)  # events the model failed on (--on-model-error)
     table.add_column("status", no_wrap=True)
     reasons = []
     for s in summaries:
@@ -57,6 +58,7 @@ def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_mode
             f"{s['entries']:,}" if isinstance(s.get("entries"), int) else "-",
             f"{s['streams']:,}" if isinstance(s.get("streams"), int) else "-",
             _size(s.get("size_bytes")),
+            f"{s['skipped']:,}" if s.get("skipped") else "-",
             status,
         )
     stdout.print(table)

@@ -54,13 +54,14 @@ from ..log.source import DEFAULT_BATCH
 from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild
 from ..ops.verify import VerifyOptions, VerifyReport, conclude_partition, prepare_record, snapshot_probes
 from ..replay.decode import Decoder, Duplicate, Malformed
-from ..replay.fold import OnModelError
+from ..replay.fold import OnModelError, Skipped
 from ..replay.model import Model, load_model
+from ..replay.seen import SeenIds, SeenSet
 from ..store.snapshots import PartitionPosition, SnapshotStore, topic_dir
 from .cluster import Cluster, Chunks
 from .spark_io import Point, ReadRange, clip_ranges
 from .tasks import (GPOS_SHIFT, Assembly, Chunk, ChunkSummary, StreamResult, assemble, dedup_pairs, fold_items,
-                    fold_streams, gpos, read_chunk)
+                    fold_streams, gpos, prior_candidates, read_chunk)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..ops.reconcile import Reference
@@ -214,6 +215,11 @@ def _in_run(fn: Callable[..., Any], where: Any) -> Callable[[Chunk], Any]:
     return call
 
 
+def _candidates(chunk: Chunk, where: Any, key_filter: Any) -> list[str]:
+    begin, used = where.value[(chunk.pi, chunk.ri)]
+    return prior_candidates(chunk, begin, used, key_filter.value)
+
+
 def _fold_inputs(chunk: Chunk, where: Any, duplicates: Any) -> Any:
     begin, used = where.value[(chunk.pi, chunk.ri)]
     return fold_items(chunk, begin, used, duplicates.value)
@@ -265,6 +271,8 @@ class _Outcome:
     cuts: list[int]
     at_cut: list[list[tuple[str, Any]]] = field(default_factory=list)
     error: tuple[int, ModelError] | None = None
+    skipped: list[tuple[int, Skipped]] = field(default_factory=list)
+    """Every event the fold skipped, with its gpos, in log order."""
 
     def __post_init__(self) -> None:
         self.at_cut = [[] for _ in self.cuts]
@@ -273,6 +281,12 @@ class _Outcome:
                 self.at_cut[j].append((r.stream, dumped))
             if r.error is not None and (self.error is None or r.error[0] < self.error[0]):
                 self.error = r.error
+        self.skipped = sorted((x for r in self.results for x in r.skipped), key=lambda x: x[0])
+        self._skipped_at = [g for g, _ in self.skipped]
+
+    def skipped_before(self, g: int) -> list[Skipped]:
+        """The events skipped before position ``g`` (gpos), in log order."""
+        return [sk for _, sk in self.skipped[: bisect.bisect_left(self._skipped_at, g)]]
 
 
 Tap = Callable[[int, int, str, str, "bytes | None"], None]
@@ -282,19 +296,21 @@ Tap = Callable[[int, int, str, str, "bytes | None"], None]
 class DistributedRebuild:
     """One replay of ``plan`` on a cluster (see the module doc): :meth:`run` returns the local
     engine's :class:`~chainfold.ops.rebuild.RebuildResult`, or raises its :class:`ModelError`.
-    ``model_ref`` is the name executors load the model by (``plan.model`` is the driver's);
-    ``tap`` hears every event folded (with its leaf hash when ``tap_leaves``), ``on_partition``
-    every partition's end (its number and scan)."""
+    ``model_ref`` is the name executors load the model by (``plan.model`` is the driver's); a
+    model error is handled by the plan's ``on_model_error``. ``tap`` hears every event folded
+    (with its leaf hash when ``tap_leaves``), ``on_partition`` every partition's end (its number
+    and scan); ``seen`` is given to the :class:`~chainfold.ops.rebuild.RebuildRun` (reconcile's
+    reference keeps its ids in memory)."""
 
-    def __init__(self, dist: Distribution, plan: RebuildPlan, model_ref: str, *, on_error: OnModelError = "stop",
+    def __init__(self, dist: Distribution, plan: RebuildPlan, model_ref: str, *,
                  on_progress: Callable[[int], None] | None = None, tap: Tap | None = None, tap_leaves: bool = False,
-                 on_partition: Callable[[int, PartitionScan], None] | None = None) -> None:
+                 on_partition: Callable[[int, PartitionScan], None] | None = None, seen: SeenIds | None = None) -> None:
         self.dist = dist
         self.model_ref = model_ref
         self.model: Model = plan.model
-        self.on_error = on_error
+        self.on_error: OnModelError = plan.options.on_model_error
         self.plan = plan
-        self.run_ = RebuildRun(plan, on_progress)
+        self.run_ = RebuildRun(plan, on_progress, seen=seen)
         self.on_progress = on_progress
         self.tap = tap
         self.tap_leaves = tap_leaves
@@ -319,15 +335,33 @@ class DistributedRebuild:
         return [part.start + n for n in range(every, part.read + 1, every)]
 
     def run(self) -> RebuildResult:
-        self.phases = _Phases(f"replay of {self.plan.elog.topic}")
-        parts = self._parts()
-        self.phases.done(f"planning {sum(len(p.ranges) for p in parts)} ranges")
-        read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
-        self.phases.done("read, hash, decode")
         try:
-            return self._run(read)
+            self.phases = _Phases(f"replay of {self.plan.elog.topic}")
+            parts = self._parts()
+            self.phases.done(f"planning {sum(len(p.ranges) for p in parts)} ranges")
+            read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
+            self.phases.done("read, hash, decode")
+            try:
+                return self._run(read)
+            finally:
+                read.release()
         finally:
-            read.release()
+            self.run_.close()  # the dedup index's folder (after finish(): already closed)
+
+    def _prior(self, read: _Read, where: Any) -> list[str]:
+        """The read's event ids that the starting snapshot had folded (in its dedup index): the
+        index's key filter goes to the tasks, which send back the ids it lets through (those, and
+        ~1% of the others); the index here tells them apart exactly."""
+        seen = self.run_.seen
+        if self.plan.snapshot is None or not len(seen):
+            return []
+        key_filter = getattr(seen, "key_filter", None)
+        if key_filter is None:
+            raise WorkerFailed("the snapshot's dedup index holds ids outside its pieces: a bug; rerun with --engine local")
+        shared = self.dist.cluster.share(key_filter)
+        candidates = [i for part in read.chunks.collect(functools.partial(_candidates, where=where, key_filter=shared))
+                      for i in part]
+        return [i for i, held in zip(candidates, seen.holds(candidates)) if held]
 
     def _run(self, read: _Read) -> RebuildResult:
         cluster, plan, phases = self.dist.cluster, self.plan, self.phases
@@ -335,15 +369,18 @@ class DistributedRebuild:
         cuts = sorted(gpos(pi, c) for pi, cs in stops.items() for c in cs)
         where = cluster.share(read.where)
         snap = plan.snapshot
-        repeated = read.chunks.repeated(_in_run(dedup_pairs, where), snap.seen if snap is not None else ())
+        repeated = read.chunks.repeated(_in_run(dedup_pairs, where), self._prior(read, where))
         losers = cluster.share(frozenset(g for _, positions in repeated for g in positions[1:] if g >= 0))
         phases.done("dedup")
         start = []
         if snap is not None:
             only = self.options.streams
             start = [(s, -1, ("state", v)) for s, v in snap.states.items() if only is None or s in only]
+        resumed: dict[str, list[Skipped]] = {}
+        for k in self.run_.folder.fold.skipped:  # the snapshot's (RebuildRun resumed them)
+            resumed.setdefault(k.stream, []).append(k)
         fold = functools.partial(fold_streams, model_ref=self.model_ref, on_error=self.on_error, cuts=cuts,
-                                 streams=self.options.streams)
+                                 streams=self.options.streams, resumed=resumed)
         total = sum(p.read for p in read.parts)
         groups = -(-total // _FOLD_GROUP) if total > _FOLD_GROUP * 2 * cluster.parallelism else None
         outcome = _Outcome(read.chunks.fold(functools.partial(_fold_inputs, where=where, duplicates=losers), start,
@@ -372,6 +409,7 @@ class DistributedRebuild:
         decoder = run.folder.decoder
         states = run.folder.fold.states
         started = dict(states)  # the snapshot's streams, in the order the fold stage holds them
+        resumed = list(run.folder.fold.skipped)  # the snapshot's skipped events come first
         error = outcome.error
         cut_no = 0
         done = 0
@@ -415,6 +453,7 @@ class DistributedRebuild:
                         feeder.flush()
                         for s, dumped in outcome.at_cut[cut_no]:
                             states[s] = model.load_state(dumped)
+                        run.folder.fold.skipped[:] = resumed + outcome.skipped_before(outcome.cuts[cut_no])
                         stage.flush()
                         run.sink.take(PartitionPosition(part.name, stage.chain.size, piece.last, stage.chain.state()))  # type: ignore[union-attr]
                         cut_no += 1
@@ -431,9 +470,9 @@ class DistributedRebuild:
             run.scanned(part.name, scan)
             if self.on_partition is not None:
                 self.on_partition(part.pi, scan)
-        self._final_states(outcome, started)
+        self._final_states(outcome, started, resumed)
 
-    def _final_states(self, outcome: _Outcome, started: dict[str, Any]) -> None:
+    def _final_states(self, outcome: _Outcome, started: dict[str, Any], resumed: list[Skipped]) -> None:
         """The folded states in the order the local fold stage would hold them (the snapshot's
         streams first, then each stream as its first event was applied), skipped events, counts."""
         folder, model = self.run_.folder, self.model
@@ -450,7 +489,7 @@ class DistributedRebuild:
         fold.states.clear()
         fold.states.update(states)
         fold.applied = sum(r.applied for r in outcome.results)
-        fold.skipped[:] = [sk for _, sk in sorted(x for r in outcome.results for x in r.skipped)]
+        fold.skipped[:] = resumed + [sk for _, sk in outcome.skipped]
 
 
 def _carry_from(stage: PieceStage) -> int:
@@ -485,14 +524,13 @@ class _Queue:
 
 
 def distributed_rebuild(dist: Distribution, elog: EventLog, model_ref: str, options: RebuildOptions | None = None,
-                        /, *, on_error: OnModelError = "stop", on_progress: Callable[[int], None] | None = None,
-                        **changes: Any) -> RebuildResult:
+                        /, *, on_progress: Callable[[int], None] | None = None, **changes: Any) -> RebuildResult:
     """:func:`chainfold.ops.rebuild.rebuild` on a cluster: the same result (see the module doc).
     ``elog`` is the driver's view of the log (planning reads a few entries); ``model_ref`` names the
     model (every executor loads it by that name)."""
     opts = RebuildOptions.of(options, **changes)
     plan = plan_rebuild(elog, load_model(model_ref), opts)
-    return DistributedRebuild(dist, plan, executor_ref(model_ref), on_error=on_error, on_progress=on_progress).run()
+    return DistributedRebuild(dist, plan, executor_ref(model_ref), on_progress=on_progress).run()
 
 
 def executor_ref(model_ref: str) -> str:
@@ -581,7 +619,8 @@ def distributed_verify(dist: Distribution, elog: EventLog, options: VerifyOption
 
 
 def distributed_reference(dist: Distribution, elog: EventLog, model: Model, snapshots_root: Path, *,
-                          leaves: bool = False, on_progress: Callable[[int], None] | None = None) -> Reference:
+                          leaves: bool = False, on_progress: Callable[[int], None] | None = None,
+                          on_error: OnModelError = "stop") -> Reference:
     """:func:`chainfold.ops.reconcile.build_reference` on a cluster: the same reference (the log's
     first-seen events in log order, the expected states, the scans checked against the record)."""
     from ..ops.reconcile import PartitionReference, Reference, check_start, note_record
@@ -591,7 +630,7 @@ def distributed_reference(dist: Distribution, elog: EventLog, model: Model, snap
     records = {p: PartitionRecord(tdir, p) for p in parts}
     recorded = {p: open_record(records[p])[0] for p in parts}
     seg = next((r[0].segment_size for r in recorded.values() if r), DEFAULT_SEGMENT_SIZE)
-    options = RebuildOptions(snapshots_root=snapshots_root, full=True, write_snapshots=False)
+    options = RebuildOptions(snapshots_root=snapshots_root, full=True, write_snapshots=False, on_model_error=on_error)
     plan = RebuildPlan(elog, model, options, parts, records, recorded, seg,
                        SnapshotStore(snapshots_root, elog.topic, keep=options.keep))
     names: list[str] = []
@@ -611,7 +650,7 @@ def distributed_reference(dist: Distribution, elog: EventLog, model: Model, snap
 
     replay = DistributedRebuild(dist, plan, executor_ref(model.name), on_progress=on_progress,
                                 tap=lambda pi, index, eid, stream, leaf: refs[pi].append(index, eid, stream, leaf),
-                                tap_leaves=leaves, on_partition=partition_done)
+                                tap_leaves=leaves, on_partition=partition_done, seen=SeenSet())
     holder.append(Reference(elog.topic, [], [], replay.run_.folder, names))
     replay.run()
     reference = holder[0]

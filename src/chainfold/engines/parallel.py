@@ -27,7 +27,8 @@ The result equals the serial one. Where the parallel replay cannot guarantee tha
 key and stream fall in different shards, one event id folded in two shards or partitions, a stream
 in two partitions, a range that does not match its recorded segments), the work is done again
 serially and a note says why. A parallel rebuild takes no periodic snapshots: only the one at the
-end.
+end. Model errors are handled in each worker's fold stage by the same policy (``on_model_error``);
+the events they skip are merged in log order, as a serial fold lists them.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ from ..ops.rebuild import RebuildOptions, RebuildResult, RebuildRun, plan_rebuil
 from ..ops.verify import (VerifyOptions, VerifyReport, conclude_partition, hash_partition, prepare_record,
                           snapshot_probes, verify_log)
 from ..replay.decode import Routed, Shard, unresolved_index
-from ..replay.fold import Folder
+from ..replay.fold import Folder, OnModelError
 from ..replay.model import load_model
 from ..replay.pipeline import Stops, run_pass
-from ..replay.seen import SeenSet
+from ..store.dedup_folder import DedupFolder, Scratch
 from ..store.snapshots import SnapshotStore, topic_dir
 from .pool import (LogSource, Outcome, PulsarSource, as_source, context, peak_rss, peaks, publish_progress, run_task,
                    run_tasks)
@@ -73,6 +74,20 @@ def _progress(task: int) -> Stops:
 # --- rebuild ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _IndexSpec:
+    """Where a worker keeps the event ids it folds: a dedup index of its own in ``folder``, on top
+    of the snapshot's ``manifest`` (pieces in the topic's dedup folder)."""
+
+    topic_dir: str
+    memory_bytes: int
+    folder: str
+    manifest: dict[str, Any] | None
+
+    def open(self) -> Any:
+        return DedupFolder(self.topic_dir, self.memory_bytes).on(self.folder, self.manifest)
+
+
 @dataclass
 class _FoldTask:
     """Fold one partition (``shard=None``) or one key shard of it, from the snapshot if any; the
@@ -87,19 +102,28 @@ class _FoldTask:
     segment_size: int
     shard: tuple[int, int] | None
     hasher: bool
+    index: _IndexSpec
 
     def _start(self, elog: EventLog, model: Any) -> tuple[Folder, ChainBuilder | None, Any]:
-        """The folder (this shard's states and the seen ids of the snapshot), chain and position."""
+        """The folder (this shard's states; the event ids of the snapshot under its own index),
+        chain and position."""
         opts, sh = self.options, self.shard
         if self.snapshot_path is None:
-            return Folder(model, streams=opts.streams, shard=sh), None, None
+            return Folder(model, seen=self.index.open(), streams=opts.streams, shard=sh,
+                          on_error=opts.on_model_error), None, None
         snap = SnapshotStore(opts.snapshots_root, elog.topic).load(self.snapshot_path)
-        states = {s: model.load_state(v) for s, v in snap.states.items()
-                  if (sh is None or Shard(*sh).of(s) == sh[0]) and (opts.streams is None or s in opts.streams)}
+
+        def mine(s: str) -> bool:
+            return (sh is None or Shard(*sh).of(s) == sh[0]) and (opts.streams is None or s in opts.streams)
+
+        states = {s: model.load_state(v) for s, v in snap.states.items() if mine(s)}
         pos = next(p for p in snap.partitions if p.partition == self.partition)
         chain = ChainBuilder.from_state(pos.chain) if pos.entries else None
         after = elog.position(pos.message_id) if pos.message_id else None
-        return Folder(model, states, SeenSet.from_snapshot(snap.seen), streams=opts.streams, shard=sh), chain, after
+        folder = Folder(model, states, self.index.open(), streams=opts.streams, shard=sh,
+                        on_error=opts.on_model_error)
+        folder.fold.resume((k for k in snap.skipped if mine(k.stream)), keep=False)  # the caller lists them
+        return folder, chain, after
 
     def _hasher(self, elog: EventLog, chain: ChainBuilder | None) -> HashStage | None:
         if not self.hasher:
@@ -114,22 +138,25 @@ class _FoldTask:
     def _fold(self, elog: EventLog, out: Outcome) -> None:
         opts = self.options
         folder, chain, after = self._start(elog, load_model(self.model))
-        before, known = dict(folder.states), frozenset(folder.seen.ids)  # type: ignore[attr-defined]
-        hasher = self._hasher(elog, chain)
-        source = Source(elog, Span(self.partition, after=after, until=opts.until, until_time=opts.until_time))
-        folder.index = chain.size if chain is not None else 0
         try:
-            run_pass(source, start=folder.index, hasher=hasher, decoder=folder.decoder, fold=folder.fold,
-                     stops=_progress(self.task))
-            if hasher is not None:
-                out.scan = hasher.finish(source, read_to_end=not opts.bounded)
-        except ModelError as exc:
-            out.failed(exc)
+            before = dict(folder.states)
+            hasher = self._hasher(elog, chain)
+            source = Source(elog, Span(self.partition, after=after, until=opts.until, until_time=opts.until_time))
+            folder.index = chain.size if chain is not None else 0
+            try:
+                run_pass(source, start=folder.index, hasher=hasher, decoder=folder.decoder, fold=folder.fold,
+                         stops=_progress(self.task))
+                if hasher is not None:
+                    out.scan = hasher.finish(source, read_to_end=not opts.bounded)
+            except ModelError as exc:
+                out.failed(exc)
+            finally:
+                if hasher is not None:
+                    hasher.flush()
+            out.read = source.read
+            out.take(folder, before)
         finally:
-            if hasher is not None:
-                hasher.flush()
-        out.read = source.read
-        out.take(folder, before, known)
+            folder.seen.close()  # type: ignore[attr-defined]
 
 
 def parallel_rebuild(source: EventLog | LogSource, model: str, options: RebuildOptions | None = None, /, *,
@@ -158,34 +185,55 @@ def parallel_rebuild(source: EventLog | LogSource, model: str, options: RebuildO
 
         def serially(why: str) -> RebuildResult:
             log.warning("parallel rebuild of %s not possible (%s): rebuilding serially", elog.topic, why)
+            run.close()  # its dedup index: the serial rebuild opens its own
             result = rebuild(elog, loaded, opts, on_progress=on_progress)
             result.notes.append(f"rebuilt serially: {why}")
             return result
 
-        if len(run.plan.parts) == 1 and split == "fanout":
-            return _fan_out(run, elog, model, workers, serially)
-        return _fold_in_tasks(run, source, model, workers, serially)
+        try:
+            if len(run.plan.parts) == 1 and split == "fanout":
+                return _fan_out(run, elog, model, workers, serially)
+            return _fold_in_tasks(run, source, model, workers, serially)
+        finally:
+            run.close()
     finally:
         elog.close()
+
+
+def _index_specs(run: RebuildRun, scratch: Scratch, n: int) -> list[_IndexSpec]:
+    """Where each of ``n`` workers keeps the ids it folds: a folder of its own in ``scratch``."""
+    snap = run.plan.snapshot
+    tdir = str(run.dedup.dir.parent)
+    return [_IndexSpec(tdir, run.dedup.memory_bytes, str(scratch.path / f"w{i}"), snap.dedup if snap else None)
+            for i in range(n)]
+
+
+def _absorb_ids(run: RebuildRun, specs: list[_IndexSpec], outcomes: list[Outcome]) -> bool:
+    """Add the ids the workers folded to the run's index; False when one was folded by two."""
+    return run.seen.absorb([(spec.folder, o.dedup) for spec, o in zip(specs, outcomes) if o.dedup is not None])
 
 
 def _fold_in_tasks(run: RebuildRun, source: LogSource, model: str, workers: int,
                    serially: Callable[[str], RebuildResult]) -> RebuildResult:
     """One task per partition, or (one partition, ``readers``) one per key shard."""
-    plan = run.plan
-    parts = plan.parts
-    common = dict(source=source, model=model, options=plan.options, snapshot_path=plan.snapshot_path,
-                  segment_size=plan.segment_size)
-    if len(parts) > 1:
-        tasks = [_FoldTask(i, partition=p, shard=None, hasher=True, **common) for i, p in enumerate(parts)]
-    else:
-        tasks = [_FoldTask(i, partition=parts[0], shard=(i, workers), hasher=i == 0, **common) for i in range(workers)]
-    outcomes = run_tasks(tasks, workers, run.on_progress, max if len(parts) == 1 else sum)
-    errors = sorted(((parts.index(t.partition), o.error_index, o.error) for t, o in zip(tasks, outcomes)
-                     if o.error is not None), key=lambda x: (x[0], x[1]))
-    if errors:
-        raise errors[0][2]  # type: ignore[misc]
-    why = _conflicts(outcomes)
+    with Scratch(run.dedup.scratch_dir) as scratch:
+        plan = run.plan
+        parts = plan.parts
+        common = dict(source=source, model=model, options=plan.options, snapshot_path=plan.snapshot_path,
+                      segment_size=plan.segment_size)
+        specs = _index_specs(run, scratch, len(parts) if len(parts) > 1 else workers)
+        if len(parts) > 1:
+            tasks = [_FoldTask(i, partition=p, shard=None, hasher=True, index=specs[i], **common)
+                     for i, p in enumerate(parts)]
+        else:
+            tasks = [_FoldTask(i, partition=parts[0], shard=(i, workers), hasher=i == 0, index=specs[i], **common)
+                     for i in range(workers)]
+        outcomes = run_tasks(tasks, workers, run.on_progress, max if len(parts) == 1 else sum)
+        errors = sorted(((parts.index(t.partition), o.error_index, o.error) for t, o in zip(tasks, outcomes)
+                         if o.error is not None), key=lambda x: (x[0], x[1]))
+        if errors:
+            raise errors[0][2]  # type: ignore[misc]
+        why = _conflicts(outcomes) or (None if _absorb_ids(run, specs, outcomes) else _TWICE)
     if why:
         return serially(why)
     folder = run.folder
@@ -195,6 +243,7 @@ def _fold_in_tasks(run: RebuildRun, source: LogSource, model: str, workers: int,
         mine = [(t, o) for t, o in zip(tasks, outcomes) if t.partition == p]
         folder.malformed.extend(sorted((m for _, o in mine for m in o.malformed), key=lambda m: m.index))
         folder.duplicates.extend(sorted((d for _, o in mine for d in o.duplicates), key=lambda d: d.index))
+        folder.skipped.extend(sorted((k for _, o in mine for k in o.skipped), key=lambda k: k.index))
         folder.index = max(o.index for _, o in mine)
         scan = next(o.scan for t, o in mine if t.hasher)
         run.scanned(p, scan)
@@ -205,14 +254,17 @@ def _fold_in_tasks(run: RebuildRun, source: LogSource, model: str, workers: int,
 
 
 def _absorb(folder: Folder, o: Outcome, load: Callable[[Any], Any] | None = None) -> None:
-    """Merge a worker's states, seen ids and counts into ``folder``."""
+    """Merge a worker's states and counts into ``folder`` (its ids: :func:`_absorb_ids`)."""
     folder.states.update({s: load(v) for s, v in o.states.items()} if load else o.states)
-    folder.seen.ids |= o.seen  # type: ignore[attr-defined]
     folder.fold.applied += o.applied
 
 
+_TWICE = "one event id was folded in two shards or partitions"
+
+
 def _conflicts(outcomes: list[Outcome]) -> str | None:
-    """Why merging the workers' folds would differ from a serial fold, or None."""
+    """Why merging the workers' folds would differ from a serial fold, or None (one event id
+    folded by two workers is found while their ids are merged: :func:`_absorb_ids`)."""
     misrouted = sum(o.misrouted for o in outcomes)
     if misrouted:
         return f"{misrouted} entr(ies) with a message key of another shard than their stream"
@@ -221,13 +273,6 @@ def _conflicts(outcomes: list[Outcome]) -> str | None:
         if not streams.isdisjoint(o.states):
             return "a stream was folded by two workers (a stream in two partitions)"
         streams.update(o.states)
-    ids: set[str] = set()
-    total = 0
-    for o in outcomes:
-        total += len(o.seen)
-        ids |= o.seen
-        if len(ids) != total:
-            return "one event id was folded in two shards or partitions"
     return None
 
 
@@ -270,24 +315,30 @@ class _Router:
             self._send(s, idx[s], pays[s], keys[s])
 
 
-def _fold_worker(conn: Any, model_ref: str, shard: tuple[int, int], streams: frozenset[str] | None) -> None:
-    """A fold worker of a fanned-out rebuild: the starting states and seen ids, then routed
-    batches, then the end; answers with its :class:`~chainfold.engines.pool.Outcome`."""
+def _fold_worker(conn: Any, model_ref: str, shard: tuple[int, int], streams: frozenset[str] | None,
+                 on_error: OnModelError) -> None:
+    """A fold worker of a fanned-out rebuild: the starting states of its shard, where to keep its
+    event ids and the snapshot's skipped events of its shard, then routed batches, then the end;
+    answers with its :class:`~chainfold.engines.pool.Outcome` (the events it skipped itself)."""
     out = Outcome(shard[0])
     try:
         model = load_model(model_ref)
-        dumped, seen = pickle.loads(conn.recv_bytes())
+        dumped, spec, skipped = pickle.loads(conn.recv_bytes())
         states = {s: model.load_state(v) for s, v in dumped.items()}
-        before, known = dict(states), frozenset(seen)
-        folder = Folder(model, states, SeenSet(seen), streams=streams, shard=shard)
-        while (msg := conn.recv_bytes()) != _END:
-            if out.error is not None:
-                continue  # keep draining: the reader must not block
-            try:
-                folder.feed_routed(Routed(*pickle.loads(msg)))
-            except ModelError as exc:
-                out.failed(exc)
-        out.take(folder, before, known, dump=model.dump_state)
+        before = dict(states)
+        folder = Folder(model, states, spec.open(), streams=streams, shard=shard, on_error=on_error)
+        folder.fold.resume(skipped, keep=False)
+        try:
+            while (msg := conn.recv_bytes()) != _END:
+                if out.error is not None:
+                    continue  # keep draining: the reader must not block
+                try:
+                    folder.feed_routed(Routed(*pickle.loads(msg)))
+                except ModelError as exc:
+                    out.failed(exc)
+            out.take(folder, before, dump=model.dump_state)
+        finally:
+            folder.seen.close()  # type: ignore[attr-defined]
     except ChainfoldError as exc:
         out.failed(exc)
     conn.send_bytes(pickle.dumps(out.finish(), protocol=5))
@@ -295,17 +346,19 @@ def _fold_worker(conn: Any, model_ref: str, shard: tuple[int, int], streams: fro
 
 
 @contextlib.contextmanager
-def _fold_workers(run: RebuildRun, model_ref: str, workers: int):  # type: ignore[no-untyped-def]
-    """``workers`` fold processes, each given its shard's states and the seen ids; yields their
-    connections, and on leaving collects nothing but makes sure they are gone."""
+def _fold_workers(run: RebuildRun, model_ref: str, specs: list[_IndexSpec]):  # type: ignore[no-untyped-def]
+    """A fold process per spec, each given its shard's states and where to keep its event ids;
+    yields their connections, and on leaving collects nothing but makes sure they are gone."""
+    workers = len(specs)
     ctx = context()
     folder, model = run.folder, run.plan.model
     procs, conns = [], []
     try:
         for i in range(workers):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_fold_worker, args=(theirs, model_ref, (i, workers), run.plan.options.streams),
-                               daemon=True)
+            opts = run.plan.options
+            proc = ctx.Process(target=_fold_worker, args=(theirs, model_ref, (i, workers), opts.streams,
+                                                          opts.on_model_error), daemon=True)
             proc.start()
             theirs.close()
             procs.append(proc)
@@ -313,7 +366,8 @@ def _fold_workers(run: RebuildRun, model_ref: str, workers: int):  # type: ignor
         shard = Shard(0, workers)
         for i, conn in enumerate(conns):
             dumped = {s: model.dump_state(v) for s, v in folder.states.items() if shard.of(s) == i}
-            conn.send_bytes(pickle.dumps((dumped, folder.seen.ids), protocol=5))  # type: ignore[attr-defined]
+            skipped = [k for k in folder.skipped if shard.of(k.stream) == i]
+            conn.send_bytes(pickle.dumps((dumped, specs[i], skipped), protocol=5))
         yield conns
     finally:
         for conn in conns:
@@ -328,7 +382,27 @@ def _fan_out(run: RebuildRun, elog: EventLog, model_ref: str, workers: int,
              serially: Callable[[str], RebuildResult]) -> RebuildResult:
     """Rebuild one topic: read and hash here, decode and fold in ``workers`` shard processes."""
     p = run.plan.parts[0]
-    with _fold_workers(run, model_ref, workers) as conns:
+    with Scratch(run.dedup.scratch_dir) as scratch:
+        specs = _index_specs(run, scratch, workers)
+        scan, outcomes, routed_to = _route(run, model_ref, specs)
+        _raise_first_error(elog, scan, outcomes)
+        why = _conflicts(outcomes) or (None if _absorb_ids(run, specs, outcomes) else _TWICE)
+    if why:
+        return serially(why)
+    _merge_routed(run, elog, scan, outcomes)
+    run.folder.index = routed_to
+    run.scanned(p, scan)
+    result = run.finish()
+    result.workers = workers
+    result.worker_peak_rss = peaks(outcomes)
+    return result
+
+
+def _route(run: RebuildRun, model_ref: str, specs: list[_IndexSpec]) -> tuple[PartitionScan, list[Outcome], int]:
+    """Read and hash the one partition here, routing its entries to a fold process per spec: the
+    scan, the workers' outcomes and the log index after the last entry routed."""
+    p = run.plan.parts[0]
+    with _fold_workers(run, model_ref, specs) as conns:
         hasher, source = run.hash_stage(p), run.source(p)
         router = _Router(conns)
         stops = Stops()
@@ -347,17 +421,7 @@ def _fan_out(run: RebuildRun, elog: EventLog, model_ref: str, workers: int,
                 outcomes.append(pickle.loads(conn.recv_bytes()))
             except EOFError:
                 raise WorkerFailed("a fold worker of the parallel rebuild died") from None
-    _raise_first_error(elog, scan, outcomes)
-    why = _conflicts(outcomes)
-    if why:
-        return serially(why)
-    _merge_routed(run, elog, scan, outcomes)
-    run.folder.index = router.index
-    run.scanned(p, scan)
-    result = run.finish()
-    result.workers = workers
-    result.worker_peak_rss = peaks(outcomes)
-    return result
+    return scan, outcomes, router.index
 
 
 def _names(elog: EventLog, scan: PartitionScan, names: list[str]) -> dict[str, str]:
@@ -381,13 +445,16 @@ def _merge_routed(run: RebuildRun, elog: EventLog, scan: PartitionScan, outcomes
     """Merge the fold workers' results, naming their malformed and duplicated entries."""
     folder, model = run.folder, run.plan.model
     names = _names(elog, scan, [m.message_id for o in outcomes for m in o.malformed]
-                   + [d.message_id for o in outcomes for d in o.duplicates])
+                   + [d.message_id for o in outcomes for d in o.duplicates]
+                   + [k.message_id for o in outcomes for k in o.skipped])
     for o in outcomes:
         _absorb(folder, o, model.load_state)
     folder.malformed.extend(sorted((dataclasses.replace(m, message_id=names.get(m.message_id, m.message_id))
                                     for o in outcomes for m in o.malformed), key=lambda m: m.index))
     folder.duplicates.extend(sorted((dataclasses.replace(d, message_id=names.get(d.message_id, d.message_id))
                                      for o in outcomes for d in o.duplicates), key=lambda d: d.index))
+    folder.skipped.extend(sorted((dataclasses.replace(k, message_id=names.get(k.message_id, k.message_id))
+                                  for o in outcomes for k in o.skipped), key=lambda k: k.index))
 
 
 # --- verify ----------------------------------------------------------------------------------------

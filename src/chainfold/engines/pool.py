@@ -23,7 +23,7 @@ from ..errors import ChainfoldError, InvalidArgument, ModelError, WorkerFailed
 from ..log import EventLog
 from ..log.broker import BrokerOptions
 from ..replay.decode import Decoder, Duplicate, Malformed
-from ..replay.fold import Folder
+from ..replay.fold import Folder, Skipped
 
 __all__ = ["LogSource", "PulsarSource", "as_source", "peak_rss", "Outcome", "run_tasks", "publish_progress",
            "context", "peaks", "run_task"]
@@ -117,9 +117,10 @@ class Outcome:
     peak_rss: int = 0
     scan: Any = None  # the PartitionScan of a task that hashed
     states: dict[str, Any] = field(default_factory=dict)  # streams this task folded into
-    seen: set[str] = field(default_factory=set)  # event ids this task folded
+    dedup: dict[str, Any] | None = None  # manifest of the event ids this task folded (its own index's)
     malformed: list[Malformed] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # events this task's model failed on, left out
     applied: int = 0
     index: int = 0
     misrouted: int = 0
@@ -127,15 +128,15 @@ class Outcome:
     error: ChainfoldError | None = None
     error_index: int = 0
 
-    def take(self, folder: Folder, before: dict[str, Any], known: frozenset[str],
-             dump: Callable[[Any], Any] | None = None) -> None:
-        """What ``folder`` folded since it held the states ``before`` and the ids ``known``."""
+    def take(self, folder: Folder, before: dict[str, Any], dump: Callable[[Any], Any] | None = None) -> None:
+        """What ``folder`` folded since it held the states ``before``; its event ids are those its
+        dedup index holds on top of the snapshot's (the manifest of its own pieces)."""
         decoder: Decoder = folder.decoder
         self.states = {s: (dump(v) if dump else v) for s, v in folder.states.items() if before.get(s, _NONE) is not v}
-        ids = folder.seen.ids  # type: ignore[attr-defined]  (the parallel engine folds with a SeenSet)
-        self.seen = ids - known if known else ids
+        self.dedup = folder.seen.checkpoint()
         self.malformed = decoder.malformed
         self.duplicates = decoder.duplicates
+        self.skipped = folder.skipped
         self.applied = folder.applied
         self.index = decoder.index
         self.misrouted = decoder.misrouted

@@ -28,7 +28,7 @@ import bisect
 import hashlib
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, NamedTuple
@@ -40,9 +40,11 @@ from ..log import EventLog, partition_index
 from ..replay.decode import Decoded, SeqGap, SeqGaps
 from ..replay.fold import FoldStage, OnModelError, Skipped
 from ..replay.model import Model, load_model
+from ..replay.pieces import id_keys
 from .spark_io import ReadRange, open_range
 
-__all__ = ["GPOS_SHIFT", "gpos", "Chunk", "read_chunk", "Assembly", "assemble", "dedup_pairs", "fold_items",
+__all__ = ["GPOS_SHIFT", "gpos", "Chunk", "read_chunk", "Assembly", "assemble", "dedup_pairs", "prior_candidates",
+           "fold_items",
            "StreamResult", "fold_streams", "portable_error"]
 
 GPOS_SHIFT = 40
@@ -239,6 +241,17 @@ def dedup_pairs(chunk: Chunk, begin: int, used: int) -> tuple[list[str], array]:
     return ev.ids[:n], array("q", (base + k for k in ev.offsets[:n]))
 
 
+def prior_candidates(chunk: Chunk, begin: int, used: int, key_filter: Any) -> list[str]:
+    """The ids among the chunk's first ``used`` entries that the starting snapshot's dedup index
+    may hold: those whose 64-bit key ``key_filter`` (:attr:`~chainfold.replay.dedup.DedupIndex.key_filter`)
+    lets through (each id the index holds, and ~1% of the others)."""
+    ids, _ = dedup_pairs(chunk, begin, used)
+    if not ids:
+        return []
+    passed = key_filter.maybe(id_keys(ids))
+    return [i for i, p in zip(ids, passed.tolist()) if p]
+
+
 # --- fold ------------------------------------------------------------------------------------------
 
 
@@ -324,17 +337,21 @@ def _plain(name: str, text: str) -> _Plain:
 
 
 def fold_streams(items: Iterable[tuple[str, int, Any]], model_ref: str, on_error: OnModelError,
-                 cuts: Sequence[int], streams: frozenset[str] | None) -> Iterator[StreamResult]:
+                 cuts: Sequence[int], streams: frozenset[str] | None,
+                 resumed: Mapping[str, Sequence[Skipped]] | None = None) -> Iterator[StreamResult]:
     """Fold the events of each stream in ``items`` (sorted by stream, then gpos; a stream's
     starting state, from a snapshot, comes first as ``(stream, -1, ("state", dumped))``).
-    ``cuts`` are the driver's stops (gpos, sorted): the state before each is reported."""
+    ``cuts`` are the driver's stops (gpos, sorted): the state before each is reported.
+    ``resumed``: the events the starting snapshot skipped, by stream (under ``skip-stream`` their
+    streams stay frozen, as :meth:`~chainfold.replay.fold.FoldStage.resume` keeps them locally)."""
     model = _model(model_ref)
     for stream, group in groupby(items, key=lambda it: it[0]):
-        yield _fold_one(stream, [(g, x) for _, g, x in group], model, on_error, cuts, streams)
+        yield _fold_one(stream, [(g, x) for _, g, x in group], model, on_error, cuts, streams,
+                        (resumed or {}).get(stream, ()))
 
 
 def _fold_one(stream: str, items: list[tuple[int, Any]], model: Model, on_error: OnModelError,
-              cuts: Sequence[int], streams: frozenset[str] | None) -> StreamResult:
+              cuts: Sequence[int], streams: frozenset[str] | None, resumed: Sequence[Skipped] = ()) -> StreamResult:
     out = StreamResult(stream)
     states: dict[str, Any] = {}
     if items and items[0][0] < 0:
@@ -347,6 +364,7 @@ def _fold_one(stream: str, items: list[tuple[int, Any]], model: Model, on_error:
     out.gaps = [(where[gap.message_id], gap) for gap in seq.gaps]
     out.unverifiable = seq.unverifiable
     fold = FoldStage(model, states, streams=streams, on_error=on_error)
+    fold.resume(resumed, keep=False)
     kept = [(g, x) for g, x in items if not x[2]]
     for j, run in groupby(kept, key=lambda it: bisect.bisect_right(cuts, it[0])):
         run = list(run)

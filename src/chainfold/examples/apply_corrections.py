@@ -7,10 +7,10 @@ correction per divergent stream. This consumer brings its figures in line, each 
 1. a correction whose ``idempotency_key`` it applied before is skipped (a redelivery, a re-sent
    message: the key is the same for the same correction);
 2. if the figure still is the state the correction corrects (``actual``), it becomes ``expected``;
-3. if the figure moved on since (later events were applied to it correctly), the numeric error is
-   added: ``delta`` (expected - actual), field by field;
-4. otherwise (something non-numeric differs and the figure moved on) it is a **conflict**: left as it
-   is and reported, for a person to decide.
+3. if the figure moved on since (later events were applied to it correctly) and only numbers differ
+   (``delta`` holds numbers only: expected - actual, field by field), the numeric error is added;
+4. otherwise (``delta`` holds a non-numeric change, ``[expected, actual]``, and the figure moved on)
+   it is a **conflict**: left as it is and reported, for a person to decide.
 
 The figures and the keys applied are saved together in one file, atomically, before the messages
 are acknowledged: a crash in between re-delivers them, and step 1 skips them.
@@ -28,11 +28,20 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CorrectionApplier", "add_delta", "main"]
+__all__ = ["CorrectionApplier", "add_delta", "numeric", "main"]
+
+
+def numeric(delta: Any) -> bool:
+    """Is ``delta`` purely numeric: a number, or a dict of numeric deltas (no ``[expected, actual]``
+    pair of a non-numeric change anywhere)?"""
+    if isinstance(delta, dict):
+        return all(numeric(d) for d in delta.values())
+    return isinstance(delta, (int, float)) and not isinstance(delta, bool)
 
 
 def add_delta(value: Any, delta: Any) -> Any:
-    """``value`` + ``delta`` where ``delta`` is a number or a dict of deltas (missing numbers are 0)."""
+    """``value`` + ``delta`` where ``delta`` is :func:`numeric`: a number or a dict of numeric deltas
+    (missing numbers are 0)."""
     if isinstance(delta, dict):
         out = dict(value) if isinstance(value, dict) else {}
         for k, d in delta.items():
@@ -90,8 +99,8 @@ class CorrectionApplier:
 
 
 def _numbers_only_differ(c: Mapping[str, Any]) -> bool:
-    """Does ``expected`` equal ``actual`` + ``delta``? (Then the error is purely numeric.)"""
-    return c["actual"] is not None and add_delta(c["actual"], c["delta"]) == c["expected"]
+    """Is the error purely numeric: ``delta`` numbers only, and ``expected`` == ``actual`` + ``delta``?"""
+    return c["actual"] is not None and numeric(c["delta"]) and add_delta(c["actual"], c["delta"]) == c["expected"]
 
 
 def _from_topic(applier: CorrectionApplier, figures: str, topic: str, service_url: str,

@@ -4,7 +4,13 @@ A snapshot is used only if its checksum holds, it was taken with the same model 
 recorded chain agrees with the checkpoints recorded for the log at its position (and the log
 still holds the entry it ends at). Each rejected snapshot is reported with its reason and the next
 older one is tried. While folding, a snapshot is taken every ``snapshot_every`` entries and at the
-end; a model error stops the rebuild before any snapshot past the failing entry.
+end.
+
+What a model error does is ``on_model_error`` (replay/fold.py): ``stop`` ends the rebuild with
+:class:`~chainfold.errors.ModelError` before any snapshot or state past the failing entry;
+``skip-event`` and ``skip-stream`` fold on, list what they left out in the result's ``skipped``,
+and record it in every snapshot taken. A snapshot that skipped events starts only a rebuild under
+its own policy (any other rejects it with the reason).
 
 When the log no longer holds its beginning (retention, a lost ledger), a valid snapshot at or after
 the loss is used and the report says that earlier history could not be re-verified; without one the
@@ -26,16 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from .. import merkle
-from ..errors import HistoryUnrecoverable, SnapshotRejected
+from ..errors import DedupIndexBusy, HistoryUnrecoverable, InvalidArgument, SnapshotRejected
 from ..hashing.chain import ChainBuilder, Checkpoint
 from ..hashing.record import PartitionRecord, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
-from ..log import Entry, EventLog, Position
+from ..log import Entry, EventLog, MessageId, Position
 from ..log.source import Source, Span
-from ..replay.fold import Folder
+from ..replay.fold import Folder, OnModelError, check_policy
 from ..replay.model import Model
+from ..replay.dedup import DEFAULT_MEMORY_BYTES, DedupIndex
 from ..replay.pipeline import Stops, run_pass
-from ..replay import seen
+from ..replay.seen import SeenIds
 from ..store.sink import SnapshotSink
 from ..store.snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
 
@@ -58,7 +65,9 @@ class RebuildOptions:
     end), ``keep`` are kept, none with ``write_snapshots=False``. ``segment_size`` is for a log with
     nothing recorded. ``streams`` folds only those streams (targeted repair: no snapshots written);
     ``max_snapshot_entries`` ignores snapshots covering more entries (repair replays from before a
-    divergence).
+    divergence). ``on_model_error`` is what a model error does (``stop``, ``skip-event``,
+    ``skip-stream``; see the module doc). ``dedup_memory`` bounds the bytes of event ids the dedup
+    index keeps in memory (per process) before it spills them beside the snapshots.
     """
 
     snapshots_root: Path
@@ -71,9 +80,12 @@ class RebuildOptions:
     segment_size: int = DEFAULT_SEGMENT_SIZE
     streams: frozenset[str] | None = None
     max_snapshot_entries: int | None = None
+    on_model_error: OnModelError = "stop"
+    dedup_memory: int = DEFAULT_MEMORY_BYTES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "snapshots_root", Path(self.snapshots_root))
+        check_policy(self.on_model_error)
 
     @classmethod
     def of(cls, options: RebuildOptions | None = None, **changes: Any) -> RebuildOptions:
@@ -156,6 +168,8 @@ class RebuildResult:
             "replayed": {"from_snapshot": self.from_snapshot, "events": sum(s.read for s in self.scans)},
             "applied": f.applied,
             "streams": len(f.states),
+            "on_model_error": self.plan.options.on_model_error,
+            "skipped": [k.to_json() for k in f.skipped],
             "malformed": [{"message_id": m.message_id, "index": m.index, "reason": m.reason} for m in f.malformed],
             "duplicates": [{"event_id": d.event_id, "message_id": d.message_id, "index": d.index}
                            for d in f.duplicates],
@@ -333,6 +347,9 @@ def _unusable(plan: RebuildPlan, cand: Snapshot, earliest: dict[str, Position | 
     opts = plan.options
     if [pos.partition for pos in cand.partitions] != plan.parts:
         return f"taken of partitions {[pos.partition for pos in cand.partitions]}, the log has {plan.parts}", False
+    conflict = cand.policy_conflict(opts.on_model_error)
+    if conflict is not None:
+        return conflict, False
     if opts.max_snapshot_entries is not None and cand.entries > opts.max_snapshot_entries:
         return f"covers {cand.entries} entries, past the replay start {opts.max_snapshot_entries}", True
     for pos in cand.partitions:
@@ -377,24 +394,56 @@ class RebuildRun:
     """A rebuild between its plan and its result: the folder (decode and fold stages) starting from
     the plan's snapshot, the snapshot sink, and what each partition's pass found. The serial rebuild
     runs :meth:`partition` for each partition; the parallel engine folds elsewhere and reports its
-    passes with :meth:`scanned`; both end with :meth:`finish`."""
+    passes with :meth:`scanned`; both end with :meth:`finish`, or :meth:`close` on the way out.
 
-    def __init__(self, plan: RebuildPlan, on_progress: Callable[[int], None] | None = None) -> None:
+    The decode stage's index of folded event ids is a :class:`~chainfold.replay.dedup.DedupIndex`
+    from the snapshot's manifest: the writer of the topic's dedup folder when the rebuild takes
+    snapshots, else a reader of its own (:mod:`chainfold.store.dedup_folder`). When another process
+    is taking this topic's snapshots, this one takes none and says so in its notes. A run from no
+    snapshot that takes none may be given its own index (``seen``: reconcile's reference, which
+    keeps its ids in memory as the local reference does)."""
+
+    def __init__(self, plan: RebuildPlan, on_progress: Callable[[int], None] | None = None, *,
+                 seen: SeenIds | None = None) -> None:
         self.plan = plan
         self.on_progress = on_progress
         opts, model, snap = plan.options, plan.model, plan.snapshot
-        folder = Folder(model, streams=opts.streams)
+        self.dedup = plan.store.dedup
+        self.dedup.memory_bytes = opts.dedup_memory
+        states = None
         if snap is not None:
             states = snap.restore_states(model)
             if opts.streams is not None:
                 states = {s: v for s, v in states.items() if s in opts.streams}
-            folder = Folder(model, states, seen.restore(snap.seen), index=snap.entries, streams=opts.streams)
+        if seen is not None and (snap is not None or opts.takes_snapshots):
+            raise InvalidArgument("a rebuild run given its own index of seen ids starts from no snapshot and takes none")
+        self.seen, writes = (seen, False) if seen is not None else self._index(snap.dedup if snap is not None else None)
+        folder = Folder(model, states, self.seen, index=snap.entries if snap is not None else 0, streams=opts.streams,
+                        on_error=opts.on_model_error)
+        if snap is not None:
+            folder.fold.resume(k for k in snap.skipped if opts.streams is None or k.stream in opts.streams)
         self.folder = folder
         self.result = RebuildResult(plan, folder)
         self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap) \
-            if opts.takes_snapshots else None
+            if writes else None
         self.start = {pos.partition: pos for pos in snap.partitions} if snap is not None else {}
         self._read = 0
+
+    def _index(self, manifest: dict[str, Any] | None) -> tuple[DedupIndex, bool]:
+        """The index of the ids folded up to the start, and whether snapshots are written with it."""
+        if self.plan.options.takes_snapshots:
+            try:
+                return self.dedup.writer(manifest), True
+            except DedupIndexBusy:
+                self.plan.notes.append("no snapshots written: another chainfold process is taking snapshots of "
+                                       f"this topic (its dedup index {self.dedup.dir} is in use)")
+        return self.dedup.reader(manifest), False
+
+    def close(self) -> None:
+        """Release the dedup index (its folder's lock; a reader's scratch folder is removed)."""
+        close = getattr(self.seen, "close", None)
+        if close is not None:
+            close()
 
     def start_of(self, p: str) -> tuple[ChainBuilder | None, Position | None]:
         """Where partition ``p``'s pass starts: the snapshot's chain and position, or nothing."""
@@ -454,10 +503,15 @@ class RebuildRun:
     def finish(self) -> RebuildResult:
         """The snapshot at the end (unless the last periodic one is there already), and the result."""
         sink = self.sink
+        if len(self.plan.parts) > 1:
+            # a snapshot's skipped events (of every partition) came first: the report lists them in
+            # log order, partition by partition, as a fold from the start of the log does
+            self.folder.skipped.sort(key=lambda k: (MessageId.parse(k.message_id).partition, k.index))
         if sink is not None and self._read > 0 and sink.covered() != sink.entries:
             sink.take()
         if sink is not None:
             self.result.written = sink.written
+        self.close()
         self.result.seconds = time.monotonic() - self.plan.started
         return self.result
 
@@ -471,9 +525,12 @@ def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None,
     """
     plan = plan_rebuild(elog, model, RebuildOptions.of(options, **changes))
     run = RebuildRun(plan, on_progress)
-    for p in plan.parts:
-        run.partition(p)
-    return run.finish()
+    try:
+        for p in plan.parts:
+            run.partition(p)
+        return run.finish()
+    finally:
+        run.close()
 
 
 def states_digest(states: dict[str, Any]) -> str:

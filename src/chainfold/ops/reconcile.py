@@ -10,9 +10,13 @@ order, each event id once, at its first entry. chainfold compares the worker's e
   tracker's leaf hashes the exact event, without them its segment;
 * the **state export** gives the streams whose state is wrong, expected against actual.
 
+Everything the evidence gets wrong is a finding, never bad input: event ids the log does not hold
+(``unknown_ids``), streams it never had (``unknown_streams``), streams missing from the export.
+
 ``repair`` replays only the divergent streams from the newest valid snapshot before the first
 divergence (pure folds, nothing published), checks the result against a fresh rebuild of those
-streams from the start of the log, and returns the corrected state export and the corrections.
+streams from the start of the log, and returns the corrected state export and the corrections;
+when no stream is wrong, the corrected export is the reference's states (the export as it is).
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from ..jsonl import iter_json_lines
 from ..log import EventLog, MessageId
 from ..log.source import Source, Span
 from ..replay.decode import Decoded
-from ..replay.fold import Folder
+from ..replay.fold import Folder, OnModelError
 from ..replay.model import Model, render_json
 from ..replay.pipeline import Stops, run_pass
+from ..statediff import state_delta
 from ..store.snapshots import topic_dir
 from .corrections import make_corrections
 from .positions import report_positions
@@ -123,36 +128,6 @@ def load_state_export(path: str) -> dict[str, Any]:
     return doc
 
 
-def _key_line(path: str, key: str) -> int:
-    """The line of a state export on which its top-level key ``key`` stands (1 if it cannot be told)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError):
-        return 1
-    dec = json.JSONDecoder()
-    ws = " \t\n\r"
-    i = len(text) - len(text.lstrip(ws))
-    if not text.startswith("{", i):
-        return 1
-    i += 1
-    try:
-        while True:
-            while i < len(text) and text[i] in ws + ",":
-                i += 1
-            if i >= len(text) or text[i] == "}":
-                return 1
-            k, end = dec.raw_decode(text, i)
-            if k == key:
-                return text.count("\n", 0, i) + 1
-            i = end
-            while i < len(text) and text[i] in ws + ":":
-                i += 1
-            _, i = dec.raw_decode(text, i)
-    except ValueError:
-        return 1
-
-
 @dataclass
 class TrackerEvidence:
     """Tracker checkpoints (full segments, then at most one provisional) and, if present, leaves."""
@@ -198,7 +173,8 @@ class ReconcileReport:
     topic: str
     verdict: str
     scans: list[PartitionScan]
-    processed_events: int
+    processed_events: int | None
+    """Events the worker handled, by its processed log or tracker checkpoints; None (unknown) with neither."""
     first_divergence: dict[str, Any] | None
     missing: list[str]
     duplicates: list[str]
@@ -206,6 +182,9 @@ class ReconcileReport:
     malformed: list[str]
     divergent_streams: list[dict[str, Any]]
     replayed: dict[str, Any]
+    unknown_ids: list[str] = field(default_factory=list)
+    unknown_streams: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     repaired_states: dict[str, Any] | None = None
     corrections: list[dict[str, Any]] = field(default_factory=list)
@@ -229,6 +208,9 @@ class ReconcileReport:
             "malformed": self.malformed,
             "divergent_streams": self.divergent_streams,
             "replayed": self.replayed,
+            "unknown_ids": self.unknown_ids,
+            "unknown_streams": self.unknown_streams,
+            "skipped": self.skipped,
         }
         out.update(self.details)
         out["notes"] = self.notes
@@ -316,13 +298,14 @@ _LOW = (1 << 40) - 1
 
 
 def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leaves: bool = False,
-                    on_progress: Callable[[int], None] | None = None) -> Reference:
+                    on_progress: Callable[[int], None] | None = None, on_error: OnModelError = "stop") -> Reference:
     """One pass over the whole log (source → hash → decode → fold, the decode stage tapped for the
-    reference). :class:`HistoryUnrecoverable` when the log no longer holds its recorded start."""
+    reference; a model error handled by ``on_error``). :class:`HistoryUnrecoverable` when the log
+    no longer holds its recorded start."""
     tdir = topic_dir(snapshots_root, elog.topic)
     names: list[str] = []
     numbers: dict[str, int] = {}
-    reference = Reference(elog.topic, [], [], Folder(model), names)
+    reference = Reference(elog.topic, [], [], Folder(model, on_error=on_error), names)
     done = 0
     for p in elog.partitions():
         ref = PartitionReference(p, names, numbers, leaves)
@@ -382,28 +365,27 @@ class Evidence:
     tracker: TrackerEvidence | None = None
 
 
-def _more(items: list[str]) -> str:
-    if len(items) <= 1:
-        return ""
-    return f" (and {len(items) - 1} more: " + ", ".join(items[1:6]) + (" ..." if len(items) > 6 else "") + ")"
+@dataclass
+class Unknown:
+    """What the evidence names that the log never had: event ids in the processed log (each once, in
+    handling order) and streams in the state export (sorted)."""
+
+    ids: list[str] = field(default_factory=list)
+    streams: list[str] = field(default_factory=list)
 
 
-def check_evidence(reference: Reference, evidence: Evidence) -> None:
-    """The evidence names only what the log has: :class:`MalformedInputLine` for an event id the
-    log never held (with the processed log's line) or a stream it never had (the export's line)."""
+def check_evidence(reference: Reference, evidence: Evidence) -> Unknown:
+    """The event ids and streams the evidence names that the log does not hold: findings about the
+    worker (it handled events from elsewhere, or keeps streams that were never in this log), not bad
+    input."""
+    out = Unknown()
     processed = evidence.processed
     if processed is not None:
-        unknown = [(line, eid) for eid, line in zip(processed.ids, processed.lines) if eid not in reference.where]
-        if unknown:
-            line, eid = unknown[0]
-            raise MalformedInputLine(processed.path, line, f"unknown event id {eid!r}: not in {reference.topic}"
-                                     + _more([repr(u[1]) for u in unknown]))
+        where = reference.where
+        out.ids = list(dict.fromkeys(eid for eid in processed.ids if eid not in where))
     log_streams = set(reference.stream_names)
-    strangers = [s for s in evidence.state if s not in log_streams]  # in the export's order
-    if strangers:
-        raise MalformedInputLine(evidence.state_path, _key_line(evidence.state_path, strangers[0]),
-                                 f"stream {strangers[0]!r} is not in {reference.topic}: the log never had it"
-                                 + _more(list(map(repr, strangers))))
+    out.streams = sorted(s for s in evidence.state if s not in log_streams)
+    return out
 
 
 @dataclass(frozen=True)
@@ -459,7 +441,11 @@ def diff_processed(reference: Reference, processed: Processed) -> ProcessedDiff:
     first = None
     per_part: list[list[str]] = [[] for _ in refs]
     for eid in processed.ids:
-        per_part[where[eid] >> 40].append(eid)
+        w = where.get(eid)
+        if w is not None:
+            per_part[w >> 40].append(eid)
+        elif len(refs) == 1:  # an id the log does not hold departs from the reference where it was handled
+            per_part[0].append(eid)
     for pi, (ref, w) in enumerate(zip(refs, per_part)):
         ids, j, n = ref.ids, 0, min(len(w), len(ref.ids))
         while j < n and w[j] == ids[j]:
@@ -470,7 +456,7 @@ def diff_processed(reference: Reference, processed: Processed) -> ProcessedDiff:
     max_pos: dict[int, int] = {}
     firsts: set[str] = set()
     for eid in processed.ids:
-        if eid in firsts:
+        if eid in firsts or eid not in where:
             continue
         firsts.add(eid)
         w = where[eid]
@@ -532,22 +518,6 @@ def diff_tracker(reference: Reference, tracker: TrackerEvidence) -> TrackerDiff:
     return TrackerDiff(_divergence(reference, 0, j), info, notes)
 
 
-def _delta(expected: Any, actual: Any) -> Any:
-    """Numeric difference expected - actual, field by field where both are numbers; else None."""
-    num = (int, float)
-    if isinstance(expected, num) and isinstance(actual, num) and not isinstance(expected, bool) \
-            and not isinstance(actual, bool):
-        return expected - actual
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        d = {k: _delta(expected.get(k), actual.get(k)) for k in sorted(set(expected) | set(actual), key=str)}
-        d = {k: v for k, v in d.items() if v not in (None, 0, {})}
-        return d or None
-    if isinstance(expected, dict) and actual is None:
-        return _delta(expected, {k: 0 if isinstance(v, num) and not isinstance(v, bool) else None
-                                 for k, v in expected.items()})
-    return None
-
-
 @dataclass
 class Handling:
     """How the worker's handling departs from the reference, by all the evidence given."""
@@ -580,15 +550,16 @@ def diff_handling(reference: Reference, evidence: Evidence) -> Handling:
 
 
 def diff_states(reference: Reference, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """Streams whose exported state differs from the expected one: expected, actual, and the
-    difference (field by field for numbers)."""
+    """Streams whose exported state differs from the expected one (a stream missing from the export
+    too, actual null; and one the log never had, expected null): expected, actual, and the
+    difference (:func:`~chainfold.statediff.state_delta`)."""
     expected = reference.folder.rendered()
     out = []
     for s in sorted(set(expected) | set(state)):
         exp = expected.get(s)
         act = render_json(state.get(s)) if s in state else None
         if exp != act:
-            out.append({"stream": s, "expected": exp, "actual": act, "delta": _delta(exp, act)})
+            out.append({"stream": s, "expected": exp, "actual": act, "delta": state_delta(exp, act)})
     return out
 
 
@@ -620,11 +591,12 @@ def repair_states(elog: EventLog, model: Model, snapshots_root: Path, reference:
 
     first, divergent, notes = report.first_divergence, report.divergent_streams, report.notes
     if not divergent:
-        if first is not None:
+        # every stream's state is right: the export is already the correct one (the reference's)
+        report.repaired_states = reference.folder.rendered()
+        if report.verdict != "consistent":
             # the worker's handling diverged, yet every state is right (e.g. a duplicate whose second
-            # application changed nothing): the export is already the corrected state
+            # application changed nothing, an id the log does not hold that changed nothing)
             notes.append("the worker's handling diverged but every stream's state is right: nothing to replay")
-            report.repaired_states = dict(sorted((s, render_json(v)) for s, v in state.items()))
             report.verdict = "repaired"
             report.details["validated"] = {"streams": len(reference.folder.states),
                                            "against": "fresh rebuild from the start of the log"}
@@ -633,7 +605,7 @@ def repair_states(elog: EventLog, model: Model, snapshots_root: Path, reference:
     streams = frozenset(d["stream"] for d in divergent)
     limit = first["index"] if first is not None and len(reference.refs) == 1 else None
     rb = rebuild(elog, model, snapshots_root=snapshots_root, streams=streams, max_snapshot_entries=limit,
-                 write_snapshots=False)
+                 write_snapshots=False, on_model_error=reference.folder.fold.on_error)
     replayed_states = rb.folder.rendered()
     report.replayed = {"from_snapshot": rb.from_snapshot, "events": sum(s.read for s in rb.scans)}
     if rb.rejected:
@@ -666,32 +638,37 @@ def reconcile(
     tracker: TrackerEvidence | None = None,
     repair: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    on_model_error: OnModelError = "stop",
     build: Callable[..., Reference] = build_reference,
     rebuild: Callable[..., Any] | None = None,
 ) -> ReconcileReport:
     """Compare a worker's evidence with the log; with ``repair``, compute the corrected states.
 
-    Raises :class:`MalformedInputLine` / :class:`BadInput` for evidence naming events or streams
-    the log never had, and :class:`HistoryUnrecoverable` when the log no longer holds its start.
-    ``build`` (the reference: :func:`build_reference`) and ``rebuild`` (the repair's replay) are the
-    engine's: the distributed engine passes its own.
+    What the worker got wrong is a finding, never an error: event ids and streams the log never had
+    are listed (``unknown_ids``, ``unknown_streams``) and make the verdict "divergent". A model
+    error is handled by ``on_model_error`` (``stop`` raises :class:`~chainfold.errors.ModelError`;
+    the skip policies list the events in ``skipped``). :class:`HistoryUnrecoverable` when the log no
+    longer holds its start. ``build`` (the reference: :func:`build_reference`) and ``rebuild`` (the
+    repair's replay) are the engine's: the distributed engine passes its own.
     """
     t0 = time.monotonic()
     evidence = Evidence(state, state_path, processed, tracker)
-    reference = build(elog, model, snapshots_root, leaves=tracker is not None, on_progress=on_progress)
-    check_evidence(reference, evidence)
+    reference = build(elog, model, snapshots_root, leaves=tracker is not None, on_progress=on_progress,
+                      on_error=on_model_error)
+    unknown = check_evidence(reference, evidence)
     handling = diff_handling(reference, evidence)
     divergent = diff_states(reference, state)
     folder = reference.folder
     order = {eid: reference.where[eid] for eid in handling.duplicated | {d.event_id for d in folder.duplicates}
              if eid in reference.where}
     first = handling.first
+    wrong = first is not None or divergent or unknown.ids or unknown.streams
     report = ReconcileReport(
-        elog.topic, "divergent" if first is not None or divergent else "consistent", reference.scans,
-        len(processed.ids) if processed is not None else (tracker.size if tracker else 0),
+        elog.topic, "divergent" if wrong else "consistent", reference.scans, _processed_count(evidence),
         None if first is None else _divergence_json(elog, reference, first), handling.missing,
         sorted(order, key=lambda e: order[e]), handling.out_of_order, [m.message_id for m in folder.malformed],
-        divergent, {"from_snapshot": None, "events": sum(s.read for s in reference.scans)}, reference.notes,
+        divergent, {"from_snapshot": None, "events": sum(s.read for s in reference.scans)},
+        unknown.ids, unknown.streams, [k.to_json() for k in folder.skipped], reference.notes,
         details=handling.details,
     )
     report.details["positions"] = positions(reference, report)
@@ -700,3 +677,12 @@ def reconcile(
     report.seconds = time.monotonic() - t0
     return report
 
+
+def _processed_count(evidence: Evidence) -> int | None:
+    """Events the worker handled: its processed log's lines, else its tracker's count; None (unknown)
+    when it gave neither (a state export alone says nothing about how many it handled)."""
+    if evidence.processed is not None:
+        return len(evidence.processed.ids)
+    if evidence.tracker is not None:
+        return evidence.tracker.size
+    return None

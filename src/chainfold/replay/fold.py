@@ -8,8 +8,10 @@ What happens when the model raises is a policy (``on_error``; docs/cli.md, poiso
 (the default: :class:`~chainfold.errors.ModelError` names the stream, event and message id),
 ``skip-event`` (the stream folds on without that event) or ``skip-stream`` (the stream keeps its
 last good state and folds none of its later events); every event left out is listed in
-:attr:`FoldStage.skipped`. (Reports, exit codes and snapshots that record skipped events are the
-commands' part: not wired yet.)
+:attr:`FoldStage.skipped`. Either skip policy gives the states of folding the log without the
+events it lists. The policy lives here, so every engine that folds (serial, worker processes,
+Spark executors) applies it identically; the commands report ``skipped`` (:meth:`Skipped.to_json`),
+exit 1, and snapshots record it (:meth:`Skipped.record`, :meth:`FoldStage.resume`).
 
 :class:`Folder` is the convenience the library offers for folding entries directly: the decode
 stage and the fold stage together.
@@ -29,9 +31,18 @@ from .decode import Decoded, Decoder, Duplicate, Malformed, Routed, Shard
 from .model import Model
 from .seen import SeenIds, SeenSet
 
-__all__ = ["FoldStage", "Skipped", "OnModelError", "Folder", "state_export_json"]
+__all__ = ["FoldStage", "Skipped", "OnModelError", "ON_MODEL_ERROR", "check_policy", "Folder", "state_export_json"]
 
 OnModelError = Literal["stop", "skip-event", "skip-stream"]
+ON_MODEL_ERROR: tuple[OnModelError, ...] = ("stop", "skip-event", "skip-stream")
+"""The policies, the default first (``--on-model-error``; docs/cli.md#poison-events)."""
+
+
+def check_policy(on_error: str) -> OnModelError:
+    """``on_error`` if it names a policy, else :class:`~chainfold.errors.InvalidArgument`."""
+    if on_error not in ON_MODEL_ERROR:
+        raise InvalidArgument(f"on_error must be stop, skip-event or skip-stream, not {on_error!r}")
+    return on_error  # type: ignore[return-value]
 
 _MISSING = object()
 
@@ -46,6 +57,25 @@ class Skipped:
     event_id: str
     error: str
 
+    def to_json(self) -> dict[str, str]:
+        """As reports list it: ``{"event_id", "message_id", "stream", "error"}``."""
+        return {"event_id": self.event_id, "message_id": self.message_id, "stream": self.stream, "error": self.error}
+
+    def record(self) -> dict[str, Any]:
+        """As a snapshot stores it: the report's keys and the entry's log ``index`` in its partition."""
+        return dict(self.to_json(), index=self.index)
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Skipped:
+        """Back from :meth:`record` (``ValueError`` on a map of another shape)."""
+        if not isinstance(r, dict) or set(r) != _RECORD_KEYS or type(r["index"]) is not int or \
+                not all(type(r[k]) is str for k in _RECORD_KEYS - {"index"}):
+            raise ValueError(f"a skipped event is {{{', '.join(sorted(_RECORD_KEYS))}}}, not {r!r}")
+        return cls(r["index"], r["message_id"], r["stream"], r["event_id"], r["error"])
+
+
+_RECORD_KEYS = frozenset({"index", "message_id", "stream", "event_id", "error"})
+
 
 class FoldStage:
     """Fold stage (see the module doc).
@@ -58,12 +88,10 @@ class FoldStage:
 
     def __init__(self, model: Model, states: dict[str, Any] | None = None, *,
                  streams: frozenset[str] | None = None, on_error: OnModelError = "stop") -> None:
-        if on_error not in ("stop", "skip-event", "skip-stream"):
-            raise InvalidArgument(f"on_error must be stop, skip-event or skip-stream, not {on_error!r}")
         self.model = model
         self.states: dict[str, Any] = states if states is not None else {}
         self.streams = streams
-        self.on_error = on_error
+        self.on_error = check_policy(on_error)
         self.applied = 0
         self.skipped: list[Skipped] = []
         self.frozen: dict[str, str] = {}  # streams skip-stream stopped folding → the event that stopped them
@@ -120,11 +148,26 @@ class FoldStage:
             raise ModelError(ev.stream, ev.id, batch.message_id(j), exc, index=batch.index(j)) from exc
         self._skip(batch, j, f"{type(exc).__name__}: {exc}")
         if self.on_error == "skip-stream":
-            self.frozen[ev.stream] = f"stream {ev.stream!r} skipped since event {ev.id!r} failed"
+            self._freeze(ev.stream, ev.id)
+
+    def _freeze(self, stream: str, event_id: str) -> None:
+        self.frozen[stream] = f"stream {stream!r} skipped since event {event_id!r} failed"
 
     def _skip(self, batch: Decoded, j: int, error: str) -> None:
         ev = batch.events[j]
         self.skipped.append(Skipped(batch.index(j), batch.message_id(j), ev.stream, ev.id, error))
+
+    def resume(self, skipped: Iterable[Skipped], *, keep: bool = True) -> None:
+        """Go on from a snapshot that skipped ``skipped`` under this stage's policy: under
+        ``skip-stream`` their streams stay frozen; with ``keep`` they head :attr:`skipped` (a worker
+        that reports only its own skips passes ``keep=False``)."""
+        skipped = list(skipped)
+        if keep:
+            self.skipped[:0] = skipped
+        if self.on_error == "skip-stream":
+            for sk in skipped:
+                if sk.stream not in self.frozen:
+                    self._freeze(sk.stream, sk.event_id)
 
     def rendered(self) -> dict[str, Any]:
         """The state export (docs/worker-evidence.md): ``{stream: rendered state}``, streams sorted."""

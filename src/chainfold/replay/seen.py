@@ -7,11 +7,12 @@ each); an index that keeps a bounded part in memory and spills the rest to disk 
 protocol and plugs in without touching the stages.
 
 How a snapshot stores the ids (the snapshot sink's hook): the sink calls :meth:`SeenIds.checkpoint`
-once per snapshot and stores what it returns as the snapshot's ``seen``; a rebuild that starts from
-that snapshot makes its index from the stored value again with :func:`restore`. Snapshot format 1
-stores every id (a sorted list: :class:`SeenSet`); an index that stores immutable pieces beside the
-snapshots returns a description of them instead (with a snapshot format of its own), and
-:func:`restore` learns to tell that description apart.
+once per snapshot and stores what it returns. Snapshots (format 2) store the manifest of a
+:class:`~chainfold.replay.dedup.DedupIndex`: the immutable pieces beside the snapshots that hold
+the ids, so a snapshot costs what changed since the previous one, not the whole history; a rebuild
+from a snapshot opens the index of that manifest again (:mod:`chainfold.store.dedup_folder`).
+:class:`SeenSet` is the index in memory, for library use and tests (its checkpoint is a frozenset of
+every id: it cannot be stored in a snapshot).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["SeenIds", "SeenSet", "restore"]
+__all__ = ["SeenIds", "SeenSet"]
 
 
 @runtime_checkable
@@ -33,9 +34,9 @@ class SeenIds(Protocol):
       in the same batch. Never a false True (a duplicate folded twice), never a false False (a new
       event dropped).
     * ``len()`` is the number of distinct ids recorded.
-    * ``checkpoint()`` is what a snapshot stores so that a rebuild from it knows these ids (format
-      1: a frozenset of every id; :class:`chainfold.replay.dedup.DedupIndex`: the manifest of its
-      immutable pieces). Called by the snapshot sink only, between batches; it must not change what
+    * ``checkpoint()`` is what a snapshot stores so that a rebuild from it knows these ids
+      (:class:`chainfold.replay.dedup.DedupIndex`: the manifest of its immutable pieces; a
+      :class:`SeenSet`: a frozenset of every id). Called between batches; it must not change what
       the index answers.
     """
 
@@ -47,17 +48,12 @@ class SeenIds(Protocol):
 
 
 class SeenSet:
-    """:class:`SeenIds` in memory: a set of the ids (snapshot format 1 stores them all)."""
+    """:class:`SeenIds` in memory: a set of the ids (about 100 bytes each)."""
 
     __slots__ = ("ids",)
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         self.ids: set[str] = set(ids)
-
-    @classmethod
-    def from_snapshot(cls, stored: Iterable[str]) -> SeenSet:
-        """The index of a snapshot's ``seen`` (what :meth:`checkpoint` returned when it was taken)."""
-        return cls(stored)
 
     def add_new(self, ids: Sequence[str]) -> list[bool]:
         s = self.ids
@@ -78,10 +74,3 @@ class SeenSet:
     def checkpoint(self) -> frozenset[str]:
         return frozenset(self.ids)
 
-
-def restore(stored: object) -> SeenIds:
-    """The index of the ids a snapshot stored (what :meth:`SeenIds.checkpoint` returned when it was
-    taken). Format 1 stores the ids themselves: a :class:`SeenSet`. (A snapshot format that stores
-    a :class:`~chainfold.replay.dedup.DedupIndex` manifest restores it with ``DedupIndex.open``
-    in the snapshots' folder: the next step of the history-scale work.)"""
-    return SeenSet.from_snapshot(stored)  # type: ignore[arg-type]

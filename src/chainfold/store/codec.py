@@ -2,12 +2,22 @@
 
 A snapshot file is a CBOR map::
 
-    {"format": 1, "body": <bytes: canonical CBOR of the body map>, "sha256": <bytes: SHA-256 of body>}
+    {"format": 2, "body": <bytes: canonical CBOR of the body map>, "sha256": <bytes: SHA-256 of body>}
 
     body = {"topic", "partitions": [{"partition", "entries", "message_id", "chain"}, ...],
             "model_name", "model_fingerprint", "segment_size", "states": {stream: state},
-            "seen": [event ids, sorted], "created": ms, "stats": {...},
-            "streams_root": Merkle root over the states, "entries": sum over partitions}
+            "dedup": manifest of the event ids folded, "created": ms, "stats": {...},
+            "streams_root": Merkle root over the states, "entries": sum over partitions,
+            "on_model_error": "stop" | "skip-event" | "skip-stream",
+            "skipped": [{"index", "message_id", "stream", "event_id", "error"}, ...]}
+
+``on_model_error`` is the policy the fold ran under and ``skipped`` the events the model failed on
+that it left out (in log order), so that a snapshot never covers a skipped event silently.
+
+``dedup`` is a :class:`~chainfold.replay.dedup.DedupIndex` manifest: the SHA-256, count and size of
+each immutable piece (beside the snapshots) that holds the ids, so the checksum covers the pieces'
+digests and a snapshot costs O(streams + ids since the previous one). Format 1 stored every id in
+every snapshot (``seen``); it is refused with a reason, never misread.
 
 ``streams_root`` is the RFC 9162 root (:func:`chainfold.merkle.root`) over one leaf per stream,
 streams sorted by id: ``leaf_hash(canonical CBOR of [stream, state])``. :func:`encode` computes it
@@ -32,15 +42,18 @@ import cbor2
 from ..errors import BadInput, ChainfoldError
 from ..merkle import HASH_SIZE, root as merkle_root
 
-__all__ = ["FORMAT", "BODY_KEYS", "Undecodable", "encode", "open_body", "streams_root", "check_streams_root",
+__all__ = ["FORMAT", "FORMAT_1_REFUSED", "BODY_KEYS", "Undecodable", "encode", "open_body", "streams_root", "check_streams_root",
            "gc_paused"]
 
-FORMAT = 1
+FORMAT = 2
 """Version of the snapshot file format written and read."""
 
+FORMAT_1_REFUSED = "format 1, written by an older chainfold: rebuild --full once"
+"""Why a format-1 snapshot (every id in every file) is not used."""
+
 BODY_KEYS = frozenset({
-    "topic", "partitions", "model_name", "model_fingerprint", "segment_size", "states", "seen",
-    "created", "stats", "streams_root", "entries",
+    "topic", "partitions", "model_name", "model_fingerprint", "segment_size", "states", "dedup",
+    "created", "stats", "streams_root", "entries", "on_model_error", "skipped",
 })
 _ENVELOPE_KEYS = frozenset({"format", "body", "sha256"})
 NOT_SNAPSHOT = "truncated or not a snapshot file"
@@ -185,6 +198,8 @@ def open_body(data: bytes) -> dict[str, Any]:
     if not isinstance(env, dict) or set(env) != _ENVELOPE_KEYS:
         raise Undecodable(NOT_SNAPSHOT)
     fmt = env["format"]
+    if type(fmt) is int and fmt == 1:
+        raise Undecodable(FORMAT_1_REFUSED)
     if type(fmt) is not int or fmt != FORMAT:
         raise Undecodable(f"format {fmt!r} is not supported (this chainfold reads format {FORMAT})")
     body, digest = env["body"], env["sha256"]

@@ -9,8 +9,10 @@ pass, and once at the end.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+from ..errors import InvalidArgument
 from ..hashing.chain import ChainBuilder
 from ..replay.decode import Decoder
 from ..replay.fold import FoldStage
@@ -25,9 +27,12 @@ class SnapshotSink:
     Contract: :meth:`take` writes one snapshot covering, for each partition, the position given
     for it (the one being replayed), else the position :meth:`done` recorded for it, else where the
     replay started (``start``'s position, or nothing). States go through ``model.dump_state``; the
-    seen ids are what :meth:`~chainfold.replay.seen.SeenIds.checkpoint` returns; ``stats`` count the
-    malformed and duplicated entries since the start of the log. :attr:`written` lists the paths.
-    The caller makes the hash record durable first (a snapshot is checked against it).
+    seen ids are the manifest :meth:`~chainfold.replay.dedup.DedupIndex.checkpoint` returns (the
+    decode stage's index must be a writer of the store's dedup folder), and once the snapshot is
+    written the pieces no remaining snapshot names are collected; ``stats`` count the malformed and
+    duplicated entries since the start of the log; the fold stage's policy and the events it
+    skipped (since the start of the log: it resumed with the start's) go with them. :attr:`written` lists the paths. The caller makes
+    the hash record durable first (a snapshot is checked against it).
     """
 
     def __init__(self, store: SnapshotStore, fold: FoldStage, decoder: Decoder, partitions: list[str],
@@ -59,6 +64,11 @@ class SnapshotSink:
         ordered = tuple(positions.get(p) or PartitionPosition(p, 0, None, empty) for p in self.partitions)
         base = self.start.stats if self.start is not None else {}
         model = self.fold.model
+        seen = self.decoder.seen
+        manifest = seen.checkpoint()
+        if not isinstance(manifest, Mapping):
+            raise InvalidArgument("a snapshot stores a dedup index manifest: the decode stage's SeenIds must be "
+                                  f"a DedupIndex (in the store's dedup folder), not {type(seen).__name__}")
         snap = Snapshot(
             topic=self.store.topic,
             partitions=ordered,
@@ -66,12 +76,17 @@ class SnapshotSink:
             model_fingerprint=model.fingerprint,
             segment_size=self.segment_size,
             states={s: model.dump_state(v) for s, v in self.fold.states.items()},
-            seen=self.decoder.seen.checkpoint(),
+            dedup=manifest,
             created=int(time.time() * 1000),
             stats={"malformed": len(self.decoder.malformed) + base.get("malformed", 0),
                    "duplicates": len(self.decoder.duplicates) + base.get("duplicates", 0)},
+            on_model_error=self.fold.on_error,
+            skipped=tuple(self.fold.skipped),
         )
         path = self.store.write(snap)
+        collect = getattr(seen, "collect_garbage", None)
+        if collect is not None:  # pieces no snapshot left names any more (pruned ones')
+            collect(self.store.manifests())
         self.entries = snap.entries
         self.written.append(str(path))
         return path

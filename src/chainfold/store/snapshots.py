@@ -3,8 +3,13 @@
 A :class:`Snapshot` records, for every partition, how many entries it covers, the last message id
 covered and the :class:`~chainfold.hashing.chain.ChainBuilder` state there (so the hash chain
 continues without re-reading); the model's name and code fingerprint; the states per stream (as
-``model.dump_state`` gives them); and the event ids already folded (so a duplicate of an old event
-in the tail is not folded twice).
+``model.dump_state`` gives them); the manifest of the dedup index of the event ids already
+folded (so a duplicate of an old event in the tail is not folded twice): its pieces live beside the
+snapshots (:mod:`chainfold.store.dedup_folder`), shared by every snapshot that names them, so a
+snapshot costs O(streams + ids since the previous one) to write and O(streams) to read; and the
+events the model failed on that the fold left out, with the policy that left them out
+(``on_model_error``, ``skipped``: a snapshot never covers a skipped event silently, and a rebuild
+under another policy does not start from one that skipped any).
 
 :class:`SnapshotStore` holds one topic's snapshots: in a :class:`~chainfold.store.storage.SnapshotStorage`
 (by default :class:`~chainfold.store.storage.LocalStorage`, the topic's folder :func:`topic_dir`
@@ -12,9 +17,9 @@ under the store's root, default ``snapshots/``), as bytes of the format of
 :mod:`chainfold.store.codec`. Files are named ``snap-<entries:012d>-<created ms:013d>[-<n>].cbor``,
 so a listing orders by coverage without opening them; they are written atomically (a crash leaves
 no snapshot or a complete one); the newest ``keep`` are kept. A file that is truncated, altered, of
-another topic or of another model is never loaded: it comes back as a
-:class:`~chainfold.errors.SnapshotRejected` with the reason, and the caller moves on to the next
-older one (:meth:`SnapshotStore.candidates`).
+another topic or of another model, or whose dedup pieces are missing or damaged, is never loaded:
+it comes back as a :class:`~chainfold.errors.SnapshotRejected` with the reason, and the caller moves
+on to the next older one (:meth:`SnapshotStore.candidates`).
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, InvalidArgument, SnapshotRejected
+from ..errors import BadInput, DedupIndexError, DedupManifestInvalid, InvalidArgument, SnapshotRejected
 from ..hashing.chain import ChainBuilder
 from ..log import full_topic_name
 from ..merkle import HASH_SIZE
+from ..replay.dedup import manifest_digests
+from ..replay.fold import ON_MODEL_ERROR, Skipped
 from ..replay.model import Model, render_json
 from . import codec
 from .codec import FORMAT, Undecodable, streams_root
+from .dedup_folder import DedupFolder
 from .storage import LocalStorage, SnapshotStorage
 
 __all__ = [
@@ -161,9 +169,12 @@ class PartitionPosition:
 class Snapshot:
     """The folded states of ``topic`` at ``partitions``' positions (see the module doc).
 
-    ``states`` maps stream id → ``model.dump_state(state)`` (CBOR-encodable); ``seen`` holds the
-    event ids already folded. Construction takes copies of ``states`` (shallow) and ``seen``, so the
-    folder may go on folding. ``entries`` (sum over partitions) and ``streams_root`` are derived.
+    ``states`` maps stream id → ``model.dump_state(state)`` (CBOR-encodable); ``dedup`` is the
+    manifest of the event ids already folded (:meth:`chainfold.replay.dedup.DedupIndex.checkpoint`);
+    ``skipped`` the events the model failed on that the fold left out under the policy
+    ``on_model_error`` (replay/fold.py), in log order. Construction takes copies of ``states``
+    (shallow) and ``dedup``, so the folder may go on folding. ``entries`` (sum over partitions) and
+    ``streams_root`` are derived.
     """
 
     topic: str
@@ -172,9 +183,11 @@ class Snapshot:
     model_fingerprint: str
     segment_size: int
     states: dict[str, Any]
-    seen: frozenset[str]
+    dedup: dict[str, Any]
     created: int = field(default_factory=_now_ms)
     stats: dict[str, Any] = field(default_factory=dict)
+    on_model_error: str = "stop"
+    skipped: tuple[Skipped, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -199,13 +212,21 @@ class Snapshot:
         if not isinstance(self.states, Mapping):
             raise InvalidArgument("states must be a mapping stream -> state")
         set_(self, "states", dict(self.states))
-        if type(self.seen) is not frozenset:
-            set_(self, "seen", frozenset(self.seen))
+        try:
+            manifest_digests(self.dedup)
+        except DedupManifestInvalid as exc:
+            raise InvalidArgument(f"dedup must be a dedup index manifest: {exc.reason}") from None
+        set_(self, "dedup", dict(self.dedup))
         if type(self.created) is not int or self.created < 0:
             raise InvalidArgument(f"created must be ms since the epoch, not {self.created!r}")
         if not isinstance(self.stats, Mapping):
             raise InvalidArgument("stats must be a mapping")
         set_(self, "stats", dict(self.stats))
+        if self.on_model_error not in ON_MODEL_ERROR:
+            raise InvalidArgument(f"on_model_error must be one of {', '.join(ON_MODEL_ERROR)}, not {self.on_model_error!r}")
+        set_(self, "skipped", tuple(self.skipped))
+        if not all(isinstance(k, Skipped) for k in self.skipped):
+            raise InvalidArgument("skipped must be Skipped values")
 
     @classmethod
     def capture(
@@ -215,10 +236,12 @@ class Snapshot:
         topic: str,
         partitions: tuple[PartitionPosition, ...] | list[PartitionPosition],
         states: Mapping[str, Any],
-        seen: frozenset[str] | set[str],
+        dedup: Mapping[str, Any],
         segment_size: int,
         stats: Mapping[str, Any] | None = None,
         created: int | None = None,
+        on_model_error: str = "stop",
+        skipped: tuple[Skipped, ...] | list[Skipped] = (),
     ) -> Snapshot:
         """A snapshot of live states: each goes through ``model.dump_state``; model name and
         fingerprint are taken from ``model``."""
@@ -230,9 +253,11 @@ class Snapshot:
             model_fingerprint=model.fingerprint,
             segment_size=segment_size,
             states={s: dump(v) for s, v in states.items()},
-            seen=frozenset(seen),
+            dedup=dict(dedup),
             created=_now_ms() if created is None else created,
             stats=dict(stats or {}),
+            on_model_error=on_model_error,
+            skipped=tuple(skipped),
         )
 
     def restore_states(self, model: Model) -> dict[str, Any]:
@@ -259,11 +284,27 @@ class Snapshot:
             "model_fingerprint": self.model_fingerprint,
             "segment_size": self.segment_size,
             "states": self.states,
-            "seen": sorted(self.seen),
+            "dedup": self.dedup,
             "created": self.created,
             "stats": self.stats,
             "entries": self.entries,
+            "on_model_error": self.on_model_error,
+            "skipped": [k.record() for k in self.skipped],
         }
+
+    def policy_conflict(self, on_model_error: str) -> str | None:
+        """Why this snapshot cannot start a fold under ``on_model_error``, or None.
+
+        A snapshot that skipped nothing holds what every policy folds up to its position (no model
+        error happened before it), so it serves any policy; one that skipped events holds states
+        only its own policy gives.
+        """
+        if not self.skipped or self.on_model_error == on_model_error:
+            return None
+        first = self.skipped[0]
+        return (f"it skipped {len(self.skipped)} event(s) the model failed on under --on-model-error "
+                f"{self.on_model_error} (first: event {first.event_id!r}, message {first.message_id}); "
+                f"this fold runs with --on-model-error {on_model_error}")
 
     def position(self, partition: str) -> PartitionPosition | None:
         """The position in ``partition``, or ``None`` if the snapshot does not cover it."""
@@ -306,14 +347,18 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
         states = fields["states"]
         if type(states) is not dict or not all(type(k) is str for k in states):
             raise ValueError("states must be a map with text keys")
-        seen = fields["seen"]
-        if type(seen) is not list or not all(type(e) is str for e in seen):
-            raise ValueError("seen must be a list of event ids")
+        try:
+            manifest_digests(fields["dedup"])
+        except DedupManifestInvalid as exc:
+            raise ValueError(f"dedup: {exc.reason}") from None
         root = fields["streams_root"]
         if type(root) is not bytes or len(root) != HASH_SIZE:
             raise ValueError("streams_root must be 32 bytes")
         if type(fields["stats"]) is not dict:
             raise ValueError("stats must be a map")
+        if type(fields["skipped"]) is not list:
+            raise ValueError("skipped must be a list")
+        skipped = tuple(Skipped.from_record(r) for r in fields["skipped"])
         snap = Snapshot(
             topic=fields["topic"],
             partitions=tuple(positions),
@@ -321,9 +366,11 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
             model_fingerprint=fields["model_fingerprint"],
             segment_size=fields["segment_size"],
             states=states,
-            seen=frozenset(seen),
+            dedup=fields["dedup"],
             created=fields["created"],
             stats=fields["stats"],
+            on_model_error=fields["on_model_error"],
+            skipped=skipped,
         )
         if snap.topic != fields["topic"]:
             raise ValueError(f"topic {fields['topic']!r} is not a full topic name")
@@ -360,7 +407,8 @@ class SnapshotStore:
     ``keep`` is how many snapshots :meth:`write` leaves (the newest, by entries covered then
     creation time); it never deletes the one it just wrote. Only names of snapshots
     (``snap-*.cbor``) are ever touched: the folder is shared with checkpoint files. One writer at
-    a time per topic is assumed; concurrent readers are fine.
+    a time per topic is assumed; concurrent readers are fine. :attr:`dedup` is where the pieces of
+    the snapshots' dedup indexes are (``dedup/`` in the same folder).
     """
 
     def __init__(self, root: str | os.PathLike[str], topic: str, keep: int = 3,
@@ -372,6 +420,8 @@ class SnapshotStore:
         self.storage = storage if storage is not None else LocalStorage(topic_dir(self.root, self.topic), "snap-")
         self.dir = self.storage.locate("")
         self.keep = keep
+        self.dedup = DedupFolder(self.dir)
+        self._manifests: dict[str, dict[str, Any]] = {}  # file name -> its dedup manifest, once read
 
     def __repr__(self) -> str:
         return f"SnapshotStore({str(self.root)!r}, {self.topic!r}, keep={self.keep})"
@@ -413,6 +463,8 @@ class SnapshotStore:
             raise Undecodable(f"file name says {key[0]} entries, the body covers {snap.entries}", fields)
         if snap.topic != self.topic:
             raise Undecodable(f"taken of topic {snap.topic}, not {self.topic}", fields)
+        if key is not None:
+            self._manifests[path.name] = snap.dedup
         root = fields["streams_root"]
         try:
             ok = codec.check_streams_root(snap.states, root)
@@ -456,7 +508,35 @@ class SnapshotStore:
                     f"{snap.model_name}; this model's is {model.fingerprint[:16]})",
                 )
                 continue
+            damaged = self._pieces_damaged(snap.dedup)
+            if damaged is not None:
+                yield info, SnapshotRejected(str(info.path), damaged)
+                continue
             yield info, snap
+
+    def _pieces_damaged(self, manifest: dict[str, Any], where: Path | None = None) -> str | None:
+        """Why the dedup pieces ``manifest`` names are unusable (missing, truncated, altered), or
+        None. They are beside the snapshot file (in ``where``, default this store's folder)."""
+        folder = self.dedup if where is None or where == self.dir else DedupFolder(where)
+        try:
+            folder.check(manifest)
+        except DedupIndexError as exc:
+            return f"its dedup index is damaged: {exc}"
+        return None
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """The dedup manifests of the snapshot files there now (each file read once; one that does
+        not read is left out: it is never used, so its pieces need not be kept)."""
+        out = []
+        for info in self.list():
+            m = self._manifests.get(info.path.name)
+            if m is None:
+                try:
+                    m = self._read(info.path)[1].dedup
+                except Undecodable:
+                    continue
+            out.append(m)
+        return out
 
     def inspect(self, path: str | os.PathLike[str], *, model: Model | None = None) -> dict[str, Any]:
         """A JSON-ready summary of one snapshot file, valid or not (``valid``, ``reason``).
@@ -482,7 +562,10 @@ class SnapshotStore:
         }
         fields: dict[str, Any] | None
         try:
-            fields, _ = self._read(p)
+            fields, snap = self._read(p)
+            damaged = self._pieces_damaged(snap.dedup, p.parent)
+            if damaged is not None:
+                out["valid"], out["reason"] = False, damaged
         except Undecodable as r:
             out["valid"] = False
             out["reason"] = r.reason
@@ -522,6 +605,7 @@ class SnapshotStore:
             n += 1
             name = f"{base}-{n}.cbor"
         self.storage.write(name, chunks)
+        self._manifests[name] = snap.dedup
         self._prune(keep=name)
         return self.storage.locate(name)
 
@@ -529,6 +613,7 @@ class SnapshotStore:
         for i, (_, info) in enumerate(self._scan()):
             if i >= self.keep and info.path.name != keep:
                 self.storage.delete(info.path.name)
+                self._manifests.pop(info.path.name, None)
 
 
 def _summary(fields: dict[str, Any]) -> dict[str, Any]:
@@ -560,7 +645,7 @@ def _summary(fields: dict[str, Any]) -> dict[str, Any]:
             item["log_root"] = b.log_root().hex()
         parts.append(item)
     states = fields.get("states")
-    seen = fields.get("seen")
+    dedup = fields.get("dedup")
     created = fields.get("created")
     return {
         "topic": fields.get("topic"),
@@ -572,7 +657,10 @@ def _summary(fields: dict[str, Any]) -> dict[str, Any]:
         "segment_size": fields.get("segment_size"),
         "partitions": parts,
         "streams": len(states) if isinstance(states, dict) else None,
-        "seen": len(seen) if isinstance(seen, list) else None,
+        "seen": dedup.get("count") if isinstance(dedup, dict) else None,
+        "dedup_pieces": len(dedup["pieces"]) if isinstance(dedup, dict) and isinstance(dedup.get("pieces"), list) else None,
         "streams_root": hexa(fields.get("streams_root")),
         "stats": render_json(fields.get("stats")),
+        "on_model_error": fields.get("on_model_error"),
+        "skipped": len(skipped) if isinstance(skipped := fields.get("skipped"), list) else None,
     }
