@@ -2,9 +2,10 @@
 JSON report, the ``--out``/``--repair`` state export, the corrections, the recorded checkpoints and
 leaf hashes, and the snapshots equal the local engine's byte for byte (timings removed), for
 ``rebuild``, ``verify`` (also ``--against`` a copy with a dropped entry) and ``reconcile`` (a
-divergent worker), with duplicates and malformed entries in the log; on the embedded broker, and on
-Apache Pulsar with a partitioned topic. Failures: a broker gone (Spark retries the tasks, then exit
-3), a poison event (exit 2, the same error document). One command runs as its own process (a real
+divergent worker; ``unknown_ids``/``unknown_streams``), with duplicates and malformed entries in the
+log; on the embedded broker, and on Apache Pulsar with a partitioned topic. Poison events under each
+``--on-model-error`` policy (the same error document or ``skipped``, snapshots recording them).
+Failures: a broker gone (Spark retries the tasks, then exit 3). One command runs as its own process (a real
 Spark start-up), and, marked slow, one on a loopback standalone cluster (scripts/spark-standalone).
 
 Needs the chainfold[spark] extra and Java 17+; skipped without them, unless
@@ -99,7 +100,8 @@ class Both:
 
 
 def _worker_evidence(plog: PulsarLog, tmp: Path, expected: dict[str, Any]) -> tuple[Path, Path]:
-    """A worker that missed one event, handled one twice and got two streams wrong."""
+    """A worker that missed one event, handled one twice and one the log never had, got two
+    streams wrong and keeps one the log never had."""
     ids: list[str] = []
     for p in plog.partitions():
         seen: set[str] = set()
@@ -113,12 +115,14 @@ def _worker_evidence(plog: PulsarLog, tmp: Path, expected: dict[str, Any]) -> tu
                 ids.append(eid)
     del ids[40]
     ids.insert(9, ids[3])
+    ids.insert(20, "an-id-from-elsewhere")
     processed = tmp / "processed.jsonl"
     processed.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
     state = dict(expected)
     streams = sorted(state)
     state[streams[1]] = {"balance": -7}
     del state[streams[2]]
+    state["never-in-the-log"] = {"balance": 1}
     export = tmp / "worker-state.json"
     export.write_text(json.dumps(state))
     return processed, export
@@ -157,6 +161,7 @@ def _story(invoke: Callable[..., Any], pulsar_client: Any, broker_url: str, tmp:
     doc = both.run("reconcile", topic, "--model", MODEL, "--state", export, "--processed", processed,
                    "--repair", "{root}/repaired.json", files=("repaired.json", "repaired.corrections.jsonl"))
     assert doc["verdict"] == "repaired" and len(doc["missing"]) == 1 and doc["divergent_streams"]
+    assert doc["unknown_ids"] == ["an-id-from-elsewhere"] and doc["unknown_streams"] == ["never-in-the-log"]
     both.same_store(topic)
 
 
@@ -172,16 +177,42 @@ def test_rebuild_verify_reconcile_on_a_partitioned_apache_topic(invoke, pulsar_c
     _story(invoke, pulsar_client, broker_url, tmp_path, 3)
 
 
-def test_a_poison_event_stops_both_engines_alike(invoke, pulsar_client, broker_url: str, tmp_path: Path) -> None:
+def test_poison_events_under_each_policy_alike(invoke, pulsar_client, broker_url: str, tmp_path: Path) -> None:
+    """``--on-model-error``: ``stop`` (exit 2, the same error document, the same snapshots before
+    it); ``skip-stream`` (exit 1, the same ``skipped``, states and snapshots recording them), then
+    from such a snapshot after more events; ``skip-event`` in reconcile (its reference and repair)."""
     model = tmp_path / "poison_model.py"
     model.write_text(POISON_MODEL)
     plog = _topic(pulsar_client, 0)
     from chainfold.envelope import Event
 
-    plog.append([Event(f"e{i}", f"s{i % 5}", None, "t", 1, {"poison": i == 1800}) for i in range(2500)])
+    poison = {7, 1800, 2100, 2600}
+    evs = [Event(f"e{i}", f"s{i % 5}", None, "t", 1, {"poison": i in poison}) for i in range(3000)]
+    plog.append(evs[:2500])
     both = Both(invoke, tmp_path, broker_url)
-    doc = both.run("rebuild", plog.topic, "--model", f"{model}:", "--snapshot-every", "500", code=2)
-    assert doc["event_id"] == "e1800" and doc["stream"] == "s0"
+    ref = f"{model}:"
+    doc = both.run("rebuild", plog.topic, "--model", ref, "--snapshot-every", "500", code=2)
+    assert doc["event_id"] == "e7" and doc["stream"] == "s2"
+    both.same_store(plog.topic)
+
+    doc = both.run("rebuild", plog.topic, "--model", ref, "--snapshot-every", "500", "--on-model-error", "skip-stream",
+                   "--out", "{root}/state.json", code=1, files=("state.json",))
+    assert [k["event_id"] for k in doc["skipped"]][:2] == ["e7", "e12"] and doc["snapshot"] is None
+    both.same_store(plog.topic)
+    plog.append(evs[2500:])
+    plog.append(evs[1795:1805], assign_seq=False)
+    doc = both.run("rebuild", plog.topic, "--model", ref, "--snapshot-every", "500", "--on-model-error", "skip-stream",
+                   "--out", "{root}/state.json", code=1, files=("state.json",))
+    assert doc["snapshot"] is not None and doc["duplicates"] and any(k["event_id"] == "e2600" for k in doc["skipped"])
+    both.same_store(plog.topic)
+
+    export = tmp_path / "worker-state.json"
+    state = json.loads((both.roots[0] / "state.json").read_text())
+    state["s1"] = {"n": 0}
+    export.write_text(json.dumps(state))
+    doc = both.run("reconcile", plog.topic, "--model", ref, "--state", export, "--on-model-error", "skip-event",
+                   "--repair", "{root}/repaired.json", code=1, files=("repaired.json",))
+    assert doc["skipped"] and doc["processed"]["events"] is None
     both.same_store(plog.topic)
 
 

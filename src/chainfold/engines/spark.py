@@ -116,6 +116,12 @@ def _with_retries(master: str, max_failures: int) -> str:
     return f"local[{m.group(1)},{max_failures}]" if m else master
 
 
+def on_this_machine(master: str) -> bool:
+    """Whether ``master`` runs on this machine (``local[...]``, or a ``spark://`` master on a
+    loopback address): then the driver binds to 127.0.0.1 and executors run this interpreter."""
+    return master.startswith("local") or re.match(r"spark://(127\.|localhost[:/]|\[::1\])", master + "/") is not None
+
+
 @contextlib.contextmanager
 def spark_session(
     master: str | None = None,
@@ -127,10 +133,12 @@ def spark_session(
     """A Spark session on ``master`` (default ``$CHAINFOLD_SPARK_MASTER`` or ``local[*]``), stopped
     on exit.
 
-    The driver binds to 127.0.0.1 unless ``conf`` says otherwise (a cluster beyond this machine
-    needs ``spark.driver.host``); executors run this interpreter (``spark.pyspark.python``) unless
-    set; the UI and the console progress bar are off (stdout stays clean for ``--json``); a task is
-    tried ``max_failures`` times before the job fails, in local mode too.
+    With a master on this machine (:func:`on_this_machine`) the driver binds to 127.0.0.1 and
+    executors run this interpreter (``spark.pyspark.python``); with any other master, Spark's own
+    settings decide (``spark-defaults.conf``, ``SPARK_LOCAL_IP``, ``PYSPARK_PYTHON``: the executors'
+    interpreter, this one's path unless set). ``conf`` overrides either. The UI and the console
+    progress bar are off (stdout stays clean for ``--json``); a task is tried ``max_failures`` times
+    before the job fails, in local mode too.
 
     A session this process already runs (a notebook's, a test session's) is used as it is and left
     running; a warning says so when its master is not ``master``.
@@ -148,20 +156,20 @@ def spark_session(
         yield SparkSession(active)
         return
     os.environ["JAVA_HOME"] = find_java_home()
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     settings = {
-        "spark.driver.host": "127.0.0.1",
-        "spark.driver.bindAddress": "127.0.0.1",
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
         "spark.task.maxFailures": str(max_failures),
-        "spark.pyspark.python": sys.executable,
         "spark.python.worker.reuse": "true",
-        **(conf or {}),
     }
+    if on_this_machine(master):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
+                         "spark.pyspark.python": sys.executable})
+    settings.update(conf or {})
     builder = SparkSession.builder.master(master).appName(app_name)
     for k, v in settings.items():
         builder = builder.config(k, v)

@@ -230,18 +230,9 @@ class ChainBuilder:
         n = len(leaves)
         if not n:
             return None
-        in_seg = self._size & self._mask
-        if n > self._segment_size - in_seg:
-            raise InvalidArgument(f"{n} leaves do not fit in the {self._segment_size - in_seg} left in the segment")
-        if not in_seg:
-            self._first = first
-        self._last = last
-        self._last_leaf = leaves[-1]
+        self._enter(n, first, last, leaves[-1], "leaves")
         self._seg.extend(leaves)
-        self._size += n
-        if self._size & self._mask:
-            return None
-        return self._close()
+        return self._grown(n)
 
     def add_range(self, part: CompactRange, first: object = None, last: object = None,
                   last_leaf: bytes | None = None) -> Checkpoint | None:
@@ -255,14 +246,22 @@ class ChainBuilder:
             return None
         if part.begin != self._size:
             raise InvalidArgument(f"a range beginning at {part.begin} does not continue the chain at {self._size}")
+        self._enter(n, first, last, last_leaf, "entries")
+        self._seg.merge(part)
+        return self._grown(n)
+
+    def _enter(self, n: int, first: object, last: object, last_leaf: bytes | None, what: str) -> None:
+        """``n`` more entries must fit in the current segment; note their positions."""
         in_seg = self._size & self._mask
         if n > self._segment_size - in_seg:
-            raise InvalidArgument(f"{n} entries do not fit in the {self._segment_size - in_seg} left in the segment")
+            raise InvalidArgument(f"{n} {what} do not fit in the {self._segment_size - in_seg} left in the segment")
         if not in_seg:
             self._first = first
         self._last = last
         self._last_leaf = last_leaf
-        self._seg.merge(part)
+
+    def _grown(self, n: int) -> Checkpoint | None:
+        """The chain is ``n`` entries longer: the segment's checkpoint if that completed it."""
         self._size += n
         if self._size & self._mask:
             return None
