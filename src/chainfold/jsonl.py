@@ -66,9 +66,9 @@ def read_events(path: str) -> tuple[list[Event], list[int]]:
     return events, lines
 
 
-def entry_to_json(entry: Entry, *, topic: str | None = None) -> dict[str, Any]:
+def entry_to_json(entry: Entry, *, topic: str | None = None, raw: bool = False) -> dict[str, Any]:
     """One entry as ``chainfold read`` prints it (like kcat -J): metadata plus the event, or the
-    reason it is malformed and its payload in base64."""
+    reason it is malformed and its payload in base64 (with ``raw``, every entry's payload)."""
     out: dict[str, Any] = {}
     if topic is not None:
         out["topic"] = topic
@@ -85,5 +85,7 @@ def entry_to_json(entry: Entry, *, topic: str | None = None) -> dict[str, Any]:
         out["event"] = event_to_json(decode(entry.payload))
     except MalformedEnvelope as exc:
         out["malformed"] = exc.reason
+        raw = True
+    if raw:
         out["payload_base64"] = base64.b64encode(entry.payload).decode()
     return out

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import click
+from rich.markup import escape
 
 from ..errors import BadInput
 from ..jsonl import entry_to_json, read_events
-from ..log import MessageId
+from ..log import EventLog, MessageId
 from ..log.pulsar import open_log
 from .common import broker_options, cli, emit_json, json_option, run, stderr
 
@@ -77,6 +82,34 @@ def _parse_until(text: str | None) -> tuple[MessageId | None, int | None]:
     return None, int(t.timestamp() * 1000)
 
 
+class _Stop(BaseException):
+    """SIGINT or SIGTERM while ``read --follow`` waits: stop reading and end cleanly."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop(signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stop:
+        pass
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _empty_note(log: EventLog) -> str:
+    """What to say when a whole topic reads as empty."""
+    exists = log.exists()
+    if exists is None:
+        return (f"{log.topic} holds no entries: it is empty or does not exist (this broker cannot tell "
+                "which; give --admin-url to ask Apache Pulsar's admin API)")
+    return f"{log.topic} exists and holds no entries"
+
+
 @cli.command()
 @click.argument("topic")
 @broker_options
@@ -85,42 +118,75 @@ def _parse_until(text: str | None) -> tuple[MessageId | None, int | None]:
 @click.option("--until", metavar="ID|TIME", help="Stop after this message id, or before entries published later than TIME.")
 @click.option("--count", "-c", type=click.IntRange(min=0), help="Stop after N entries.")
 @click.option("--partition", type=int, help="Read only this partition of a partitioned topic.")
+@click.option("--raw", is_flag=True, help="Add every entry's stored payload in base64 (payload_base64), valid ones too.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep reading as the topic grows; Ctrl-C or SIGTERM ends it (exit 0).")
 def read(topic: str, broker, from_: str | None, after: str | None, until: str | None,
-         count: int | None, partition: int | None) -> None:
+         count: int | None, partition: int | None, raw: bool, follow: bool) -> None:
     """Print TOPIC's entries as JSON Lines: message id, key, publish and event time, and the event
-    (or why the entry is malformed, with its payload in base64)."""
+    (or why the entry is malformed, with its payload in base64).
+
+    A topic the broker's admin API (--admin-url) does not list is refused without being created;
+    a topic that reads as empty is said to be so on stderr.
+    """
 
     def body() -> int:
         start = MessageId.parse(from_) if from_ else None
         aft = MessageId.parse(after) if after else None
         until_id, until_time = _parse_until(until)
-        n = 0
-        dropped = 0
-        out = sys.stdout
-        dumps = json.dumps
         t0 = time.monotonic()
         with open_log(topic, broker) as log:
+            if log.exists() is False:
+                raise BadInput(f"no such topic: {log.topic} (the admin API does not list it; nothing was created)")
             parts = log.partitions()
             if partition is not None:
                 if not 0 <= partition < len(parts) or len(parts) == 1:
                     raise BadInput(f"{log.topic} has no partition {partition}")
                 parts = [parts[partition]]
-            remaining = count
-            for p in parts:
-                if remaining is not None and remaining <= 0:
-                    break
-                reader = log.read(p, start=start, after=aft, until=until_id, until_time=until_time,
-                                  limit=remaining)
-                for entry in reader:
-                    out.write(dumps(entry_to_json(entry)) + "\n")
-                    n += 1
-                dropped += reader.redelivered
-                if remaining is not None:
-                    remaining -= reader.count
-        out.flush()
+            if follow and len(parts) != 1:
+                raise BadInput(f"--follow reads one partition; {log.topic} has {len(parts)}: give --partition")
+            tally = _Tally()
+            with _stop_on_signals() if follow else contextlib.nullcontext():
+                _print_entries(log, parts, dict(start=start, after=aft, until=until_id, until_time=until_time,
+                                                follow=follow), count, raw, tally)
+            n, dropped = tally.entries, tally.redelivered
+            whole = not (start or aft or until or count is not None)
+            if n == 0 and whole and not follow:
+                stderr.print(escape(_empty_note(log)), soft_wrap=True)
         dt = time.monotonic() - t0
         stderr.print(f"read {n} entries in {dt:.2f}s ({n / dt if dt else 0:,.0f}/s); "
                      f"{dropped} redeliveries dropped")
         return 0
 
     run(body)
+
+
+@dataclass
+class _Tally:
+    entries: int = 0
+    redelivered: int = 0
+
+
+def _print_entries(log: EventLog, parts: list[str], kw: dict, count: int | None, raw: bool, tally: _Tally) -> None:
+    """Write the entries of ``parts`` to stdout as JSON Lines, counting them in ``tally`` (which
+    stays right when a signal stops a ``--follow``)."""
+    out = sys.stdout
+    dumps = json.dumps
+    follow = kw["follow"]
+    remaining = count
+    for p in parts:
+        if remaining is not None and remaining <= 0:
+            break
+        reader = log.read(p, limit=remaining, **kw)
+        try:
+            for entry in reader:
+                out.write(dumps(entry_to_json(entry, raw=raw)) + "\n")
+                tally.entries += 1
+                if follow:
+                    out.flush()
+        finally:
+            reader.close()
+            tally.redelivered += reader.redelivered
+            if remaining is not None:
+                remaining -= reader.count
+            out.flush()

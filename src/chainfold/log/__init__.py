@@ -13,7 +13,8 @@ Reading contract (every implementation):
 * ``after`` resumes strictly after a message id, ``start`` at one (inclusive); ``until`` stops after
   the entry with that id (inclusive), ``until_time`` before the first entry published later than that
   time (ms), ``limit`` after that many entries;
-* reading ends at the end of the log as the broker sees it while reading.
+* reading ends at the end of the log as the broker sees it while reading; with ``follow`` it goes on
+  waiting for entries appended later (until the reader is closed or the iteration stops).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "MemoryLog",
     "full_topic_name",
     "partition_index",
+    "require_history",
 ]
 
 
@@ -111,9 +113,11 @@ class LogReader:
         until: MessageId | None = None,
         until_time: int | None = None,
         limit: int | None = None,
+        follow: bool = False,
     ) -> None:
         if after is not None and start is not None:
             raise BadInput("give either 'after' or 'start', not both")
+        self.follow = follow
         self.after = after
         self.start = start
         self.until = until
@@ -195,6 +199,11 @@ class EventLog(ABC):
     def close(self) -> None:
         """Release connections. Idempotent."""
 
+    def exists(self) -> bool | None:
+        """Whether the topic exists, asked without creating it; None when the log cannot tell (then
+        a topic that reads as empty may also not exist). Commands that read history call it first."""
+        return None
+
     def __enter__(self) -> "EventLog":
         return self
 
@@ -263,6 +272,15 @@ def full_topic_name(topic: str) -> str:
     if not _SHORT_TOPIC.match(topic):
         raise BadInput(f"not a topic name: {topic!r}")
     return "persistent://public/default/" + topic
+
+
+def require_history(topic: str) -> str:
+    """``topic`` (a full name) unchanged if it keeps history; a ``non-persistent://`` topic keeps none
+    (what is published there is gone once delivered), so chainfold refuses it (:class:`BadInput`)."""
+    if topic.startswith("non-persistent://"):
+        raise BadInput(f"{topic} is a non-persistent topic: it keeps no history to read, verify or rebuild "
+                       "(use a persistent:// topic)")
+    return topic
 
 
 def partition_index(partition_topic: str) -> int:

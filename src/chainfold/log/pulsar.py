@@ -24,9 +24,11 @@ import pulsar
 import _pulsar
 
 from .broker import BrokerOptions
+from .readgate import ReadGate, server_said
 from ..errors import BadInput, BrokerUnavailable, MalformedEnvelope
 from ..envelope import Event, decode, encode
-from . import AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index, stamp_seqs
+from . import (AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index, require_history,
+               stamp_seqs)
 
 __all__ = ["PulsarLog"]
 
@@ -37,8 +39,12 @@ _PulsarException = _pulsar.PulsarException
 _CONNECTION_ERRORS = (_pulsar.ConnectError, _pulsar.NotConnected, _pulsar.AlreadyClosed, _Timeout,
                       _pulsar.ServiceUnitNotReady, _pulsar.LookupError)
 _READ_TIMEOUT_MS = 100  # then ask the broker whether more is coming (the end of the log costs this)
-_RECEIVER_QUEUE = 20000  # pulsar-lite re-delivers far more with smaller queues
+_RECEIVER_QUEUE = 5000
+"""Receiver queue of every reader: the messages (Apache Pulsar) or entries (pulsar-lite, see
+:mod:`chainfold.log.readgate`) the broker may push ahead of the reader. Chosen by measurement
+(``benchmarks/bounded_read.py``, ``benchmarks/RESULTS.md`` "Bounded reading")."""
 _STALL_TIMEOUTS = 10  # read timeouts in a row, with messages available, before re-creating the reader
+_NO_MESSAGES = "Topic has no messages"  # pulsar-lite's answer to getLastMessageId on an empty topic
 
 
 def _retry_seconds() -> float:
@@ -108,12 +114,14 @@ class _PulsarReader(LogReader):
     lazy_ids = True
     """Entries' ``str()`` is their message id (see :class:`_PulsarEntry`)."""
 
-    def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float, **kw: object) -> None:
+    def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float,
+                 gate: ReadGate | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self._client = client
         self._topic = topic
         self._partition = partition_index(topic)
         self._retry = retry_seconds
+        self._gate = gate
         self._reader: pulsar.Reader | None = None
         self._open_error: BaseException | None = None
         self._last_native: object | None = None
@@ -147,6 +155,8 @@ class _PulsarReader(LogReader):
         else:
             start, inclusive = pulsar.MessageId.earliest, False
         queue = _RECEIVER_QUEUE if self.limit is None else max(100, min(self.limit, _RECEIVER_QUEUE))
+        if self._gate is not None:
+            self._gate.resync()
         self._reader = self._client.create_reader(
             self._topic, start, receiver_queue_size=queue, start_message_id_inclusive=inclusive
         )
@@ -158,17 +168,37 @@ class _PulsarReader(LogReader):
                 r.close()
             except _PulsarException:
                 pass
+            if self._gate is not None:
+                self._gate.resync()  # what it held is dropped with it
+
+    def _is_empty(self, exc: BaseException, asked_at: float, second_opinion: bool) -> bool:
+        """Whether a failed "is more coming?" before the first entry means the topic holds nothing.
+
+        Apache Pulsar answers that question with False on an empty topic; pulsar-lite fails it
+        with an error whose text, "Topic has no messages", only reaches the client's log. Empty
+        only on positive evidence: that text, heard by this process's :class:`ReadGate` logger; or,
+        for a client without one, the same failure from a second, new reader, and only for a read
+        that does not resume from a position (a topic that held the entry a read resumes from is not
+        empty). Anything else is a failure: retried, then :class:`BrokerUnavailable`.
+        """
+        if server_said(_NO_MESSAGES, asked_at):
+            log.debug("%s: the broker says it holds no messages", self._topic)
+            return True
+        if self.after is None and self.start is None and second_opinion:
+            log.debug("%s: no last message id twice (%s): treating the topic as empty", self._topic, exc)
+            return True
+        return False
 
     def _recover(self, exc: BaseException, deadline: float | None) -> float:
         """Back off and re-create the reader; raise BrokerUnavailable past the retry budget."""
         now = time.monotonic()
         if deadline is None:
             deadline = now + self._retry
-            log.warning("broker connection lost while reading %s after %s: %s; retrying for %.0fs",
+            log.warning("reading %s failed after %s: %s; retrying for %.0fs",
                         self._topic, self.last, exc, self._retry)
         if now >= deadline:
             raise BrokerUnavailable(
-                f"broker went away while reading {self._topic}; last entry read: {self.last} "
+                f"reading {self._topic} failed (the broker went away or kept failing); last entry read: {self.last} "
                 f"({self.count} entries this run): {exc}"
             ) from exc
         self.close()
@@ -180,6 +210,43 @@ class _PulsarReader(LogReader):
         except _PulsarException as err:
             self._open_error = err  # the next read fails again and comes back here
         return deadline
+
+    def _reopen(self, deadline: float | None) -> float | None:
+        self.close()
+        try:
+            self._open()
+            self._open_error = None
+        except _PulsarException as exc:
+            self._open_error = exc
+            deadline = self._recover(exc, deadline)
+        return deadline
+
+    def _dry(self, reader: pulsar.Reader, deadline: float | None, nothing_yet: bool) -> tuple[bool, float | None]:
+        """The queue ran dry: ask the broker whether more is coming. ``(True, _)`` at the end of the
+        log; otherwise the reader is kept, re-created (stalled, or for a second opinion) or recovered."""
+        if self._gate is not None:
+            self._gate.resync()  # nothing received is waiting in the queue
+        asked_at = time.monotonic()
+        try:
+            if not reader.has_message_available():
+                return not self.follow, deadline
+        except _CONNECTION_ERRORS as exc:
+            return False, self._recover(exc, deadline)
+        except _PulsarException as exc:
+            if nothing_yet:
+                self._asked_empty += 1
+                if self._is_empty(exc, asked_at, second_opinion=self._asked_empty > 1):
+                    return not self.follow, deadline
+                if self._asked_empty == 1:
+                    return False, self._reopen(deadline)  # ask a new reader
+            return False, self._recover(exc, deadline)
+        self._idle += 1
+        if self._idle >= _STALL_TIMEOUTS:  # messages are there, but none arrive: re-create the reader
+            log.info("%s: reader stalled after %s; re-creating it", self._topic, self.last)
+            self._idle = 0
+            self.stalls += 1
+            return False, self._reopen(deadline)
+        return False, deadline
 
     def _raw(self) -> Iterator[Entry]:  # pragma: no cover - __iter__ reads directly
         return iter(self)
@@ -199,7 +266,9 @@ class _PulsarReader(LogReader):
         new = _new_entry
         E = _PulsarEntry
         deadline: float | None = None
-        idle = 0
+        gate = self._gate
+        entry = -1  # entry id of the last message taken from the queue (for the gate)
+        self._idle = self._asked_empty = 0
 
         def sync() -> None:
             self._last_native = got
@@ -221,8 +290,11 @@ class _PulsarReader(LogReader):
                 try:
                     while True:
                         m = read_next(_READ_TIMEOUT_MS)
-                        idle = 0
+                        self._idle = 0
                         mid = m.message_id()
+                        if gate is not None and mid.entry_id() != entry:
+                            entry = mid.entry_id()
+                            gate.consumed()
                         if last is not None and mid <= last:
                             if count:  # before the first yield it is positioning, not redelivery
                                 self.redelivered += 1
@@ -242,30 +314,9 @@ class _PulsarReader(LogReader):
                             return
                 except _Timeout:
                     sync()
-                    try:
-                        if not reader.has_message_available():
-                            return
-                    except _CONNECTION_ERRORS as exc:
-                        deadline = self._recover(exc, deadline)
-                        continue
-                    except _PulsarException as exc:
-                        # pulsar-lite cannot answer getLastMessageId on a topic that holds nothing yet
-                        if got is None and reader.is_connected():
-                            log.debug("%s: no last message id (%s): treating the topic as empty", self._topic, exc)
-                            return
-                        deadline = self._recover(exc, deadline)
-                        continue
-                    idle += 1
-                    if idle >= _STALL_TIMEOUTS:  # messages are there, but none arrive: re-create the reader
-                        log.info("%s: reader stalled after %s; re-creating it", self._topic, self.last)
-                        idle = 0
-                        self.stalls += 1
-                        self.close()
-                        try:
-                            self._open()
-                        except _PulsarException as exc:
-                            self._open_error = exc
-                            deadline = self._recover(exc, deadline)
+                    done, deadline = self._dry(reader, deadline, got is None)
+                    if done:
+                        return
                 except _PulsarException as exc:
                     sync()
                     deadline = self._recover(exc, deadline)
@@ -275,7 +326,12 @@ class _PulsarReader(LogReader):
 
 
 class PulsarLog(EventLog):
-    """An event log on a Pulsar topic, through a ``pulsar.Client`` the caller owns."""
+    """An event log on a persistent Pulsar topic, through a ``pulsar.Client`` the caller owns.
+
+    ``gate`` is the client's :class:`~chainfold.log.readgate.ReadGate` logger when it has one
+    (:func:`open_log` gives one on the embedded broker): readers then bound what the client holds.
+    ``admin_url`` (the broker's admin REST API) lets :meth:`exists` answer without creating the topic.
+    """
 
     def __init__(
         self,
@@ -285,9 +341,15 @@ class PulsarLog(EventLog):
         producer_name: str | None = None,
         exclusive: bool = False,
         retry_seconds: float | None = None,
+        gate: ReadGate | None = None,
+        admin_url: str | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self.client = client
-        self.topic = full_topic_name(topic)
+        self.topic = require_history(full_topic_name(topic))
+        self.gate = gate
+        self.admin_url = admin_url
+        self.admin_token = admin_token
         self.producer_name = producer_name
         self.exclusive = exclusive
         self.retry_seconds = _retry_seconds() if retry_seconds is None else retry_seconds
@@ -303,6 +365,16 @@ class PulsarLog(EventLog):
                 raise BrokerUnavailable(f"cannot look up {self.topic}: {exc}") from exc
         return self._partitions
 
+    def exists(self) -> bool | None:
+        """Asked of the broker's admin REST API (``admin_url``), which lists a namespace's topics
+        without creating any. Without it None: a Pulsar lookup cannot tell, and reading would
+        create the topic (Apache Pulsar with auto-creation on; pulsar-lite always)."""
+        if not self.admin_url:
+            return None
+        from .broker import topic_listed
+
+        return topic_listed(self.admin_url, self.topic, token=self.admin_token)
+
     def read(self, partition: str | None = None, **kw: object) -> LogReader:  # type: ignore[override]
         parts = self.partitions()
         if partition is None:
@@ -311,7 +383,7 @@ class PulsarLog(EventLog):
             partition = parts[0]
         elif partition not in parts:
             raise BadInput(f"no partition {partition!r} in {self.topic}")
-        return _PulsarReader(self.client, partition, self.retry_seconds, **kw)
+        return _PulsarReader(self.client, partition, self.retry_seconds, self.gate, **kw)
 
     def producer(self) -> pulsar.Producer:
         """The topic's batching producer (created on first use)."""
@@ -448,6 +520,8 @@ class PulsarLog(EventLog):
             except _PulsarException:
                 pass
         if self._owns_client:
+            if self.gate is not None:
+                self.gate.close()
             self._owns_client = False
             try:
                 self.client.close()
@@ -458,11 +532,21 @@ class PulsarLog(EventLog):
 def open_log(topic: str, opts: BrokerOptions, **kw: object) -> PulsarLog:
     """Connect (starting the embedded broker if no URL is set) and open ``topic``.
 
+    The broker must answer within ``opts.connect_timeout`` (:func:`~chainfold.log.broker.first_lookup`),
+    else :class:`BrokerUnavailable` names its address. With a read-ahead bound
+    (:func:`~chainfold.log.broker.read_ahead_limit`) the client gets a :class:`ReadGate` logger.
     The returned log owns its client: closing the log closes the client.
     """
-    from .broker import connect
+    from .broker import check_reachable, connect, first_lookup, pulsar_logger, read_ahead_limit, resolve_url
 
-    client = connect(opts)
-    plog = PulsarLog(client, topic, **kw)  # type: ignore[arg-type]
+    name = require_history(full_topic_name(topic))
+    url = resolve_url(opts)
+    check_reachable(url, opts.connect_timeout)
+    parts = first_lookup(opts, url, name)
+    limit = read_ahead_limit(opts)
+    gate = ReadGate(limit, forward=pulsar_logger()) if limit else None
+    client = connect(opts, logger=gate)
+    plog = PulsarLog(client, name, gate=gate, admin_url=opts.admin_url, admin_token=opts.auth_token, **kw)  # type: ignore[arg-type]
+    plog._partitions = parts
     plog._owns_client = True
     return plog

@@ -1,0 +1,120 @@
+"""pulsar-client's logger for the clients chainfold creates: it bounds what a client holds ahead of
+its readers, and it hears what the broker said when a request fails.
+
+Why a logger. A Pulsar consumer grants the broker one flow-control permit per *message* it hands to
+the application. Apache Pulsar also counts permits per message, so the receiver queue bounds what the
+client holds. pulsar-lite 0.2.0 (the embedded broker) counts them per *entry*: a batch of up to ~1000
+messages costs one permit, so every message a reader consumes lets the broker push one more batch, and
+a reader slower than the broker receives the whole topic into client memory (686 MB at 1M events,
+6.3 GB at 10M). No reader setting changes that (``benchmarks/bounded_read.py`` measures smaller
+receiver queues, readers re-created in windows and smaller producer batches). What the client does
+not read from its socket, though, the broker cannot push: TCP fills up and pulsar-lite stops
+dispatching to a connection whose write buffer is full. pulsar-client reads the socket on its I/O
+thread, and the only Python code that thread runs is the client's logger, which it calls once per
+entry received (``Received a message from the server for consumer``). So :class:`ReadGate` counts
+entries received there and, while more than ``limit`` entries received are not yet consumed by a
+reader, makes the I/O thread wait (the GIL released) until the reader catches up. Readers report the
+entries they consume (:meth:`ReadGate.consumed`) and call :meth:`ReadGate.resync` whenever their
+queue runs dry (entries the client drops itself, such as re-deliveries of acknowledged batches, are
+never consumed), so the gate cannot stall a reader. The wait costs read rate (the I/O thread takes
+the GIL for each log line); ``benchmarks/RESULTS.md`` ("Bounded reading") has the numbers.
+
+Broker errors. pulsar-client maps most broker errors to ``UnknownError``; the text the broker sent
+("Topic has no messages") reaches only the log. :func:`server_said` tells whether a broker answered
+with a given text since a moment, which lets a reader tell an empty topic from a failure.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+
+__all__ = ["ReadGate", "server_said", "DEFAULT_READ_AHEAD"]
+
+DEFAULT_READ_AHEAD = 100
+"""Entries a gated client may hold ahead of its readers (chainfold's producer batches up to 1000
+messages per entry, so at most ~100k messages; measured in ``benchmarks/RESULTS.md``)."""
+
+_RECEIVED = "Received a message from the server for consumer"
+_SERVER_ERROR = "Received error response from server"
+_recent_errors: collections.deque[tuple[float, str]] = collections.deque(maxlen=64)
+
+
+def server_said(text: str, since: float) -> bool:
+    """Whether a broker answered a request with an error containing ``text`` at or after ``since``
+    (``time.monotonic()``), as heard by a :class:`ReadGate` logger of this process."""
+    return any(t >= since and text in msg for t, msg in list(_recent_errors))
+
+
+class ReadGate(logging.Logger):
+    """The logger given to pulsar-client; see the module docstring.
+
+    ``limit=None`` only observes (broker errors, forwarding). Records at or above the level of
+    ``forward`` (``chainfold.pulsar``, silent unless ``CHAINFOLD_PULSAR_LOG`` names a level) are passed on.
+    """
+
+    def __init__(self, limit: int | None = None, forward: logging.Logger | None = None) -> None:
+        super().__init__("chainfold.pulsar.gate", logging.DEBUG)
+        self.limit = limit
+        self._forward = forward
+        self._cond = threading.Condition()
+        self._received = 0
+        self._consumed = 0
+        self._closed = False
+        self.waits = 0
+        """How many times the I/O thread waited for a reader (for tests and benchmarks)."""
+        self.entries_received = 0
+
+    # -- the I/O thread -----------------------------------------------------------------------------
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        text = msg if isinstance(msg, str) else str(msg)
+        if level == logging.DEBUG:
+            if self.limit is not None and text.find(_RECEIVED) >= 0:
+                self._admit()
+        elif level >= logging.WARNING and text.find(_SERVER_ERROR) >= 0:
+            _recent_errors.append((time.monotonic(), text))
+        fwd = self._forward
+        if fwd is not None and fwd.isEnabledFor(level):
+            fwd.log(level, text)
+
+    def _admit(self) -> None:
+        with self._cond:
+            self._received += 1
+            self.entries_received += 1
+            while self._received - self._consumed > self.limit and not self._closed:  # type: ignore[operator]
+                self.waits += 1
+                self._cond.wait(0.5)
+
+    # -- readers ------------------------------------------------------------------------------------
+
+    def consumed(self) -> None:
+        """A reader took the first message of an entry from its queue."""
+        with self._cond:
+            self._consumed += 1
+            if self._received - self._consumed <= (self.limit or 0) // 2:
+                self._cond.notify_all()
+
+    def resync(self) -> None:
+        """A reader's queue is empty (or the reader closed): nothing received is waiting any more."""
+        with self._cond:
+            self._consumed = self._received
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Never wait again (the client is closing)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def read_ahead_from_env(default: int | None) -> int | None:
+    """``CHAINFOLD_READ_AHEAD``: entries a client may hold ahead of its readers (0: unbounded)."""
+    raw = os.environ.get("CHAINFOLD_READ_AHEAD")
+    if raw is None or raw.strip() == "":
+        return default
+    n = int(raw)
+    return n if n > 0 else None
