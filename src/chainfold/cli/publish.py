@@ -15,51 +15,61 @@ import click
 from rich.markup import escape
 
 from ..errors import BadInput
-from ..jsonl import entry_to_json, read_events
+from ..jsonl import check_events_file, entry_to_json
 from ..log import EventLog, MessageId
+from ..log.publish import publish_file
 from ..log.pulsar import open_log
-from .common import broker_options, cli, emit_json, json_option, run, stderr
+from ..log.seqindex import SeqIndex
+from ..store.snapshots import topic_dir
+from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stderr
 
 
 @cli.command()
 @click.argument("topic")
 @click.argument("file", type=click.Path(dir_okay=True, allow_dash=True))
 @broker_options
+@snapshots_option
 @json_option
 @click.option("--producer-name", help="Exactly-once publishing: events whose id the log already holds are "
               "not sent again (re-running an interrupted publish appends only what is missing), and "
-              "messages carry sequence ids so broker deduplication drops in-flight re-sends.")
+              "messages carry sequence ids so broker deduplication drops in-flight re-sends. Reads the "
+              "whole log to find them.")
 @click.option("--exclusive", is_flag=True, help="Exclusive producer: refuse to run beside another writer.")
-def publish(topic: str, file: str, broker, as_json: bool, producer_name: str | None, exclusive: bool) -> None:
+def publish(topic: str, file: str, broker, snapshots_dir: str, as_json: bool, producer_name: str | None,
+            exclusive: bool) -> None:
     """Append the JSON Lines events of FILE ("-" = stdin) to TOPIC.
 
     Each line is {"id", "stream", "type", "data", "time"?}. The whole file is checked first; one bad
     line refuses it (exit 2, naming the line) and nothing is appended. Each event gets the next seq of
-    its stream. Publishing the same file twice stores the events twice; folds count each id once.
+    its stream, found from the seq index in the snapshot store (SNAPSHOTS/<topic>/seqs.json) and the
+    log's tail. Publishing the same file twice stores the events twice; folds count each id once.
+    Memory does not grow with the file.
     """
 
     def body() -> int:
-        events, _ = read_events(file)
         t0 = time.monotonic()
-        with open_log(topic, broker, producer_name=producer_name, exclusive=exclusive) as log:
-            report = log.append(events)
-            topic_name = log.topic
+        with check_events_file(file) as checked:
+            with open_log(topic, broker, producer_name=producer_name, exclusive=exclusive) as log:
+                index = SeqIndex(topic_dir(snapshots_dir, log.topic))
+                report = publish_file(log, checked, index=index)
+                topic_name = log.topic
         dt = time.monotonic() - t0
-        sent = len(report.message_ids)
         summary = {
             "topic": topic_name,
-            "events": len(events),
-            "published": sent,
+            "events": report.events,
+            "published": report.published,
             "skipped_already_stored": report.skipped,
-            "first": str(report.message_ids[0]) if sent else None,
-            "last": str(report.message_ids[-1]) if sent else None,
+            "first": str(report.first) if report.first else None,
+            "last": str(report.last) if report.last else None,
+            "seqs_from": report.seqs_from,
+            "entries_read": report.read,
             "seconds": round(dt, 3),
         }
         if as_json:
             emit_json(summary)
         else:
             extra = f" ({report.skipped} already stored)" if report.skipped else ""
-            stderr.print(f"published {sent} events to {topic_name}{extra} in {dt:.2f}s")
+            stderr.print(escape(f"published {report.published} events to {topic_name}{extra} in {dt:.2f}s"))
         return 0
 
     run(body)

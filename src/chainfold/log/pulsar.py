@@ -13,6 +13,7 @@ message id read, and a rerun resumes from the newest snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -27,8 +28,9 @@ from .broker import BrokerOptions
 from .readgate import ReadGate, server_said
 from ..errors import BadInput, BrokerUnavailable, MalformedEnvelope
 from ..envelope import Event, decode, encode
-from . import (AppendReport, Entry, EventLog, LogReader, MessageId, full_topic_name, partition_index, require_history,
-               stamp_seqs)
+from . import (AppendReport, Entry, EventLog, LogReader, MessageId, Sent, decoded, full_topic_name, partition_index,
+               require_history, stamp_seqs)
+from .seqindex import SeqIndex
 
 __all__ = ["PulsarLog"]
 
@@ -155,17 +157,21 @@ class _PulsarReader(LogReader):
         else:
             start, inclusive = pulsar.MessageId.earliest, False
         queue = _RECEIVER_QUEUE if self.limit is None else max(100, min(self.limit, _RECEIVER_QUEUE))
-        if self._gate is not None:
-            self._gate.resync()
-        self._reader = self._client.create_reader(
-            self._topic, start, receiver_queue_size=queue, start_message_id_inclusive=inclusive
-        )
+        with self._unblocked():
+            self._reader = self._client.create_reader(
+                self._topic, start, receiver_queue_size=queue, start_message_id_inclusive=inclusive
+            )
+
+    def _unblocked(self) -> contextlib.AbstractContextManager[None]:
+        """A synchronous request: its answer must get past the read-ahead bound."""
+        return self._gate.open() if self._gate is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         r, self._reader = self._reader, None
         if r is not None:
             try:
-                r.close()
+                with self._unblocked():
+                    r.close()
             except _PulsarException:
                 pass
             if self._gate is not None:
@@ -228,7 +234,9 @@ class _PulsarReader(LogReader):
             self._gate.resync()  # nothing received is waiting in the queue
         asked_at = time.monotonic()
         try:
-            if not reader.has_message_available():
+            with self._unblocked():
+                more = reader.has_message_available()
+            if not more:
                 return not self.follow, deadline
         except _CONNECTION_ERRORS as exc:
             return False, self._recover(exc, deadline)
@@ -325,6 +333,50 @@ class _PulsarReader(LogReader):
             self.close()
 
 
+class _SendTracker:
+    """The results of a producer's sends: count, first and last message ids, errors; every id only
+    when asked to keep them. Callbacks run on the client's thread."""
+
+    def __init__(self, ids: list[MessageId | None] | None) -> None:
+        self.ids = ids
+        self.lock = threading.Lock()
+        self.done = 0
+        self.errors: list[str] = []
+        self.first: tuple[int, MessageId] | None = None
+        self.last: tuple[int, MessageId] | None = None
+
+    def callback(self, i: int):  # -> Callable[[pulsar.Result, pulsar.MessageId], None]
+        if self.ids is not None:
+            self.ids.append(None)
+
+        def cb(res, mid) -> None:
+            with self.lock:
+                self.done += 1
+                if res != pulsar.Result.Ok:
+                    self.errors.append(f"message {i}: {res}")
+                    return
+                m = MessageId(mid.ledger_id(), mid.entry_id(), mid.partition(), mid.batch_index())
+                if self.ids is not None:
+                    self.ids[i] = m
+                if self.first is None or i < self.first[0]:
+                    self.first = (i, m)
+                if self.last is None or i > self.last[0]:
+                    self.last = (i, m)
+
+        return cb
+
+    def wait(self, sent: int, topic: str) -> Sent:
+        """Wait for every result (30 s after the flush at most); raise BrokerUnavailable on any error."""
+        deadline = time.monotonic() + 30
+        while self.done < sent and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.errors:
+            raise BrokerUnavailable(f"publish to {topic}: {len(self.errors)} message(s) not stored, first: {self.errors[0]}")
+        if self.done < sent:
+            raise BrokerUnavailable(f"publish to {topic}: {sent - self.done} message(s) not confirmed")
+        return Sent(sent, self.first[1] if self.first else None, self.last[1] if self.last else None)
+
+
 class PulsarLog(EventLog):
     """An event log on a persistent Pulsar topic, through a ``pulsar.Client`` the caller owns.
 
@@ -360,7 +412,8 @@ class PulsarLog(EventLog):
     def partitions(self) -> list[str]:
         if self._partitions is None:
             try:
-                self._partitions = list(self.client.get_topic_partitions(self.topic))
+                with self._request():
+                    self._partitions = list(self.client.get_topic_partitions(self.topic))
             except _PulsarException as exc:
                 raise BrokerUnavailable(f"cannot look up {self.topic}: {exc}") from exc
         return self._partitions
@@ -402,7 +455,8 @@ class PulsarLog(EventLog):
             if self.exclusive:
                 kw["access_mode"] = pulsar.ProducerAccessMode.Exclusive
             try:
-                self._producer = self.client.create_producer(self.topic, **kw)
+                with self._request():
+                    self._producer = self.client.create_producer(self.topic, **kw)
             except _pulsar.ProducerFenced as exc:
                 raise BadInput(f"{self.topic} already has an exclusive writer: {exc}") from exc
             except _pulsar.ProducerBusy as exc:
@@ -411,7 +465,7 @@ class PulsarLog(EventLog):
                 raise BrokerUnavailable(f"cannot create a producer on {self.topic}: {exc}") from exc
         return self._producer
 
-    def append(self, events: Iterable[Event], *, assign_seq: bool = True) -> AppendReport:
+    def append(self, events: Iterable[Event], *, assign_seq: bool = True, index: SeqIndex | None = None) -> AppendReport:
         """Append events (see :meth:`EventLog.append`).
 
         With a ``producer_name`` the append is exactly-once per event id: events whose id the log
@@ -419,19 +473,18 @@ class PulsarLog(EventLog):
         appends only what is missing), and every message carries a sequence id above the broker's
         last one for that producer name, so broker deduplication (Apache Pulsar) drops a message the
         client re-sends after a reconnect. Sequence ids alone cannot decide what to skip: with
-        batching, the broker records one sequence id per batch.
+        batching, the broker records one sequence id per batch. Finding what the log holds reads the
+        whole log, keeping only the ids of ``events`` (memory O(len(events)), not O(history)).
         """
         events = list(events)
         if not self.producer_name:
-            return super().append(events, assign_seq=assign_seq)
-        seqs: dict[str, int] = {}
+            return super().append(events, assign_seq=assign_seq, index=index)
+        wanted = {ev.id for ev in events}
         present: set[str] = set()
-        for entry in self.read_all():
-            try:
-                ev = decode(entry.payload)
-            except MalformedEnvelope:
-                continue
-            present.add(ev.id)
+        seqs: dict[str, int] = {}
+        for ev in decoded(self.read_all()):
+            if ev.id in wanted:
+                present.add(ev.id)
             if ev.seq is not None and ev.seq > seqs.get(ev.stream, 0):
                 seqs[ev.stream] = ev.seq
         rest = [ev for ev in events if ev.id not in present]
@@ -450,7 +503,12 @@ class PulsarLog(EventLog):
 
     def last_sequence_id(self) -> int:
         """The broker's last persisted sequence id for this producer name (-1 if none)."""
-        return int(self.producer().last_sequence_id())
+        with self._request():
+            return int(self.producer().last_sequence_id())
+
+    def _request(self) -> contextlib.AbstractContextManager[None]:
+        """Synchronous requests (lookups, producers, sends) must get past the read-ahead bound."""
+        return self.gate.open() if self.gate is not None else contextlib.nullcontext()
 
     def append_payloads(
         self,
@@ -465,52 +523,47 @@ class PulsarLog(EventLog):
         name is dropped by the broker. Its place in the returned list is then ``None``-like
         (``MessageId(-1, -1)``).
         """
-        producer = self.producer()
-        results: list[MessageId | None] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-        seq_iter = iter(sequence_ids) if sequence_ids is not None else None
+        ids: list[MessageId | None] = []
+        self._send(items, sequence_ids, ids)
+        return ids  # type: ignore[return-value]
 
-        def make_cb(i: int):
-            def cb(res, mid) -> None:
-                if res != pulsar.Result.Ok:
-                    with lock:
-                        errors.append(f"message {i}: {res}")
-                    return
-                results[i] = MessageId(mid.ledger_id(), mid.entry_id(), mid.partition(), mid.batch_index())
+    def append_stream(
+        self,
+        items: Iterable[tuple[bytes, str | None, int | None]],
+        *,
+        sequence_ids: Iterable[int] | None = None,
+    ) -> Sent:
+        """:meth:`append_payloads` for inputs of any length: only the count and the first and last
+        message ids are kept, so memory does not grow with the input (the producer's queue bounds
+        what is in flight)."""
+        return self._send(items, sequence_ids, None)
 
-            return cb
-
-        i = 0
-        for payload, key, event_time in items:
-            results.append(None)
-            kw: dict[str, object] = {}
-            if key:
-                kw["partition_key"] = key
-            if event_time:
-                kw["event_timestamp"] = event_time
-            if seq_iter is not None:
-                kw["sequence_id"] = next(seq_iter)
+    def _send(self, items: Iterable[tuple[bytes, str | None, int | None]], sequence_ids: Iterable[int] | None,
+              ids: list[MessageId | None] | None) -> Sent:
+        """Send every item, checking each result; ``ids`` (if given) gets every message id."""
+        with self._request():
+            producer = self.producer()
+            track = _SendTracker(ids)
+            seq_iter = iter(sequence_ids) if sequence_ids is not None else None
+            i = 0
+            for payload, key, event_time in items:
+                kw: dict[str, object] = {}
+                if key:
+                    kw["partition_key"] = key
+                if event_time:
+                    kw["event_timestamp"] = event_time
+                if seq_iter is not None:
+                    kw["sequence_id"] = next(seq_iter)
+                try:
+                    producer.send_async(payload, track.callback(i), **kw)
+                except _PulsarException as exc:
+                    raise BrokerUnavailable(f"publish to {self.topic} failed at message {i}: {exc}") from exc
+                i += 1
             try:
-                producer.send_async(payload, make_cb(i), **kw)
+                producer.flush()
             except _PulsarException as exc:
-                raise BrokerUnavailable(f"publish to {self.topic} failed at message {i}: {exc}") from exc
-            i += 1
-        try:
-            producer.flush()
-        except _PulsarException as exc:
-            raise BrokerUnavailable(f"publish to {self.topic} failed while flushing: {exc}") from exc
-        deadline = time.monotonic() + 30
-        while any(r is None for r in results) and not errors and time.monotonic() < deadline:
-            time.sleep(0.01)  # callbacks run on the client's thread
-        if errors:
-            raise BrokerUnavailable(
-                f"publish to {self.topic}: {len(errors)} message(s) not stored, first: {errors[0]}"
-            )
-        missing = sum(r is None for r in results)
-        if missing:
-            raise BrokerUnavailable(f"publish to {self.topic}: {missing} message(s) not confirmed")
-        return results  # type: ignore[return-value]
+                raise BrokerUnavailable(f"publish to {self.topic} failed while flushing: {exc}") from exc
+            return track.wait(i, self.topic)
 
     def close(self) -> None:
         p, self._producer = self._producer, None

@@ -16,7 +16,9 @@ entries received there and, while more than ``limit`` entries received are not y
 reader, makes the I/O thread wait (the GIL released) until the reader catches up. Readers report the
 entries they consume (:meth:`ReadGate.consumed`) and call :meth:`ReadGate.resync` whenever their
 queue runs dry (entries the client drops itself, such as re-deliveries of acknowledged batches, are
-never consumed), so the gate cannot stall a reader. The wait costs read rate (the I/O thread takes
+never consumed), so the gate cannot stall a reader. The answer to a request (creating or closing a
+reader, "is more coming?") travels behind the entries on the same connection, so every synchronous
+request runs inside :meth:`ReadGate.open`, which lets the I/O thread through until it returns. The wait costs read rate (the I/O thread takes
 the GIL for each log line); ``benchmarks/RESULTS.md`` ("Bounded reading") has the numbers.
 
 Broker errors. pulsar-client maps most broker errors to ``UnknownError``; the text the broker sent
@@ -27,10 +29,12 @@ with a given text since a moment, which lets a reader tell an empty topic from a
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 __all__ = ["ReadGate", "server_said", "DEFAULT_READ_AHEAD"]
 
@@ -64,6 +68,7 @@ class ReadGate(logging.Logger):
         self._received = 0
         self._consumed = 0
         self._closed = False
+        self._requests = 0
         self.waits = 0
         """How many times the I/O thread waited for a reader (for tests and benchmarks)."""
         self.entries_received = 0
@@ -85,7 +90,7 @@ class ReadGate(logging.Logger):
         with self._cond:
             self._received += 1
             self.entries_received += 1
-            while self._received - self._consumed > self.limit and not self._closed:  # type: ignore[operator]
+            while self._received - self._consumed > self.limit and not self._closed and not self._requests:  # type: ignore[operator]
                 self.waits += 1
                 self._cond.wait(0.5)
 
@@ -103,6 +108,18 @@ class ReadGate(logging.Logger):
         with self._cond:
             self._consumed = self._received
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        """Let the I/O thread through while a synchronous request to the broker waits for its answer."""
+        with self._cond:
+            self._requests += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._requests -= 1
 
     def close(self) -> None:
         """Never wait again (the client is closing)."""
