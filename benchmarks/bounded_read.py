@@ -13,8 +13,9 @@ loop), standing in for what a replay does with each message (``rebuild`` costs ~
 
 Strategies:
 
-- ``gate-L``: chainfold's reader (``PulsarLog.read``) on a client with a
-  :class:`chainfold.log.readgate.ReadGate` holding at most L entries ahead of the reader;
+- ``gate-L``: chainfold's reader (``PulsarLog.read``) on a client whose logger is the process's
+  :class:`chainfold.log.readgate.ReadGate`, holding at most L entries ahead of the reader (what
+  ``open_log`` does on the embedded broker, L = 100);
 - ``ungated``: chainfold's reader without a gate (pulsar-client's native logger), as before;
 - ``queue-Q``: ``ungated`` with a receiver queue of Q instead of chainfold's default;
 - ``windows-W``: a bare reader re-created after every W messages, from the last message id.
@@ -53,14 +54,15 @@ def one(url: str, topic: str, strategy: str, work_us: float) -> dict:
 
     from chainfold.log import pulsar as cfp
     from chainfold.log.broker import client_logger, pulsar_logger
-    from chainfold.log.readgate import ReadGate
 
     kind, _, arg = strategy.partition("-")
     t0 = time.perf_counter()
     if kind == "windows":
         n, redelivered = _windows(url, topic, int(arg), work_us)
     else:
-        gate = ReadGate(int(arg), forward=pulsar_logger()) if kind == "gate" else None
+        gate = pulsar_logger() if kind == "gate" else None  # the process's gate
+        if gate is not None:
+            gate.limit = int(arg)
         if kind == "queue":
             cfp._RECEIVER_QUEUE = int(arg)
         client = pulsar.Client(url, logger=gate or client_logger(), io_threads=1, operation_timeout_seconds=30)

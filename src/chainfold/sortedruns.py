@@ -12,7 +12,6 @@ false positives, at O(n log n) time.
 from __future__ import annotations
 
 import heapq
-import io
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -52,29 +51,29 @@ class SortedRuns:
 
     def _spill(self) -> None:
         self._pending.sort()
-        f = tempfile.TemporaryFile(dir=self.directory, prefix="chainfold-runs-")
-        w = io.BufferedWriter(f, _BUFFER)  # type: ignore[arg-type]
+        f = tempfile.TemporaryFile(dir=self.directory, prefix="chainfold-runs-", buffering=_BUFFER)
         pack = _HEAD.pack
+        write = f.write
         for key, value in self._pending:
-            w.write(pack(len(key), value))
-            w.write(key)
-        w.flush()
-        w.detach()
+            write(pack(len(key), value))
+            write(key)
+        f.flush()
         self._runs.append(f)
         self._pending = []
 
     @staticmethod
     def _read_run(f: object) -> Iterator[tuple[bytes, int]]:
+        """One run's pairs. A run is read by one iterator at a time (the file position is shared)."""
         f.seek(0)  # type: ignore[attr-defined]
-        r = io.BufferedReader(f, _BUFFER)  # type: ignore[arg-type]
+        read = f.read  # type: ignore[attr-defined]
         size = _HEAD.size
         unpack = _HEAD.unpack
         while True:
-            head = r.read(size)
+            head = read(size)
             if len(head) < size:
                 return
             n, value = unpack(head)
-            yield r.read(n), value
+            yield read(n), value
 
     def merged(self) -> Iterator[tuple[bytes, int]]:
         """Every pair, in ``(key, value)`` order. Pairs added afterwards are not included."""

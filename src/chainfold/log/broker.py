@@ -76,21 +76,26 @@ class BrokerOptions:
 
 
 def pulsar_logger() -> logging.Logger:
-    """A logger for pulsar-client's native logs, routed through logging to stderr.
+    """The logger to give pulsar-client: routes its native logs through logging to stderr.
 
     pulsar-client writes its logs to stdout by default, which would corrupt ``--json`` output. They
     are silent unless ``CHAINFOLD_PULSAR_LOG`` names a level (e.g. ``INFO``); chainfold reports
-    the failures that matter itself.
+    the failures that matter itself. It is the process's
+    :class:`~chainfold.log.readgate.ReadGate` (pulsar-client keeps the first client's logger for
+    every client of the process), which also bounds gated readers and hears broker errors.
     """
+    from .readgate import the_gate
+
     lg = logging.getLogger("chainfold.pulsar")
     if lg.level == logging.NOTSET:
         lg.setLevel(logging.getLevelName(os.environ.get("CHAINFOLD_PULSAR_LOG", "CRITICAL").upper()))
-    return lg
+    return the_gate(forward=lg)
 
 
 def client_logger():  # -> pulsar.FileLogger | logging.Logger
-    """The logger :func:`connect` gives pulsar-client: :func:`pulsar_logger` when
-    ``CHAINFOLD_PULSAR_LOG`` is set, else a native logger writing errors to the null device.
+    """The logger :func:`connect` gives pulsar-client when reading is not bounded:
+    :func:`pulsar_logger` when ``CHAINFOLD_PULSAR_LOG`` is set, else a native logger writing errors
+    to the null device.
 
     A Python logger makes pulsar-client's I/O thread take the GIL for its log calls, several per
     message received; on a replay that costs more than a third of the read rate. Without
@@ -369,15 +374,26 @@ def _client_kwargs(opts: BrokerOptions, logger: object) -> dict[str, object]:
     return kw
 
 
-def connect(opts: BrokerOptions, *, logger: object = None):  # -> pulsar.Client
+def _logger_for(opts: BrokerOptions) -> object:
+    """pulsar-client's logger for a client of ``opts``: the read gate, limited, when reading is to
+    be bounded (:func:`read_ahead_limit`); else :func:`client_logger` (the fastest)."""
+    limit = read_ahead_limit(opts)
+    if not limit:
+        return client_logger()
+    gate = pulsar_logger()
+    gate.limit = limit  # type: ignore[attr-defined]
+    return gate
+
+
+def connect(opts: BrokerOptions):  # -> pulsar.Client
     """A ``pulsar.Client`` for the options; raises :class:`BrokerUnavailable` within seconds if
-    nothing listens at the address. ``logger`` is given to pulsar-client (default :func:`client_logger`)."""
+    nothing listens at the address."""
     import pulsar
 
     url = resolve_url(opts)
     check_reachable(url, opts.connect_timeout)
     try:
-        return pulsar.Client(url, **_client_kwargs(opts, logger if logger is not None else client_logger()))
+        return pulsar.Client(url, **_client_kwargs(opts, _logger_for(opts)))
     except Exception as exc:  # pulsar raises its own error types
         raise BrokerUnavailable(f"cannot create a client for {url}: {exc}") from exc
 
@@ -392,7 +408,7 @@ def first_lookup(opts: BrokerOptions, url: str, topic: str) -> list[str]:
     import _pulsar
     import pulsar
 
-    kw = _client_kwargs(opts, client_logger())
+    kw = _client_kwargs(opts, _logger_for(opts))  # the same logger: the first client's stays for all
     kw["operation_timeout_seconds"] = max(1, math.ceil(opts.connect_timeout))
     t0 = time.monotonic()
     try:

@@ -282,7 +282,9 @@ class _PulsarReader(LogReader):
             self._last_native = got
             self.count = count
 
+        reading = gate.reading() if gate is not None else contextlib.nullcontext()
         try:
+            reading.__enter__()
             try:
                 self._open()
             except _PulsarException as exc:
@@ -331,6 +333,7 @@ class _PulsarReader(LogReader):
         finally:
             sync()
             self.close()
+            reading.__exit__(None, None, None)
 
 
 class _SendTracker:
@@ -573,8 +576,6 @@ class PulsarLog(EventLog):
             except _PulsarException:
                 pass
         if self._owns_client:
-            if self.gate is not None:
-                self.gate.close()
             self._owns_client = False
             try:
                 self.client.close()
@@ -596,9 +597,8 @@ def open_log(topic: str, opts: BrokerOptions, **kw: object) -> PulsarLog:
     url = resolve_url(opts)
     check_reachable(url, opts.connect_timeout)
     parts = first_lookup(opts, url, name)
-    limit = read_ahead_limit(opts)
-    gate = ReadGate(limit, forward=pulsar_logger()) if limit else None
-    client = connect(opts, logger=gate)
+    gate = pulsar_logger() if read_ahead_limit(opts) else None
+    client = connect(opts)  # its logger: the gate, limited, when reading is bounded
     plog = PulsarLog(client, name, gate=gate, admin_url=opts.admin_url, admin_token=opts.auth_token, **kw)  # type: ignore[arg-type]
     plog._partitions = parts
     plog._owns_client = True

@@ -21,6 +21,15 @@ reader, "is more coming?") travels behind the entries on the same connection, so
 request runs inside :meth:`ReadGate.open`, which lets the I/O thread through until it returns. The wait costs read rate (the I/O thread takes
 the GIL for each log line); ``benchmarks/RESULTS.md`` ("Bounded reading") has the numbers.
 
+One logger per process. pulsar-client takes its logger factory from the first client a process
+creates and uses it for every later client (``LogUtils::setLoggerFactory`` keeps the first), so the
+gate is a process-wide singleton (:func:`the_gate`), given to every client chainfold creates that
+should be bounded (and by :func:`chainfold.log.broker.pulsar_logger`), and its accounting is
+process-wide: entries received by any client, entries consumed by any gated reader. It waits only
+while a gated reader is iterating; a request lets through up to ``limit`` more entries (its answer
+may be queued behind them), and no wait lasts longer than a few seconds without a reader making
+progress, so a consumer chainfold does not drive can be slowed, never stalled.
+
 Broker errors. pulsar-client maps most broker errors to ``UnknownError``; the text the broker sent
 ("Topic has no messages") reaches only the log. :func:`server_said` tells whether a broker answered
 with a given text since a moment, which lets a reader tell an empty topic from a failure.
@@ -31,12 +40,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
 
-__all__ = ["ReadGate", "server_said", "DEFAULT_READ_AHEAD"]
+__all__ = ["ReadGate", "the_gate", "server_said", "DEFAULT_READ_AHEAD"]
 
 DEFAULT_READ_AHEAD = 100
 """Entries a gated client may hold ahead of its readers (chainfold's producer batches up to 1000
@@ -54,11 +62,8 @@ def server_said(text: str, since: float) -> bool:
 
 
 class ReadGate(logging.Logger):
-    """The logger given to pulsar-client; see the module docstring.
-
-    ``limit=None`` only observes (broker errors, forwarding). Records at or above the level of
-    ``forward`` (``chainfold.pulsar``, silent unless ``CHAINFOLD_PULSAR_LOG`` names a level) are passed on.
-    """
+    """pulsar-client's logger; see the module docstring. ``limit=None`` only observes (broker
+    errors, forwarding). Records at or above the level of ``forward`` are passed on to it."""
 
     def __init__(self, limit: int | None = None, forward: logging.Logger | None = None) -> None:
         super().__init__("chainfold.pulsar.gate", logging.DEBUG)
@@ -67,18 +72,18 @@ class ReadGate(logging.Logger):
         self._cond = threading.Condition()
         self._received = 0
         self._consumed = 0
-        self._closed = False
+        self._readers = 0
         self._requests = 0
         self.waits = 0
-        """How many times the I/O thread waited for a reader (for tests and benchmarks)."""
+        """How many times an I/O thread waited for a reader (for tests and benchmarks)."""
         self.entries_received = 0
 
-    # -- the I/O thread -----------------------------------------------------------------------------
+    # -- the I/O threads ----------------------------------------------------------------------------
 
     def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:  # type: ignore[override]
         text = msg if isinstance(msg, str) else str(msg)
         if level == logging.DEBUG:
-            if self.limit is not None and text.find(_RECEIVED) >= 0:
+            if text.find(_RECEIVED) >= 0:
                 self._admit()
         elif level >= logging.WARNING and text.find(_SERVER_ERROR) >= 0:
             _recent_errors.append((time.monotonic(), text))
@@ -90,11 +95,32 @@ class ReadGate(logging.Logger):
         with self._cond:
             self._received += 1
             self.entries_received += 1
-            while self._received - self._consumed > self.limit and not self._closed and not self._requests:  # type: ignore[operator]
+            if self.limit is None:
+                return
+            waited, progress = 0.0, self._consumed
+            while self._readers and self._received - self._consumed > self.limit * (2 if self._requests else 1):
+                if waited >= (_REQUEST_VALVE if self._requests else _STALL_VALVE):
+                    return  # nobody is making progress: let it through rather than stall
                 self.waits += 1
-                self._cond.wait(0.5)
+                self._cond.wait(0.25)
+                waited = 0.0 if self._consumed != progress else waited + 0.25
+                progress = self._consumed
 
     # -- readers ------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A gated reader iterates: the I/O threads may wait for it (and for any other)."""
+        with self._cond:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._consumed = self._received
+                self._cond.notify_all()
 
     def consumed(self) -> None:
         """A reader took the first message of an entry from its queue."""
@@ -111,7 +137,8 @@ class ReadGate(logging.Logger):
 
     @contextlib.contextmanager
     def open(self) -> Iterator[None]:
-        """Let the I/O thread through while a synchronous request to the broker waits for its answer."""
+        """A synchronous request to a broker: its answer may be queued behind entries, so up to
+        ``limit`` more are let through until it returns."""
         with self._cond:
             self._requests += 1
             self._cond.notify_all()
@@ -121,17 +148,17 @@ class ReadGate(logging.Logger):
             with self._cond:
                 self._requests -= 1
 
-    def close(self) -> None:
-        """Never wait again (the client is closing)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+
+_REQUEST_VALVE = 2.0  # seconds an I/O thread waits while a request is pending before letting entries through
+_STALL_VALVE = 10.0  # seconds without any reader progress before it lets entries through
+_THE_GATE: ReadGate | None = None
+_THE_GATE_LOCK = threading.Lock()
 
 
-def read_ahead_from_env(default: int | None) -> int | None:
-    """``CHAINFOLD_READ_AHEAD``: entries a client may hold ahead of its readers (0: unbounded)."""
-    raw = os.environ.get("CHAINFOLD_READ_AHEAD")
-    if raw is None or raw.strip() == "":
-        return default
-    n = int(raw)
-    return n if n > 0 else None
+def the_gate(forward: logging.Logger | None = None) -> ReadGate:
+    """The process's gate (created on first use, observing only until :meth:`configure`)."""
+    global _THE_GATE
+    with _THE_GATE_LOCK:
+        if _THE_GATE is None:
+            _THE_GATE = ReadGate(None, forward)
+        return _THE_GATE
