@@ -104,6 +104,35 @@ def _native(m: MessageId | None, partition: int) -> object | None:
     return None if m is None else pulsar.MessageId(partition, m.ledger, m.entry, m.batch)._msg_id
 
 
+_CONNECTION_RESULTS = frozenset(getattr(pulsar.Result, n) for n in (
+    "ConnectError", "NotConnected", "AlreadyClosed", "Timeout", "ServiceUnitNotReady", "LookupError"))
+
+
+class _Question:
+    """"Is more coming?" asked of a reader without waiting (``has_message_available_async``)."""
+
+    def __init__(self, reader: pulsar.Reader) -> None:
+        self.asked_at = time.monotonic()
+        self.done = threading.Event()
+        self.more = False
+        self.error: BaseException | None = None
+        self.connection_error = False
+        try:
+            reader._reader.has_message_available_async(self._answer)
+        except _PulsarException as exc:
+            self.error = exc
+            self.connection_error = isinstance(exc, _CONNECTION_ERRORS)
+            self.done.set()
+
+    def _answer(self, res: object, more: bool) -> None:  # on the client's thread
+        if res == pulsar.Result.Ok:
+            self.more = bool(more)
+        else:
+            self.error = RuntimeError(f"Pulsar error: {res}")
+            self.connection_error = res in _CONNECTION_RESULTS
+        self.done.set()
+
+
 class _PulsarReader(LogReader):
     """Entries of one partition. Redeliveries are told apart by comparing message ids inside
     pulsar-client (one call per message), and entries are :class:`_PulsarEntry` (lazy metadata).
@@ -125,6 +154,7 @@ class _PulsarReader(LogReader):
         self._retry = retry_seconds
         self._gate = gate
         self._reader: pulsar.Reader | None = None
+        self._question: _Question | None = None
         self._open_error: BaseException | None = None
         self._last_native: object | None = None
         self.reconnects = 0
@@ -168,6 +198,7 @@ class _PulsarReader(LogReader):
 
     def close(self) -> None:
         r, self._reader = self._reader, None
+        self._question = None
         if r is not None:
             try:
                 with self._unblocked():
@@ -228,33 +259,39 @@ class _PulsarReader(LogReader):
         return deadline
 
     def _dry(self, reader: pulsar.Reader, deadline: float | None, nothing_yet: bool) -> tuple[bool, float | None]:
-        """The queue ran dry: ask the broker whether more is coming. ``(True, _)`` at the end of the
-        log; otherwise the reader is kept, re-created (stalled, or for a second opinion) or recovered."""
+        """The queue ran dry: is more coming? ``(True, _)`` at the end of the log; otherwise the
+        reader is kept, re-created (stalled, or for a second opinion) or recovered.
+
+        The question is asked asynchronously and the reader goes on reading meanwhile: with a
+        read-ahead bound, its answer may wait behind entries that only reading lets through."""
         if self._gate is not None:
             self._gate.resync()  # nothing received is waiting in the queue
-        asked_at = time.monotonic()
-        try:
-            with self._unblocked():
-                more = reader.has_message_available()
-            if not more:
+        q = self._question
+        if q is None:
+            self._question = _Question(reader)
+            return False, deadline
+        if not q.done.is_set():
+            return False, deadline
+        self._question = None
+        if q.error is None:
+            if not q.more:
                 return not self.follow, deadline
-        except _CONNECTION_ERRORS as exc:
-            return False, self._recover(exc, deadline)
-        except _PulsarException as exc:
-            if nothing_yet:
-                self._asked_empty += 1
-                if self._is_empty(exc, asked_at, second_opinion=self._asked_empty > 1):
-                    return not self.follow, deadline
-                if self._asked_empty == 1:
-                    return False, self._reopen(deadline)  # ask a new reader
-            return False, self._recover(exc, deadline)
-        self._idle += 1
-        if self._idle >= _STALL_TIMEOUTS:  # messages are there, but none arrive: re-create the reader
-            log.info("%s: reader stalled after %s; re-creating it", self._topic, self.last)
-            self._idle = 0
-            self.stalls += 1
-            return False, self._reopen(deadline)
-        return False, deadline
+            self._idle += 1
+            if self._idle >= _STALL_TIMEOUTS:  # messages are there, but none arrive: re-create the reader
+                log.info("%s: reader stalled after %s; re-creating it", self._topic, self.last)
+                self._idle = 0
+                self.stalls += 1
+                return False, self._reopen(deadline)
+            return False, deadline
+        if q.connection_error:
+            return False, self._recover(q.error, deadline)
+        if nothing_yet:
+            self._asked_empty += 1
+            if self._is_empty(q.error, q.asked_at, second_opinion=self._asked_empty > 1):
+                return not self.follow, deadline
+            if self._asked_empty == 1:
+                return False, self._reopen(deadline)  # ask a new reader
+        return False, self._recover(q.error, deadline)
 
     def _raw(self) -> Iterator[Entry]:  # pragma: no cover - __iter__ reads directly
         return iter(self)

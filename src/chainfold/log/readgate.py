@@ -74,6 +74,7 @@ class ReadGate(logging.Logger):
         self._consumed = 0
         self._readers = 0
         self._requests = 0
+        self._open_valve = False
         self.waits = 0
         """How many times an I/O thread waited for a reader (for tests and benchmarks)."""
         self.entries_received = 0
@@ -98,9 +99,11 @@ class ReadGate(logging.Logger):
             if self.limit is None:
                 return
             waited, progress = 0.0, self._consumed
-            while self._readers and self._received - self._consumed > self.limit * (2 if self._requests else 1):
+            while (self._readers and not self._open_valve
+                   and self._received - self._consumed > self.limit * (2 if self._requests else 1)):
                 if waited >= (_REQUEST_VALVE if self._requests else _STALL_VALVE):
-                    return  # nobody is making progress: let it through rather than stall
+                    self._open_valve = True  # nobody makes progress: let entries through until somebody does
+                    return
                 self.waits += 1
                 self._cond.wait(0.25)
                 waited = 0.0 if self._consumed != progress else waited + 0.25
@@ -126,6 +129,7 @@ class ReadGate(logging.Logger):
         """A reader took the first message of an entry from its queue."""
         with self._cond:
             self._consumed += 1
+            self._open_valve = False
             if self._received - self._consumed <= (self.limit or 0) // 2:
                 self._cond.notify_all()
 
@@ -133,6 +137,7 @@ class ReadGate(logging.Logger):
         """A reader's queue is empty (or the reader closed): nothing received is waiting any more."""
         with self._cond:
             self._consumed = self._received
+            self._open_valve = False
             self._cond.notify_all()
 
     @contextlib.contextmanager
