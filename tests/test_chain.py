@@ -506,3 +506,20 @@ def test_long_lines_tail(tmp_path):
     for cp in cps:
         f.append([cp])
     assert f.load() == cps
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 40), st.sampled_from([1, 2, 8]))
+def test_a_chain_rebuilt_from_recorded_segments_continues_like_the_original(k: int, more: int, seg: int) -> None:
+    payloads = [b"e%d" % i for i in range(k * seg + more)]
+    whole = ChainBuilder(seg)
+    cps = [cp for i, p in enumerate(payloads) if (cp := whole.add(p, f"0:{i}:-1:-1")) is not None]
+    resumed = ChainBuilder.after_segments(cps[:k])
+    part = ChainBuilder(seg)
+    for i, p in enumerate(payloads[: k * seg]):
+        part.add(p, f"0:{i}:-1:-1")
+    assert (resumed.size, resumed.head, resumed.log_root()) == (part.size, part.head, part.log_root())
+    rest = [cp for i, p in enumerate(payloads[k * seg:], k * seg) if (cp := resumed.add(p, f"0:{i}:-1:-1")) is not None]
+    assert rest == cps[k:] and resumed.log_root() == whole.log_root() and resumed.pending() == whole.pending()
+    with pytest.raises(ValueError):
+        ChainBuilder.after_segments(cps[1:k + 1])  # not segments 0..k-1

@@ -57,9 +57,11 @@ GOOD = {"id": "e1", "stream": "s", "seq": 1, "type": "T", "time": 5, "data": {}}
 @pytest.mark.parametrize(
     "payload, reason",
     [
-        (b"", "not CBOR"),
+        (b"", "empty payload"),
         (b"\xff\xfe", "not CBOR"),
-        (json.dumps(GOOD).encode(), "not"),
+        (json.dumps(GOOD).encode(), "looks like JSON, expected a CBOR map"),
+        (b"[1, 2]", "looks like JSON, expected a CBOR map"),
+        (b"hello", "looks like text ('hello'), expected a CBOR map"),
         (cbor2.dumps([1, 2]), "not a CBOR map"),
         (cbor2.dumps({k: v for k, v in GOOD.items() if k != "id"}), "missing key 'id'"),
         (cbor2.dumps({k: v for k, v in GOOD.items() if k != "data"}), "missing key 'data'"),

@@ -448,7 +448,7 @@ def test_es_folding_in_pieces_equals_folding_at_once() -> None:
 
 
 def test_loadable_by_reference() -> None:
-    from chainfold.replay.fold import load_model
+    from chainfold.replay.model import load_model
 
     model = load_model("chainfold.examples.es_accounts:model")
     assert model.obj is es_accounts.model and model.version == es_accounts.model.version

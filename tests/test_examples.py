@@ -60,7 +60,7 @@ def test_module_and_model_object_are_one_implementation(name: str) -> None:
 @pytest.mark.parametrize("ref", ["chainfold.examples.accounts", "chainfold.examples.orders:model",
                                  "chainfold.examples.counters:model"])
 def test_loadable_by_reference(ref: str) -> None:
-    from chainfold.replay.fold import load_model
+    from chainfold.replay.model import load_model
 
     model = load_model(ref)
     state = model.apply(model.initial("s-1"), ev("Opened", {"owner": "Ada"}))

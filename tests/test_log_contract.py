@@ -54,6 +54,22 @@ def test_resume_after_and_at(make_log: Callable[..., EventLog]) -> None:
     assert list(log.read(after=all_ids[-1])) == []
 
 
+def test_until_never_passed_even_at_or_before_the_resume_point(make_log: Callable[..., EventLog]) -> None:
+    """``until`` is inclusive and never passed: a reader resuming at or after it yields nothing
+    (a snapshot ending exactly at ``rebuild --until`` must not fold one entry more)."""
+    log = make_log()
+    log.append(_events(30))
+    ids = [e.message_id for e in log.read()]
+    assert [e.message_id for e in log.read(after=ids[9], until=ids[12])] == ids[10:13]
+    assert [e.message_id for e in log.read(after=ids[11], until=ids[12])] == ids[12:13]
+    for after, until in ((12, 12), (12, 11), (20, 3)):
+        reader = log.read(after=ids[after], until=ids[until])
+        assert list(reader) == [] and reader.count == 0, (after, until)
+    assert [e.message_id for e in log.read(start=ids[12], until=ids[12])] == ids[12:13]
+    assert list(log.read(start=ids[12], until=ids[11])) == []
+    assert list(log.read(after=ids[-1], until=ids[-1])) == []
+
+
 def test_until_time(make_log: Callable[..., EventLog]) -> None:
     log = make_log()
     log.append(_events(5))

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from chainfold import merkle
+from chainfold.errors import InvalidArgument
 from chainfold.merkle import (
     CompactRange,
     consistency_proof,
@@ -445,3 +446,94 @@ def test_append_subtree_rejects_bad_input():
         with pytest.raises(ValueError):
             cr.append_subtree(*args)
     assert cr.size == 0
+
+
+# --- mergeable ranges [begin, end) ---------------------------------------------------------------------
+
+
+def _ranges(ls, cuts, visit=None):
+    """Compact ranges over ls split at ``cuts`` (sorted, inside (0, len)), each built on its own."""
+    bounds = [0, *cuts, len(ls)]
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        r = CompactRange(lo)
+        r.extend(ls[lo:hi], visit)
+        out.append(r)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 300), st.data(), st.sampled_from([1, 2, 4, 8, 16, 32]))
+def test_any_split_merged_in_order_gives_the_root_and_segment_roots_of_one_pass(n, data, seg):
+    ls = _leaves(n, b"split")
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, n - 1)), max_size=8)))) if n > 1 else []
+    height = seg.bit_length() - 1
+    seen: dict[int, bytes] = {}
+
+    def visit(h, index, node):
+        if h == height:
+            assert index not in seen  # every node is learnt exactly once
+            seen[index] = node
+
+    ranges = _ranges(ls, cuts, visit)
+    whole = ranges[0]
+    for r in ranges[1:]:
+        whole.merge(r, visit)
+    one = CompactRange()
+    one.extend(ls)
+    assert whole == one and whole.begin == 0 and whole.end == n
+    assert whole.root() == root(ls)
+    full = n // seg
+    assert seen == {k: root(ls[k * seg:(k + 1) * seg]) for k in range(full)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 200), st.data())
+def test_merging_is_associative(n, data):
+    ls = _leaves(n, b"assoc")
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, n - 1)), min_size=2, max_size=6)))) if n > 2 else []
+    left = _ranges(ls, cuts)
+    right = [r.copy() for r in left]
+    acc = left[0]
+    for r in left[1:]:  # ((a + b) + c) + ...
+        acc.merge(r)
+    while len(right) > 1:  # ... + (b + (c + d))
+        last = right.pop()
+        right[-1].merge(last)
+    assert acc == right[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 64), st.integers(0, 64), st.sampled_from([1, 2, 4, 8, 16]))
+def test_a_range_that_starts_a_segment_has_the_root_of_its_leaves(k, m, seg):
+    m = m % (seg + 1)
+    ls = _leaves(k * seg + m, b"seg")
+    r = CompactRange(k * seg)
+    r.extend(ls[k * seg:])
+    assert r.aligned and r.root() == root(ls[k * seg:])
+
+
+def test_range_bounds_hashes_and_refusals():
+    ls = _leaves(13, b"b")
+    r = CompactRange(3)
+    r.extend(ls[3:13])
+    assert (r.begin, r.end, r.size) == (3, 13, 10)
+    assert merkle.decompose(3, 13) == [0, 2, 2, 0]  # [3], [4, 8), [8, 12), [12]
+    assert len(r.hashes) == 4
+    assert CompactRange.from_hashes(3, 13, r.hashes) == r
+    assert not r.aligned
+    with pytest.raises(InvalidArgument):
+        r.root()  # [3, 13) has no root of its own
+    with pytest.raises(ValueError):
+        CompactRange.from_hashes(3, 13, r.hashes[:-1])
+    with pytest.raises(ValueError):
+        CompactRange.from_hashes(5, 3, [])
+    other = CompactRange(14)
+    with pytest.raises(ValueError):
+        r.merge(other)  # not adjacent
+    with pytest.raises(ValueError):
+        CompactRange(-1)
+    left = CompactRange()
+    left.extend(ls[:3])
+    left.merge(r)
+    assert left.root() == root(ls)

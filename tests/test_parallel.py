@@ -13,13 +13,12 @@ from chainfold.log.broker import BrokerOptions
 from chainfold.envelope import Event, encode, event_from_json
 from chainfold.errors import ModelError
 from chainfold.examples import accounts
-from chainfold.replay.fold import Folder, load_model, shard_of
+from chainfold import Folder, load_model, rebuild, verify
+from chainfold.replay.decode import shard_of
 from chainfold.log import EventLog, MemoryLog
-from chainfold.engines.parallel import PulsarSource, chain_at, parallel_rebuild, parallel_verify
-from chainfold.ops.rebuild import rebuild
-from chainfold.hashing.scan import PartitionRecord
+from chainfold.engines.parallel import PulsarSource, parallel_rebuild, parallel_verify
+from chainfold.hashing.record import PartitionRecord
 from chainfold.store.snapshots import topic_dir
-from chainfold.ops.verify import verify_log
 
 from .conftest import unique_topic
 
@@ -211,12 +210,12 @@ def test_parallel_verify_equals_serial(tmp_path: Path, workers: int) -> None:
     log = MemoryLog("m")
     messy(log, 3000)
     rec_a, rec_b = tmp_path / "a", tmp_path / "b"
-    first_a = verify_log(log, rec_a, segment_size=SEG)
-    first_b = parallel_verify(log, rec_b, workers=workers, segment_size=SEG)  # nothing recorded: serial
+    first_a = verify(log, record_dir=rec_a, segment_size=SEG)
+    first_b = parallel_verify(log, record_dir=rec_b, workers=workers, segment_size=SEG)  # nothing recorded: serial
     assert verify_summary(first_a) == verify_summary(first_b)
     log.append(events(700, 40, seed=11))  # new entries after the recorded ones
-    again_a = verify_log(log, rec_a, segment_size=SEG)
-    again_b = parallel_verify(log, rec_b, workers=workers, segment_size=SEG)
+    again_a = verify(log, record_dir=rec_a, segment_size=SEG)
+    again_b = parallel_verify(log, record_dir=rec_b, workers=workers, segment_size=SEG)
     assert again_b.workers == workers
     assert verify_summary(again_b) == verify_summary(again_a)
     assert again_b.to_json()["checkpoints_recorded"] == again_a.to_json()["checkpoints_recorded"] > 0
@@ -229,14 +228,14 @@ def test_parallel_verify_names_the_first_changed_entry(tmp_path: Path) -> None:
     original = MemoryLog("m")
     original.append_payloads((p, f"s{i % 7}", None) for i, p in enumerate(ps))
     rec_a, rec_b = tmp_path / "a", tmp_path / "b"
-    verify_log(original, rec_a, segment_size=SEG)
-    verify_log(original, rec_b, segment_size=SEG)
+    verify(original, record_dir=rec_a, segment_size=SEG)
+    verify(original, record_dir=rec_b, segment_size=SEG)
     changed = list(ps)
     changed[1234] = encode(Event("e1234", "s2", 1, "T", 1, {"i": -1}))
     faulty = MemoryLog("m")
     faulty.append_payloads((p, f"s{i % 7}", None) for i, p in enumerate(changed))
-    serial = verify_log(faulty, rec_a, segment_size=SEG)
-    par = parallel_verify(faulty, rec_b, workers=3, segment_size=SEG)
+    serial = verify(faulty, record_dir=rec_a, segment_size=SEG)
+    par = parallel_verify(faulty, record_dir=rec_b, workers=3, segment_size=SEG)
     assert not par.intact and par.mismatch.index == serial.mismatch.index == 1234
     assert verify_summary(par) == verify_summary(serial)
 
@@ -246,23 +245,9 @@ def test_parallel_verify_of_a_partitioned_topic_checks_snapshots(tmp_path: Path)
     messy(log, 1500)
     rebuild(log, load_model(MODEL), snapshots_root=tmp_path / "s", full=True)
     d = topic_dir(tmp_path / "s", log.topic)
-    serial = verify_log(log, d, snapshots_root=tmp_path / "s", segment_size=SEG)
-    par = parallel_verify(log, d, workers=2, snapshots_root=tmp_path / "s", segment_size=SEG)
+    serial = verify(log, record_dir=d, snapshots_root=tmp_path / "s", segment_size=SEG)
+    par = parallel_verify(log, record_dir=d, workers=2, snapshots_root=tmp_path / "s", segment_size=SEG)
     assert verify_summary(par) == verify_summary(serial) and par.snapshots_checked == 2
-
-
-def test_chain_at_continues_the_recorded_chain(tmp_path: Path) -> None:
-    log = MemoryLog("m")
-    messy(log, 1000)
-    verify_log(log, tmp_path, segment_size=SEG)
-    rec = [c for c in PartitionRecord(tmp_path, log.partitions()[0]).load() if c.full]
-    from chainfold.hashing.chain import ChainBuilder
-
-    b = ChainBuilder(SEG)
-    for e in log.entries()[: 5 * SEG]:
-        b.add(e.payload, str(e.message_id))
-    c = chain_at(rec, 5, SEG)
-    assert c.head == b.head and c.log_root() == b.log_root() and c.size == b.size
 
 
 # --- on a real broker -----------------------------------------------------------------------------
@@ -280,11 +265,11 @@ def test_parallel_rebuild_and_verify_on_the_broker(broker_url: str, tmp_path: Pa
     source = PulsarSource(topic, opts)
     with source() as log:
         serial = rebuild(log, load_model(MODEL), snapshots_root=tmp_path / "a", full=True)
-        vs = verify_log(log, topic_dir(tmp_path / "a", log.topic), segment_size=1024)
+        vs = verify(log, record_dir=topic_dir(tmp_path / "a", log.topic), segment_size=1024)
     par = parallel_rebuild(source, MODEL, workers=2, snapshots_root=tmp_path / "b", full=True, split=split)
     assert summary(par) == summary(serial)
     assert len(serial.folder.malformed) == 3 and len(serial.folder.duplicates) == 11
-    vp = parallel_verify(source, topic_dir(tmp_path / "b", par.topic), workers=2)
+    vp = parallel_verify(source, record_dir=topic_dir(tmp_path / "b", par.topic), workers=2)
     assert vp.workers == 2 and vp.intact
     assert verify_summary(vp) == verify_summary(vs)
 

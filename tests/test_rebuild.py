@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from chainfold.envelope import Event, encode
 from chainfold.errors import HistoryUnrecoverable, ModelError
 from chainfold.examples import accounts, counters, orders
-from chainfold.replay.fold import load_model
+from chainfold.replay.model import load_model
 from chainfold.log import MemoryLog
-from chainfold.ops.rebuild import rebuild
+from chainfold import rebuild
 from chainfold.store.snapshots import SnapshotStore
 
 from chainfold.examples import es_accounts

@@ -23,9 +23,11 @@ import pytest
 from chainfold.envelope import Event, encode
 from chainfold.errors import BadInput, MalformedInputLine
 from chainfold.examples import accounts
-from chainfold.replay.fold import load_model
+from chainfold.replay.model import load_model
+from chainfold.ops.corrections import correction_key
 from chainfold.log import MemoryLog
-from chainfold.ops.reconcile import load_processed, load_state_export, load_tracker, reconcile
+from chainfold import reconcile
+from chainfold.ops.reconcile import load_processed, load_state_export, load_tracker
 from chainfold.tracker import Tracker
 
 MODEL = load_model("chainfold.examples.accounts")
@@ -329,7 +331,9 @@ def test_repair_gives_the_reference_states(tmp_path: Path, name: str) -> None:
         assert doc["verdict"] == "repaired"
         assert report.repaired_states == exp["states"]
         assert {c["stream"] for c in report.corrections} == set(exp["divergent"])
-        assert all(c["idempotency_key"] and c["log_head"] == doc["log"]["head"] for c in report.corrections)
+        assert all(c["idempotency_key"] == correction_key(w.log.topic, c["stream"], c["actual"], c["expected"])
+                   for c in report.corrections)
+        assert all(set(c) == {"stream", "expected", "actual", "delta", "idempotency_key"} for c in report.corrections)
         assert doc["replayed"]["events"] > 0
     else:  # handling diverged, every state right: the export already is the corrected state
         assert doc["verdict"] == "repaired" and report.repaired_states == exp["states"]

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from chainfold.envelope import Event, encode
 from chainfold.errors import CheckpointCorrupt
 from chainfold.log import MemoryLog
-from chainfold.ops.verify import compare_logs, verify_log
+from chainfold import verify
+from chainfold.ops.verify import compare_logs
 
 FAULTS = ["drop", "duplicate", "swap", "alter", "insert", "truncate"]
 
@@ -60,15 +61,15 @@ def test_verify_names_the_first_bad_entry(tmp_path_factory, n: int, seg: int, ki
     ps = payloads(n)
     i = data.draw(st.integers(0, n - 2))
     original = make(ps)
-    first = verify_log(original, rec, segment_size=seg)
+    first = verify(original, record_dir=rec, segment_size=seg)
     assert first.intact and first.to_json()["log"]["events"] == n
-    again = verify_log(original, rec, segment_size=seg)
+    again = verify(original, record_dir=rec, segment_size=seg)
     assert again.intact and again.to_json()["log"]["head"] == first.to_json()["log"]["head"]
 
     bad = inject(ps, kind, i)
     expected = first_diff(ps, bad)
     faulty = make(bad)
-    report = verify_log(faulty, rec, segment_size=seg)
+    report = verify(faulty, record_dir=rec, segment_size=seg)
     assert not report.intact, kind
     assert report.mismatch.index == expected, (kind, i, report.mismatch)
     fm = report.to_json()["first_mismatch"]
@@ -83,24 +84,24 @@ def test_verify_names_the_first_bad_entry(tmp_path_factory, n: int, seg: int, ki
 def test_growing_log_stays_intact_and_records_more(tmp_path: Path) -> None:
     ps = payloads(50)
     log = make(ps[:30])
-    assert verify_log(log, tmp_path, segment_size=8).intact
+    assert verify(log, record_dir=tmp_path, segment_size=8).intact
     log.append_payloads((p, "k", None) for p in ps[30:])
-    r = verify_log(log, tmp_path, segment_size=8)
+    r = verify(log, record_dir=tmp_path, segment_size=8)
     assert r.intact and r.to_json()["log"]["segments"] == 7
     assert r.to_json()["checkpoints_recorded"] == 3  # segments 3, 4, 5 (6 is partial)
 
 
 def test_corrupt_checkpoint_file_is_reported_not_trusted(tmp_path: Path) -> None:
     log = make(payloads(40))
-    verify_log(log, tmp_path, segment_size=8)
+    verify(log, record_dir=tmp_path, segment_size=8)
     f = tmp_path / "checkpoints.jsonl"
     lines = f.read_text().splitlines(keepends=True)
     f.write_text("".join(lines[:2]) + lines[2][:20])
     with pytest.raises(CheckpointCorrupt) as info:
-        verify_log(log, tmp_path, segment_size=8)
+        verify(log, record_dir=tmp_path, segment_size=8)
     assert str(f) in str(info.value)
-    r = verify_log(log, tmp_path, segment_size=8, reset=True)
-    assert r.intact and verify_log(log, tmp_path, segment_size=8).intact
+    r = verify(log, record_dir=tmp_path, segment_size=8, reset=True)
+    assert r.intact and verify(log, record_dir=tmp_path, segment_size=8).intact
 
 
 def test_identical_logs_compare_equal() -> None:

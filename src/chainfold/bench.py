@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import BadInput, ChainfoldError
 from .examples import accounts
 
 __all__ = [
@@ -52,6 +53,10 @@ __all__ = [
     "peak_rss_mb",
 ]
 
+class BenchFailed(ChainfoldError):
+    """A bench step did not do what it measures (wrong count, no snapshot, a step process failed)."""
+
+
 STEPS = ("read_limit", "verify", "rebuild", "rebuild_from_snapshot", "eventsourcing")
 MODEL = "chainfold.examples.accounts"
 SNAPSHOT_FRACTION = 0.9
@@ -60,7 +65,7 @@ _MB = 1024 * 1024
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, MB (``VmHWM``)."""
-    from .engines.parallel import peak_rss
+    from .engines.pool import peak_rss
 
     return peak_rss() / _MB
 
@@ -152,7 +157,7 @@ def es_ids(k: int, seed: int) -> list[Any]:
 def prepare_snapshot(service_url: str, topic: str, snapshots: str, n: int) -> int:
     """Record the topic's checkpoints and leave one snapshot, at ``SNAPSHOT_FRACTION`` of it."""
     from .log.broker import BrokerOptions
-    from .replay.fold import load_model
+    from .replay.model import load_model
     from .log.pulsar import open_log
     from .ops.rebuild import rebuild
     from .store.snapshots import SnapshotStore
@@ -165,7 +170,7 @@ def prepare_snapshot(service_url: str, topic: str, snapshots: str, n: int) -> in
             if info.entries != at:
                 info.path.unlink()
         if [info.entries for info in store.list()] != [at]:
-            raise RuntimeError(f"expected one snapshot at {at} entries")
+            raise BenchFailed(f"expected one snapshot at {at} entries")
     return at
 
 
@@ -233,7 +238,7 @@ def _step_read_limit(cfg: BenchConfig) -> StepResult:
         try:
             m = read_next(5000)
         except _pulsar.Timeout:
-            raise RuntimeError(f"read_limit: nothing for 5 s after {received} messages") from None
+            raise BenchFailed(f"read_limit: nothing for 5 s after {received} messages") from None
         m.data()
         received += 1
         if m.message_id() >= end:
@@ -275,19 +280,19 @@ def _step_verify(cfg: BenchConfig, name: str = "verify") -> StepResult:
         tdir = topic_dir(snaps, elog.topic)
         t0 = time.perf_counter()
         if cfg.workers > 1:
-            report = parallel_verify(_source(cfg), tdir, workers=cfg.workers, snapshots_root=snaps)
+            report = parallel_verify(_source(cfg), record_dir=tdir, workers=cfg.workers, snapshots_root=snaps)
         else:
-            report = verify_log(elog, tdir, snapshots_root=snaps)
+            report = verify_log(elog, record_dir=tdir, snapshots_root=snaps)
         seconds = time.perf_counter() - t0
     doc = report.to_json()
     if doc["verdict"] != "intact":
-        raise RuntimeError(f"verify: {doc['first_mismatch']}")
+        raise BenchFailed(f"verify: {doc['first_mismatch']}")
     r = StepResult(name, doc["log"]["events"], seconds, peak_rss_mb())
     return _with_workers(r, report.workers, report.worker_peak_rss)
 
 
 def _step_rebuild(cfg: BenchConfig, name: str = "rebuild", full: bool = True) -> StepResult:
-    from .replay.fold import load_model
+    from .replay.model import load_model
     from .engines.parallel import parallel_rebuild
     from .ops.rebuild import rebuild
 
@@ -304,9 +309,9 @@ def _step_rebuild(cfg: BenchConfig, name: str = "rebuild", full: bool = True) ->
     doc = result.to_json()
     events = doc["replayed"]["events"]
     if full and (doc["applied"] != cfg.events or events != cfg.events):
-        raise RuntimeError(f"rebuild folded {doc['applied']} of {cfg.events} events")
+        raise BenchFailed(f"rebuild folded {doc['applied']} of {cfg.events} events")
     if not full and doc["replayed"]["from_snapshot"] != cfg.snapshot_entries:
-        raise RuntimeError(f"rebuild did not start from the snapshot: {doc['rejected_snapshots']}")
+        raise BenchFailed(f"rebuild did not start from the snapshot: {doc['rejected_snapshots']}")
     r = StepResult(name, events, seconds, peak_rss_mb(),
                    {"from_snapshot": doc["replayed"]["from_snapshot"], "notes": doc["notes"]} if not full else {})
     return _with_workers(r, result.workers, result.worker_peak_rss)
@@ -322,7 +327,7 @@ def _step_eventsourcing(cfg: BenchConfig) -> StepResult:
         events += get(aggregate_id).version
     seconds = time.perf_counter() - t0
     if events != cfg.events:
-        raise RuntimeError(f"eventsourcing rebuilt {events} of {cfg.events} events")
+        raise BenchFailed(f"eventsourcing rebuilt {events} of {cfg.events} events")
     return StepResult("eventsourcing", events, seconds, peak_rss_mb(), {"aggregates": len(ids)})
 
 
@@ -345,7 +350,7 @@ def run_step_here(name: str, cfg: BenchConfig) -> StepResult:
     if name == "setup_eventsourcing":
         seconds = write_es_story(cfg.es_db, cfg.events, cfg.streams, cfg.seed)
         return StepResult(name, cfg.events, seconds, peak_rss_mb())
-    raise ValueError(f"no bench step {name!r}")
+    raise BadInput(f"no bench step {name!r}")
 
 
 def _start_step(name: str, cfg: BenchConfig) -> subprocess.Popen[str]:
@@ -358,7 +363,7 @@ def _start_step(name: str, cfg: BenchConfig) -> subprocess.Popen[str]:
 def _finish_step(name: str, proc: subprocess.Popen[str]) -> StepResult:
     out, err = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"bench step {name} failed (exit {proc.returncode}):\n{err.strip()[-3000:]}")
+        raise BenchFailed(f"bench step {name} failed (exit {proc.returncode}):\n{err.strip()[-3000:]}")
     d = json.loads(out.strip().splitlines()[-1])
     return StepResult(d.pop("name"), d.pop("events"), d.pop("seconds"), d.pop("peak_rss_mb"),
                       {k: v for k, v in d.items() if k != "events_per_s"})

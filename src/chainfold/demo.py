@@ -13,7 +13,7 @@
 5. **validate**: a fresh full rebuild equals the repaired state for every stream, ``verify`` finds
    the log intact, and the repaired export reconciles clean.
 
-:func:`run_demo` does it all and returns the repair's reconcile report (SPEC §4) with a ``demo``
+:func:`run_demo` does it all and returns the repair's reconcile report (docs/cli.md) with a ``demo``
 section; ``narrate`` receives the story line by line (rich markup allowed).
 """
 
@@ -31,22 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
+from rich.markup import escape
 
 from .log.broker import BrokerOptions, connect, resolve_url
 from .envelope import Event, encode
 from .errors import BadInput, ChainfoldError
 from .examples import accounts
-from .replay.fold import load_model
+from .replay.model import load_model
 from .log.pulsar import PulsarLog
 from .ops.rebuild import rebuild
 from .ops.reconcile import load_processed, load_state_export, load_tracker, reconcile
 from .store.snapshots import topic_dir
 from .ops.verify import verify_log
+from .report_html import render_report
+from .store.atomic import atomic_write
 from .worker import CRASH_EXIT, META_NAME
 
 __all__ = ["run_demo", "DemoFailed", "MODEL"]
 
 MODEL = "chainfold.examples.accounts"
+
+
+def _e(value: object) -> str:
+    """Text from the log or the file system, safe inside the narration's rich markup."""
+    return escape(str(value))
 PUBLISH_CHUNK = 50
 FLUSH_EVERY = 100
 
@@ -58,19 +66,12 @@ class DemoFailed(ChainfoldError):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _events(n: int, streams: int, seed: int) -> list[Event]:
     """The generated events with their per-stream seq (what chainfold's writer would assign)."""
-    seqs: dict[str, int] = {}
-    out = []
-    for d in accounts.generate(n, streams, seed):
-        s = seqs[d["stream"]] = seqs.get(d["stream"], 0) + 1
-        out.append(Event(d["id"], d["stream"], s, d["type"], d["time"], d["data"]))
-    return out
+    return accounts.generate_events(n, streams, seed)
 
 
 def _plan(n: int) -> dict[str, Any]:
@@ -173,10 +174,10 @@ def run_demo(
         topic = log.topic
         n_entries = events + len(foreign_dups) + 2
         demo.update(topic=topic, log_entries=n_entries)
-        narrate(f"[bold]1. publish[/]  {events:,} account events over {streams} accounts to {topic} "
+        narrate(f"[bold]1. publish[/]  {events:,} account events over {streams} accounts to {_e(topic)} "
                 f"({time.monotonic() - t0:.1f}s)")
         narrate(f"   plus, from another producer: {len(foreign_dups)} events published a second time "
-                f"({', '.join(e.id for e in foreign_dups)}) and 2 malformed entries (JSON instead of CBOR; "
+                f"({_e(', '.join(e.id for e in foreign_dups))}) and 2 malformed entries (JSON instead of CBOR; "
                 f"an event without 'stream'): {n_entries:,} log entries")
 
         # 2. the worker, with faults ------------------------------------------------------------------
@@ -187,7 +188,7 @@ def run_demo(
         wargs = ["--topic", topic, "--service-url", url, "--evidence", str(evidence), "--state", str(state_path),
                  "--faults", faults, "--subscription", "payments", "--flush-every", str(FLUSH_EVERY)]
         narrate(f"[bold]2. run the worker[/]  python -m chainfold.worker (Pulsar subscription 'payments', "
-                f"commit + ack every {FLUSH_EVERY} messages) with faults: {faults}")
+                f"commit + ack every {FLUSH_EVERY} messages) with faults: {_e(faults)}")
         rc1, _ = _run_worker(wargs, wd / "worker-run1.log", worker_timeout)
         meta = json.loads((evidence / META_NAME).read_text()) if (evidence / META_NAME).exists() else {}
         if rc1 != CRASH_EXIT:
@@ -207,7 +208,7 @@ def run_demo(
                 f"partly acked batch. The worker handled them again; {s2['received']:,} received in this run, "
                 f"{s2['handled']:,} handled ({time.monotonic() - t0:.1f}s for both runs)")
         narrate(f"   the worker's own account of its faults: {len(meta['skipped'])} message(s) skipped, "
-                f"{len(meta['mishandled'])} {etype} event(s) mishandled (messages {lo:,}..{hi:,}), "
+                f"{len(meta['mishandled'])} {_e(etype)} event(s) mishandled (messages {lo:,}..{hi:,}), "
                 f"1 crash before ack")
         demo["worker"] = {"run2": s2, "received": meta["received"], "redelivered": redelivered,
                           "skipped": meta["skipped"], "mishandled": meta["mishandled"], "crashes": meta["crashes"]}
@@ -217,9 +218,9 @@ def run_demo(
         state = load_state_export(str(state_path))
         processed = load_processed(str(evidence / "processed.jsonl"))
         tracker = load_tracker(str(evidence / "checkpoints.jsonl"))
-        narrate(f"[bold]3. detect[/]  chainfold reconcile {topic} --model {MODEL} --state {state_path} "
-                f"--processed {evidence / 'processed.jsonl'} --checkpoints {evidence / 'checkpoints.jsonl'} "
-                f"--snapshots {snaps}{svc}")
+        narrate(f"[bold]3. detect[/]  chainfold reconcile {_e(topic)} --model {MODEL} --state {_e(state_path)} "
+                f"--processed {_e(evidence / 'processed.jsonl')} --checkpoints {_e(evidence / 'checkpoints.jsonl')} "
+                f"--snapshots {_e(snaps)}{_e(svc)}")
         found = reconcile(log, model, snapshots_root=snaps, state=state, state_path=str(state_path),
                           processed=processed, tracker=tracker)
         fdoc = found.to_json()
@@ -227,8 +228,8 @@ def run_demo(
         narrate(f"   verdict {fdoc['verdict'].upper()} after {time.monotonic() - t0:.1f}s: "
                 f"{fdoc['log']['events']:,} log entries, {fdoc['processed']['events']:,} handled by the worker")
         if fd:
-            narrate(f"   first divergence: entry {fd['index']:,} (segment {fd['segment']}), event {fd['event_id']}, "
-                    f"message {fd['message_id']}"
+            narrate(f"   first divergence: entry {fd['index']:,} (segment {fd['segment']}), event {_e(fd['event_id'])}, "
+                    f"message {_e(fd['message_id'])}"
                     + (": the first message the worker skipped" if fd["event_id"] in meta["skipped"] else ""))
         tinfo = fdoc.get("tracker") or {}
         if tinfo:
@@ -246,12 +247,12 @@ def run_demo(
                 + (f" and {len(again_ids)} of the other producer's copies" if again_ids else "")
                 + f" were applied again); {len(foreign_dups)} stored twice in the log")
         narrate(f"   out of order: {len(fdoc['out_of_order'])} (handled after a later event of the same account)")
-        narrate(f"   malformed log entries: {len(fdoc['malformed'])} ({', '.join(fdoc['malformed'])}), "
+        narrate(f"   malformed log entries: {len(fdoc['malformed'])} ({_e(', '.join(fdoc['malformed']))}), "
                 "reported, never folded")
         mis_streams = {e.stream for e in evs if e.id in set(meta["mishandled"])}
         ds = {d["stream"] for d in fdoc["divergent_streams"]}
         narrate(f"   divergent accounts: {len(ds)} of {streams} ({len(mis_streams & ds)} touched by the "
-                f"mishandled {etype} events, the rest by duplicates and skips)")
+                f"mishandled {_e(etype)} events, the rest by duplicates and skips)")
         demo["detect"] = {k: fdoc[k] for k in ("verdict", "first_divergence")}
         demo["detect"].update({k: len(fdoc[k]) for k in ("missing", "duplicates", "out_of_order", "malformed",
                                                          "divergent_streams")})
@@ -261,7 +262,7 @@ def run_demo(
 
         # 4. replay + repair --------------------------------------------------------------------------
         t0 = time.monotonic()
-        narrate(f"[bold]4. replay + repair[/]  chainfold reconcile ... --repair {repaired_path}")
+        narrate(f"[bold]4. replay + repair[/]  chainfold reconcile ... --repair {_e(repaired_path)}")
         fixed = reconcile(log, model, snapshots_root=snaps, state=state, state_path=str(state_path),
                           processed=processed, tracker=tracker, repair=True)
         doc = fixed.to_json()
@@ -274,38 +275,42 @@ def run_demo(
             src = f"the snapshot at {rp['from_snapshot']:,} entries" if rp["from_snapshot"] is not None \
                 else "the start of the log"
             narrate(f"   replayed {len(fixed.corrections)} divergent account(s) from {src} ({rp['events']:,} "
-                    f"entries read, {time.monotonic() - t0:.1f}s); corrected state → {repaired_path}, "
-                    f"{len(fixed.corrections)} corrections (each with an idempotency key) → {corrections_path}")
+                    f"entries read, {time.monotonic() - t0:.1f}s); corrected state → {_e(repaired_path)}, "
+                    f"{len(fixed.corrections)} corrections (each with an idempotency key) → {_e(corrections_path)}")
         else:
-            narrate(f"   [bold red]no repair[/]: {'; '.join(doc['notes']) or doc['verdict']}")
+            narrate(f"   [bold red]no repair[/]: {_e('; '.join(doc['notes']) or doc['verdict'])}")
 
         # 5. validate ---------------------------------------------------------------------------------
         t0 = time.monotonic()
         checks: dict[str, Any] = {}
-        narrate(f"[bold]5. validate[/]  chainfold rebuild {topic} --full --model {MODEL}; chainfold verify {topic}")
+        narrate(f"[bold]5. validate[/]  chainfold rebuild {_e(topic)} --full --model {MODEL}; chainfold verify {_e(topic)}")
         fresh = rebuild(log, model, snapshots_root=snaps, full=True, write_snapshots=False).folder.rendered()
         repaired = fixed.repaired_states or {}
         differ = sorted(s for s in set(fresh) | set(repaired) if fresh.get(s) != repaired.get(s))
         checks["rebuild_equals_repaired"] = not differ and bool(repaired)
         checks["streams_compared"] = len(set(fresh) | set(repaired))
         narrate(f"   fresh full rebuild vs repaired state: {checks['streams_compared']} accounts compared, "
-                + ("all equal" if not differ else f"{len(differ)} differ: {', '.join(differ[:5])}"))
-        vr = verify_log(log, topic_dir(snaps, topic), snapshots_root=snaps)
+                + ("all equal" if not differ else f"{len(differ)} differ: {_e(', '.join(differ[:5]))}"))
+        vr = verify_log(log, record_dir=topic_dir(snaps, topic), snapshots_root=snaps)
         vdoc = vr.to_json()
         checks["verify"] = vdoc["verdict"]
         narrate(f"   verify: {vdoc['verdict']} ({vdoc['log']['events']:,} entries, {vdoc['log']['segments']} "
                 f"segments, head {vdoc['log']['head'][:16]}…)")
         again = reconcile(log, model, snapshots_root=snaps, state=repaired, state_path=str(repaired_path))
         checks["repaired_reconciles"] = again.verdict
-        narrate(f"   chainfold reconcile {topic} --state {repaired_path}: {again.verdict}")
+        narrate(f"   chainfold reconcile {_e(topic)} --state {_e(repaired_path)}: {again.verdict}")
         ok = (doc["verdict"] == "repaired" and checks["rebuild_equals_repaired"] and vr.intact
               and again.verdict == "consistent")
         demo["validation"] = checks
         demo["ok"] = ok
         demo["seconds"] = round(time.monotonic() - t_start, 2)
-        narrate(("[bold green]repaired and validated[/]" if ok else "[bold red]NOT validated[/]")
-                + f" in {demo['seconds']:.1f}s; everything is in {wd}")
         doc["demo"] = demo
+        html_path = wd / "reconcile-report.html"
+        doc["html"] = str(html_path)
+        atomic_write(html_path, render_report(doc).encode("utf-8"))
+        narrate(("[bold green]repaired and validated[/]" if ok else "[bold red]NOT validated[/]")
+                + f" in {demo['seconds']:.1f}s; everything is in {_e(wd)}")
+        narrate(f"   the reconcile report for a browser: {_e(html_path)}")
         return doc
     finally:
         log.close()

@@ -1,4 +1,4 @@
-"""Where bytes become events: the format-1 event envelope of SPEC §1.
+"""Where bytes become events: the format-1 event envelope of docs/formats.md.
 
 One event is one Pulsar message whose payload is a CBOR map in deterministic encoding
 (RFC 8949 §4.2.1). :func:`encode` always produces the same bytes for the same event;
@@ -38,7 +38,7 @@ def _decoder() -> cbor2.CBORDecoder:
 
 
 class Event(NamedTuple):
-    """One event, as a model sees it (SPEC §1 and §5). Immutable.
+    """One event, as a model sees it (docs/formats.md, docs/models.md). Immutable.
 
     ``seq`` is the 1-based position in its stream; ``None`` when a foreign producer did not set it.
     ``time`` is milliseconds since the Unix epoch.
@@ -73,7 +73,7 @@ def _is_uint(v: object) -> bool:
 def decode(payload: bytes) -> Event:
     """Decode one payload; raise :class:`MalformedEnvelope` (without message id) if it is not one.
 
-    Keys other than those of SPEC §1 are tolerated and ignored. Bytes after the map, and a key
+    Keys other than those of the envelope (docs/formats.md) are tolerated and ignored. Bytes after the map, and a key
     repeated inside it, make the payload malformed.
     """
     # The hot path of every replay: one C call decodes, the checks are one expression, and the
@@ -103,12 +103,18 @@ def decode(payload: bytes) -> Event:
 
 def _decode_checked(payload: bytes) -> Event:
     """:func:`decode` the slow way, naming what is wrong with a malformed payload."""
+    if not payload:
+        raise MalformedEnvelope("empty payload")
     dec = _local.__dict__.get("dec") or _decoder()
     fp = dec.fp = _BytesIO(payload)
     try:
         m = dec.decode()
     except Exception as exc:  # cbor2 raises several types, and ValueError/TypeError/etc.
-        raise MalformedEnvelope(f"not CBOR: {exc}") from None
+        raise MalformedEnvelope(_foreign(payload) or f"not CBOR: {exc}") from None
+    if fp.tell() != len(payload) or type(m) is not dict:
+        foreign = _foreign(payload)
+        if foreign:
+            raise MalformedEnvelope(foreign)
     if fp.tell() != len(payload):
         raise MalformedEnvelope(f"{len(payload) - fp.tell()} byte(s) after the CBOR item")
     if type(m) is not dict:
@@ -137,6 +143,33 @@ def _decode_checked(payload: bytes) -> Event:
     return Event(eid, stream, seq, etype, etime, data)
 
 
+def _foreign(payload: bytes) -> str | None:
+    """What a payload that is not a CBOR envelope looks like, when it is recognisably something else
+    (JSON or plain text, as a producer that does not use chainfold's writer sends); else None."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    stripped = text.strip()
+    try:
+        json.loads(stripped)
+    except ValueError:
+        pass
+    else:
+        return "looks like JSON, expected a CBOR map (the event envelope, docs/formats.md)"
+    if stripped and stripped.isprintable():
+        preview = stripped if len(stripped) <= 40 else stripped[:39] + "…"
+        return f"looks like text ({preview!r}), expected a CBOR map (the event envelope, docs/formats.md)"
+    return None
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """``bad JSON: <what> at column <n>`` for a JSON parse error (callers name the file and line);
+    some of json's messages end in "at" themselves ("Invalid control character at")."""
+    msg = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    return f"bad JSON: {msg} at column {exc.colno}"
+
+
 def event_to_json(event: Event) -> dict[str, Any]:
     """The event as a JSON object (the shape ``chainfold publish`` reads and ``read`` writes)."""
     out: dict[str, Any] = {"id": event.id, "stream": event.stream}
@@ -147,7 +180,7 @@ def event_to_json(event: Event) -> dict[str, Any]:
 
 
 def event_from_json(obj: Any, *, path: str = "-", line: int = 0, now_ms: int | None = None) -> Event:
-    """Validate one parsed JSON Lines input object (SPEC §4 ``publish``) and make an :class:`Event`.
+    """Validate one parsed JSON Lines input object (``publish``, docs/cli.md) and make an :class:`Event`.
 
     ``id``, ``stream``, ``type`` and ``data`` are required; ``time`` defaults to now. A ``seq`` in the
     input is checked for type but the writer assigns the real one. Raises :class:`MalformedInputLine`.
@@ -187,4 +220,4 @@ def parse_json_line(text: str, *, path: str, line: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MalformedInputLine(path, line, f"bad JSON: {exc.msg} at column {exc.colno}") from None
+        raise MalformedInputLine(path, line, json_error(exc)) from None

@@ -3,7 +3,7 @@
 An ``eventsourcing`` domain event becomes one chainfold :class:`~chainfold.envelope.Event`
 (:func:`to_event`, :func:`events_from_aggregate`), and :class:`AggregateModel` turns such events
 back into the domain events and lets them mutate the aggregate, exactly as the library's own
-repository reconstructs it. Mapping of one domain event (SPEC §1 keys)::
+repository reconstructs it. Mapping of one domain event (envelope keys, docs/formats.md)::
 
     id      "<originator_id>:<originator_version>"     deterministic: republishing is idempotent
     stream  str(originator_id)
@@ -28,7 +28,7 @@ JSON (JSON Lines, state exports) and canonical CBOR alike.
 CBOR bytes, usable by eventsourcing applications themselves
 (``TRANSCODER_TOPIC=chainfold.es:CBORTranscoder``).
 
-:class:`AggregateModel` is a pure model (SPEC §5): ``apply`` never changes the aggregate it is
+:class:`AggregateModel` is a pure model (docs/models.md): ``apply`` never changes the aggregate it is
 given. It copies the aggregate first (:func:`copy_aggregate`, a deep copy that shares only
 immutable values) and mutates the copy. Only the event classes of the aggregate class (and any
 given in ``topics``) are accepted as event types: a log entry can never make the model import or
@@ -352,7 +352,7 @@ def _source_hash(cls: type) -> str:
 
 
 class AggregateModel:
-    """A chainfold model (SPEC §5) whose states are instances of an ``eventsourcing`` aggregate class.
+    """A chainfold model (docs/models.md) whose states are instances of an ``eventsourcing`` aggregate class.
 
     ``initial(stream)`` is ``None`` (no aggregate yet); ``apply`` turns the envelope back into the
     domain event and calls ``domain_event.mutate()`` on a copy of the aggregate (so the given

@@ -55,7 +55,7 @@ def iter_json_lines(path: str, *, name: str | None = None) -> Iterator[tuple[int
 
 
 def read_events(path: str) -> tuple[list[Event], list[int]]:
-    """Validate a JSON Lines events file (SPEC §4 ``publish``); return the events and their line numbers.
+    """Validate a JSON Lines events file (``publish``, docs/cli.md); return the events and their line numbers.
 
     Refused whole on the first bad line: bad JSON, missing or mistyped keys, or an ``id`` that
     already appeared earlier in the file (both lines named).

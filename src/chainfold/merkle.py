@@ -1,4 +1,4 @@
-"""RFC 9162 Merkle tree hashes over the log (SPEC §2): hasher, roots, proofs, compact ranges.
+"""RFC 9162 Merkle tree hashes over the log (docs/formats.md): hasher, roots, proofs, compact ranges.
 
 The tree is the one of RFC 9162 §2.1 (identical to RFC 6962), with SHA-256::
 
@@ -8,18 +8,22 @@ The tree is the one of RFC 9162 §2.1 (identical to RFC 6962), with SHA-256::
 
 Every function taking ``leaves`` takes *leaf hashes* (the output of :func:`leaf_hash`), never raw
 payloads. Builders (:func:`root`, :func:`inclusion_proof`, :func:`consistency_proof`) raise
-``ValueError`` on bad arguments; verifiers (:func:`verify_inclusion`, :func:`verify_consistency`)
-never raise: any malformed input makes them return ``False``.
+:class:`~chainfold.errors.InvalidArgument` (a ``ValueError``) on bad arguments; verifiers
+(:func:`verify_inclusion`, :func:`verify_consistency`) never raise: any malformed input makes them
+return ``False``.
 
-:class:`CompactRange` is the incremental form: the roots of the perfect subtrees covering
-``[0, size)`` (one per set bit of ``size``), enough to append and to compute the root in
-O(log n) memory. It is what the per-segment hashing of :mod:`chainfold.hashing.chain` is built on.
+:class:`CompactRange` is the incremental form: the roots of the perfect subtrees covering leaves
+``[begin, end)``, enough to append, to merge with the adjacent range and to compute the root in
+O(log n) memory. The per-segment hashing of :mod:`chainfold.hashing.chain` is built on it, and
+ranges hashed apart (by tasks of a distributed engine) merge into the ranges of whole segments.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+
+from .errors import InvalidArgument
 
 __all__ = [
     "HASH_SIZE",
@@ -31,6 +35,7 @@ __all__ = [
     "consistency_proof",
     "verify_inclusion",
     "verify_consistency",
+    "decompose",
     "CompactRange",
 ]
 
@@ -89,18 +94,18 @@ def _check_leaves(leaves: Sequence[bytes]) -> int:
     n = len(leaves)
     for h in leaves:
         if type(h) is not bytes or len(h) != HASH_SIZE:
-            raise ValueError("leaves must be 32-byte leaf hashes")
+            raise InvalidArgument("leaves must be 32-byte leaf hashes")
     return n
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """The audit path of leaf ``index`` in the tree over ``leaves`` (RFC 9162 §2.1.3.1), leaf to root.
 
-    Raises ``ValueError`` unless ``0 <= index < len(leaves)``.
+    Raises :class:`~chainfold.errors.InvalidArgument` unless ``0 <= index < len(leaves)``.
     """
     n = _check_leaves(leaves)
     if type(index) is not int or not 0 <= index < n:
-        raise ValueError(f"index {index!r} out of range for a tree of size {n}")
+        raise InvalidArgument(f"index {index!r} out of range for a tree of size {n}")
     path: list[bytes] = []
     lo, hi, m = 0, n, index
     while hi - lo > 1:
@@ -118,12 +123,12 @@ def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
     """The proof that the tree over ``leaves[:old_size]`` is a prefix of the tree over ``leaves``.
 
-    RFC 9162 §2.1.4.1 (SUBPROOF). Raises ``ValueError`` unless ``0 < old_size <= len(leaves)``;
+    RFC 9162 §2.1.4.1 (SUBPROOF). Raises :class:`~chainfold.errors.InvalidArgument` unless ``0 < old_size <= len(leaves)``;
     ``old_size == len(leaves)`` gives the empty proof.
     """
     n = _check_leaves(leaves)
     if type(old_size) is not int or not 0 < old_size <= n:
-        raise ValueError(f"old_size {old_size!r} out of range for a tree of size {n}")
+        raise InvalidArgument(f"old_size {old_size!r} out of range for a tree of size {n}")
     proof: list[bytes] = []
     lo, hi, m, complete = 0, n, old_size, True
     while m != hi - lo:
@@ -242,108 +247,206 @@ def verify_consistency(
 # --- compact ranges --------------------------------------------------------------------------------
 
 
-class CompactRange:
-    """The Merkle tree over ``[0, size)`` held as its frontier: O(log n) hashes.
+def decompose(begin: int, end: int) -> list[int]:
+    """Heights of the perfect subtrees that exactly cover leaves ``[begin, end)``, left to right.
 
-    The frontier is the list of roots of the perfect subtrees that cover ``[0, size)``, left to
-    right, one per set bit of ``size`` from the highest down (so ``len(frontier) == popcount(size)``).
-    :meth:`append` adds one leaf hash (amortised one node hash); :meth:`append_subtree` adds the root
-    of a whole perfect subtree of ``2**height`` leaves as one node; :meth:`root` is the RFC 9162 root
-    of everything appended, equal to :func:`root` over all the leaves. Hashes are not checked on the
-    hot path: pass 32-byte leaf hashes.
+    Each subtree of height h covers ``[m * 2**h, (m+1) * 2**h)`` for some m (it is a node of the
+    RFC 9162 tree over any log that long). Heights first rise from ``begin`` and then fall towards
+    ``end``; for ``begin == 0`` they only fall (one per set bit of ``end``).
+    """
+    heights: list[int] = []
+    while begin < end:
+        h = (begin & -begin).bit_length() - 1 if begin else (end - begin).bit_length() - 1
+        while begin + (1 << h) > end:
+            h -= 1
+        heights.append(h)
+        begin += 1 << h
+    return heights
+
+
+Visit = Callable[[int, int, bytes], None]
+"""``visit(height, index, hash)``: called for every node a :class:`CompactRange` learns: each leaf
+appended (height 0) and each node it hashes; ``index`` counts nodes of that height from the left."""
+
+
+class CompactRange:
+    """The Merkle tree nodes that cover leaves ``[begin, end)``: O(log n) hashes, mergeable.
+
+    ``hashes`` are the roots of the perfect subtrees that exactly cover the range, left to right
+    (their heights are :func:`decompose` ``(begin, end)``). A range grows at its end, leaf by leaf
+    (:meth:`append`, :meth:`extend`) or by whole subtrees (:meth:`append_subtree`), and absorbs the
+    range that starts where it ends (:meth:`merge`), so ranges built independently (per segment,
+    per task) combine into the range of them all. :meth:`root` is the RFC 9162 root of an
+    *aligned* range, one whose subtrees shrink from left to right so that its leaves form a tree of
+    their own: any ``[0, n)`` (the root equals :func:`root` over all the leaves) and any part of a
+    segment that starts the segment, ``[k * S, k * S + m)`` with ``m <= S``. ``visit`` callbacks report every node
+    learnt, as transparency-dev/merkle's ``compact.Range`` does: the nodes of height ``log2(S)``
+    are the segment roots. Hashes are not checked on the hot path: pass 32-byte hashes.
     """
 
-    __slots__ = ("_size", "_hashes")
+    __slots__ = ("_begin", "_end", "_hashes")
 
-    def __init__(self) -> None:
-        self._size = 0
+    def __init__(self, begin: int = 0) -> None:
+        if type(begin) is not int or begin < 0:
+            raise InvalidArgument(f"begin must be a non-negative int, not {begin!r}")
+        self._begin = begin
+        self._end = begin
         self._hashes: list[bytes] = []
 
     @classmethod
-    def from_frontier(cls, size: int, hashes: Iterable[bytes]) -> CompactRange:
-        """Resume from a saved :attr:`size` and :attr:`frontier`; ``ValueError`` if they cannot match."""
+    def from_hashes(cls, begin: int, end: int, hashes: Iterable[bytes]) -> CompactRange:
+        """The range ``[begin, end)`` with the given subtree roots (:attr:`hashes`);
+        :class:`~chainfold.errors.InvalidArgument` if they cannot cover it."""
         hs = list(hashes)
-        if type(size) is not int or size < 0:
-            raise ValueError(f"size must be a non-negative int, not {size!r}")
-        if len(hs) != bin(size).count("1"):
-            want = bin(size).count("1")
-            raise ValueError(f"a range of size {size} has {want} frontier hashes, not {len(hs)}")
+        for v in (begin, end):
+            if type(v) is not int or v < 0:
+                raise InvalidArgument(f"range bounds must be non-negative ints, not {v!r}")
+        if end < begin:
+            raise InvalidArgument(f"a range cannot end ({end}) before it begins ({begin})")
+        want = len(decompose(begin, end))
+        if len(hs) != want:
+            raise InvalidArgument(f"a range [{begin}, {end}) has {want} subtree hashes, not {len(hs)}")
         for h in hs:
             if type(h) is not bytes or len(h) != HASH_SIZE:
-                raise ValueError("frontier hashes must be 32-byte bytes")
-        cr = cls()
-        cr._size = size
+                raise InvalidArgument("subtree hashes must be 32-byte bytes")
+        cr = cls(begin)
+        cr._end = end
         cr._hashes = hs
         return cr
+
+    @classmethod
+    def from_frontier(cls, size: int, hashes: Iterable[bytes]) -> CompactRange:
+        """The range ``[0, size)`` from a saved :attr:`size` and :attr:`frontier`."""
+        if type(size) is not int or size < 0:
+            raise InvalidArgument(f"size must be a non-negative int, not {size!r}")
+        return cls.from_hashes(0, size, hashes)
+
+    @property
+    def begin(self) -> int:
+        """Index of the first leaf covered."""
+        return self._begin
+
+    @property
+    def end(self) -> int:
+        """Index after the last leaf covered."""
+        return self._end
 
     @property
     def size(self) -> int:
         """Number of leaves covered."""
-        return self._size
+        return self._end - self._begin
 
     @property
-    def frontier(self) -> list[bytes]:
-        """A copy of the frontier: perfect-subtree roots, left to right."""
+    def hashes(self) -> list[bytes]:
+        """A copy of the subtree roots covering the range, left to right."""
         return list(self._hashes)
 
-    def append(self, leaf_hash: bytes) -> None:
-        """Add one leaf hash at index :attr:`size`."""
+    frontier = hashes
+
+    def _push(self, height: int, node: bytes, visit: Visit | None) -> None:
+        """Add the node of ``height`` that starts at :attr:`end`, hashing it with every left
+        neighbour it completes a subtree with (those inside the range)."""
         hashes = self._hashes
-        n = self._size
-        self._size = n + 1
-        h = leaf_hash
-        if n & 1:
-            sha = _sha256
-            while n & 1:  # merge equal-height subtrees: one node hash per trailing one bit
-                h = sha(b"\x01" + hashes.pop() + h).digest()
-                n >>= 1
-        hashes.append(h)
+        begin = self._begin
+        e = self._end >> height
+        self._end += 1 << height
+        sha = _sha256
+        while e & 1 and (e - 1) << height >= begin:
+            node = sha(b"\x01" + hashes.pop() + node).digest()
+            e >>= 1
+            height += 1
+            if visit is not None:
+                visit(height, e, node)
+        hashes.append(node)
 
-    def extend(self, leaf_hashes: Iterable[bytes]) -> None:
-        """Append each of ``leaf_hashes`` in order."""
-        append = self.append
+    def append(self, leaf_hash: bytes, visit: Visit | None = None) -> None:
+        """Add one leaf hash at :attr:`end`."""
+        self.extend((leaf_hash,), visit)
+
+    def extend(self, leaf_hashes: Iterable[bytes], visit: Visit | None = None) -> None:
+        """Append each of ``leaf_hashes`` in order.
+
+        This loop is the one per-entry tree-hashing loop of chainfold (every replay runs through
+        it): while the range stays inside the aligned block that ``begin`` starts (always, for a
+        range from 0 and for a segment), the trailing one bits of the leaf count say which nodes
+        complete, with no bounds to check; otherwise (or with ``visit``) each leaf goes the
+        general way.
+        """
+        begin = self._begin
+        block = begin & -begin
+        if visit is not None or (begin and not isinstance(leaf_hashes, (list, tuple))) \
+                or (begin and self._end - begin + len(leaf_hashes) > block):  # type: ignore[arg-type]
+            for h in leaf_hashes:
+                if visit is not None:
+                    visit(0, self._end, h)
+                self._push(0, h, visit)
+            return
+        hashes = self._hashes
+        pop, push = hashes.pop, hashes.append
+        sha = _sha256
+        n = self._end - begin
         for h in leaf_hashes:
-            append(h)
+            m = n
+            n += 1
+            while m & 1:  # one node hash per trailing one bit of the count before this leaf
+                h = sha(b"\x01" + pop() + h).digest()
+                m >>= 1
+            push(h)
+        self._end = begin + n
 
-    def append_subtree(self, height: int, subtree_root: bytes) -> None:
-        """Add the root of a perfect subtree of ``2**height`` leaves at :attr:`size`.
+    def append_subtree(self, height: int, subtree_root: bytes, visit: Visit | None = None) -> None:
+        """Add the root of a perfect subtree of ``2**height`` leaves at :attr:`end`.
 
-        The subtree must be a node of the whole tree: :attr:`size` must be a multiple of
-        ``2**height`` (``ValueError`` otherwise). This is how full segment roots are pushed.
+        The subtree must be a node of the whole tree: :attr:`end` must be a multiple of
+        ``2**height`` (:class:`~chainfold.errors.InvalidArgument` otherwise). Full segment roots
+        are pushed this way.
         """
         if type(height) is not int or height < 0:
-            raise ValueError(f"height must be a non-negative int, not {height!r}")
+            raise InvalidArgument(f"height must be a non-negative int, not {height!r}")
         if type(subtree_root) is not bytes or len(subtree_root) != HASH_SIZE:
-            raise ValueError("subtree_root must be 32-byte bytes")
-        n = self._size
-        if n & ((1 << height) - 1):
-            raise ValueError(f"a subtree of height {height} cannot start at index {n}")
-        self._size = n + (1 << height)
-        n >>= height
-        hashes = self._hashes
-        h = subtree_root
-        while n & 1:
-            h = _sha256(b"\x01" + hashes.pop() + h).digest()
-            n >>= 1
-        hashes.append(h)
+            raise InvalidArgument("subtree_root must be 32-byte bytes")
+        if self._end & ((1 << height) - 1):
+            raise InvalidArgument(f"a subtree of height {height} cannot start at index {self._end}")
+        self._push(height, subtree_root, visit)
+
+    def merge(self, other: CompactRange, visit: Visit | None = None) -> None:
+        """Absorb ``other``, the range that starts where this one ends: this range then covers
+        ``[begin, other.end)``. Nodes that now complete are hashed (and visited)."""
+        if not isinstance(other, CompactRange):
+            raise InvalidArgument(f"not a CompactRange: {other!r}")
+        if other._begin != self._end:
+            raise InvalidArgument(f"ranges are not adjacent: [{self._begin}, {self._end}) and "
+                                  f"[{other._begin}, {other._end})")
+        for height, node in zip(decompose(other._begin, other._end), list(other._hashes)):
+            self._push(height, node, visit)
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the range's subtrees shrink from left to right, so that its leaves form an RFC
+        9162 tree of their own (see the class doc)."""
+        hs = decompose(self._begin, self._end)
+        return all(a > b for a, b in zip(hs, hs[1:]))
 
     def root(self) -> bytes:
-        """The RFC 9162 root over all leaves appended so far (``SHA-256(b"")`` when empty)."""
+        """The RFC 9162 root over the leaves of an aligned range (``SHA-256(b"")`` when empty);
+        :class:`~chainfold.errors.InvalidArgument` for a range that is not aligned."""
+        if not self.aligned:
+            raise InvalidArgument(f"[{self._begin}, {self._end}) is not an aligned range: it has no root of its own")
         return _fold(self._hashes)
 
     def copy(self) -> CompactRange:
         """An independent copy."""
-        cr = CompactRange()
-        cr._size = self._size
+        cr = CompactRange(self._begin)
+        cr._end = self._end
         cr._hashes = list(self._hashes)
         return cr
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CompactRange):
             return NotImplemented
-        return self._size == other._size and self._hashes == other._hashes
+        return (self._begin, self._end, self._hashes) == (other._begin, other._end, other._hashes)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"CompactRange(size={self._size}, frontier={len(self._hashes)} hashes)"
+        return f"CompactRange([{self._begin}, {self._end}), {len(self._hashes)} hashes)"

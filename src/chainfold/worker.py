@@ -7,10 +7,16 @@ It keeps bank-account balances (:mod:`chainfold.examples.accounts`) from a Pulsa
   event id it already handled in this process (an in-memory idempotency cache: it does not survive
   a restart), apply the event to the account, and tell :class:`~chainfold.tracker.Tracker` it handled
   it: after handling, before the ack;
-* every ``flush_every`` messages, commit: write the state export (SPEC §3), flush the tracker's
-  evidence (checkpoints, leaf hashes, processed log) and the worker's own bookkeeping, *then* ack
-  the messages of that batch. So the state, the evidence and what was handled always agree, and
-  anything not acked is redelivered by the broker after a crash: at-least-once delivery.
+* every ``flush_every`` messages (and, with ``--commit-seconds S``, at most S seconds after the
+  first message not yet committed, so a quiet stream's evidence still shows up for ``chainfold
+  watch`` within seconds), commit: write the state export (docs/worker-evidence.md), flush the
+  tracker's evidence (checkpoints, leaf hashes, state digests, processed log with handling times)
+  and the worker's own bookkeeping, *then* ack the messages of that batch. So the state, the
+  evidence and what was handled always agree, and anything not acked is redelivered by the broker
+  after a crash: at-least-once delivery. After ``chainfold rewind`` into a producer batch, the
+  broker (Apache Pulsar with batch-index acknowledgement) delivers only the batch's later
+  messages: the worker acknowledges those cumulatively, so the batch is completed (see
+  :class:`_Acker`).
 
 On start it reloads its state export and continues the tracker in the same evidence directory.
 
@@ -35,8 +41,11 @@ state), redeliveries included:
     handling order stays right; only the state is wrong.
 
 Its own bookkeeping, ``worker.json`` in the evidence directory (written with every commit): messages
-received so far, runs, crash points, the ids it skipped and mishandled, and the places of the
-mishandled ones in its handling order (so a test can recompute its state independently).
+received so far, runs, crash points, the ids it skipped and mishandled, and places in its handling
+order (the tracker's size then): of the mishandled events (``mishandled_at``, so a test can
+recompute its state independently), of the skipped ones (``skipped_at``: where the skipped event
+should have been) and of each crash (``crashed_at``: the place of the first handling after the
+restart, a redelivered message handled again).
 
 Run it as ``python -m chainfold.worker --topic T --service-url URL --evidence DIR --state FILE``.
 It stops when no message came for ``--idle`` seconds (default 2) or after ``--count`` messages,
@@ -60,6 +69,7 @@ from typing import Any
 from .envelope import Event, decode
 from .errors import BadInput, ChainfoldError, MalformedEnvelope
 from .examples import accounts
+from .store.atomic import atomic_write
 from .tracker import Tracker
 
 __all__ = ["Faults", "AccountsWorker", "CRASH_EXIT", "main"]
@@ -181,16 +191,6 @@ _MISHANDLERS = {
 # --- the worker ----------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class RunStats:
     """What one run of the worker did (its JSON summary)."""
@@ -224,10 +224,12 @@ class AccountsWorker:
             if not isinstance(doc, dict):
                 raise BadInput(f"{self.state_path}: a state export is one JSON object")
             self.states = doc  # accounts states render to themselves
-        self.tracker = Tracker(self.evidence, processed_log=True, flush_every=1 << 62)
+        # flushed at commits only (see commit), so the evidence never runs ahead of the state export
+        self.tracker = Tracker(self.evidence, processed_log=True, flush_every=1 << 62, flush_interval=None,
+                               handling_times=True)
         self.meta_path = self.evidence / META_NAME
         self.meta: dict[str, Any] = {"received": 0, "runs": 0, "crashes": [], "skipped": [], "mishandled": [],
-                                     "mishandled_at": []}
+                                     "mishandled_at": [], "skipped_at": [], "crashed_at": []}
         if self.meta_path.exists():
             self.meta.update(json.loads(self.meta_path.read_text(encoding="utf-8")))
         self.meta["runs"] += 1
@@ -252,6 +254,7 @@ class AccountsWorker:
         if self.faults.skips(n, ev.id):
             self.run.skipped.append(ev.id)
             self.meta["skipped"].append(ev.id)
+            self.meta["skipped_at"].append(self.tracker.size)
             return "skipped"
         state = self.states.get(ev.stream)
         if state is None:
@@ -268,18 +271,19 @@ class AccountsWorker:
             log.error("event %s (message %s) rejected: %s", ev.id, _mid(message_id), exc)
             self.run.rejected_by_model += 1
             return "rejected"
-        self.states[ev.stream] = accounts.render(new)
+        rendered = self.states[ev.stream] = accounts.render(new)
         self.seen.add(ev.id)
-        self.tracker.handled(payload, message_id, ev.id)  # after handling, before the ack
+        # after handling, before the ack
+        self.tracker.handled(payload, message_id, ev.id, state=rendered, stream=ev.stream)
         self.run.handled += 1
         return "handled"
 
     def commit(self) -> None:
         """Write the state export, flush the evidence and bookkeeping: all durable before any ack."""
-        _write_atomic(self.state_path, json.dumps(self.states, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.state_path, (json.dumps(self.states, indent=1, sort_keys=True) + "\n").encode())
         self.tracker.flush()
         self.meta["received"] = self.received
-        _write_atomic(self.meta_path, json.dumps(self.meta, sort_keys=True))
+        atomic_write(self.meta_path, json.dumps(self.meta, sort_keys=True).encode())
         self.run.commits += 1
 
     def crash_due(self) -> bool:
@@ -304,16 +308,27 @@ def _mid(message_id: Any) -> str:
 
 
 def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, idle: float = 2.0,
-            count: int | None = None) -> dict[str, Any]:
-    """The consumer loop: receive, handle, commit every ``flush_every`` messages, then ack.
+            count: int | None = None, commit_seconds: float | None = None) -> dict[str, Any]:
+    """The consumer loop: receive, handle, commit every ``flush_every`` messages (and at most
+    ``commit_seconds`` after the first uncommitted one, if given), then ack.
 
     Returns the run's summary; a due ``crash-before-ack`` ends the process instead.
     """
     import pulsar
 
     pending: list[Any] = []
+    acker = _Acker(consumer)
     last = time.monotonic()
+    commit_by = float("inf")  # when the oldest uncommitted message must be committed
     n = 0
+
+    def commit_and_ack() -> None:
+        nonlocal commit_by
+        worker.commit()
+        acker.ack(pending)
+        pending.clear()
+        commit_by = float("inf")
+
     # before the first message, wait longer: a failover subscription on Apache Pulsar holds the
     # first delivery back for a second (activeConsumerFailoverDelayTimeMillis)
     wait = max(idle, 10.0)
@@ -321,38 +336,68 @@ def consume(worker: AccountsWorker, consumer: Any, *, flush_every: int = 100, id
         try:
             msg = consumer.receive(timeout_millis=200)
         except pulsar.Timeout:
+            if pending and time.monotonic() >= commit_by:
+                commit_and_ack()
             if time.monotonic() - last >= wait:
                 break
             continue
         wait = idle
         last = time.monotonic()
         n += 1
+        acker.received(msg)
         worker.handle(msg.data(), msg.message_id())
         pending.append(msg)
+        if commit_seconds is not None and commit_by == float("inf"):
+            commit_by = last + commit_seconds
         if worker.crash_due():
             worker.commit()  # the state and evidence hold this message ...
             worker.meta["crashes"].append(worker.received)
-            _write_atomic(worker.meta_path, json.dumps(worker.meta, sort_keys=True))
+            worker.meta["crashed_at"].append(worker.tracker.size)
+            atomic_write(worker.meta_path, json.dumps(worker.meta, sort_keys=True).encode())
             log.error("crash-before-ack: dying after message %d with %d message(s) handled and committed "
                       "but not acked", worker.received, len(pending))
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(CRASH_EXIT)  # ... and is never acked: the broker will redeliver it
-        if len(pending) >= flush_every:
-            worker.commit()
-            for m in pending:
-                consumer.acknowledge(m)
-            pending.clear()
-    worker.commit()
-    for m in pending:
-        consumer.acknowledge(m)
+        if len(pending) >= flush_every or time.monotonic() >= commit_by:
+            commit_and_ack()
+    commit_and_ack()
     return worker.summary()
+
+
+class _Acker:
+    """Acknowledges handled messages: one by one, except the messages of a producer batch that the
+    broker delivered from a batch index above 0 (the broker keeps batch-index acknowledgements and
+    the batch's first messages were acknowledged, as ``chainfold rewind`` into a batch leaves it):
+    those cumulatively, the only acknowledgement that completes such a batch for a consumer without
+    batch-index acknowledgement (which pulsar-lite 0.2.0 does not support: it acknowledges the whole
+    batch). Cumulative is right for this worker: it handles in order, one consumer at a time."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.partial: set[tuple[int, int]] = set()
+        self._entry: tuple[int, int] | None = None
+
+    def received(self, msg: Any) -> None:
+        mid = msg.message_id()
+        entry = (mid.ledger_id(), mid.entry_id())
+        if entry != self._entry and mid.batch_index() > 0:
+            self.partial.add(entry)
+        self._entry = entry
+
+    def ack(self, pending: list[Any]) -> None:
+        for m in pending:
+            mid = m.message_id()
+            if (mid.ledger_id(), mid.entry_id()) in self.partial:
+                self.consumer.acknowledge_cumulative(m)
+            else:
+                self.consumer.acknowledge(m)
 
 
 def run_worker(*, topic: str, service_url: str | None, evidence: str, state: str, faults: Faults,
                subscription: str = "accounts-worker", subscription_type: str = "failover",
                flush_every: int = 100, idle: float = 2.0, count: int | None = None,
-               data_dir: str | None = None) -> dict[str, Any]:
+               data_dir: str | None = None, commit_seconds: float | None = None) -> dict[str, Any]:
     """Subscribe to ``topic`` and run the worker until idle (or ``count`` messages)."""
     import pulsar
 
@@ -368,7 +413,8 @@ def run_worker(*, topic: str, service_url: str | None, evidence: str, state: str
     consumer = client.subscribe(full_topic_name(topic), subscription, consumer_type=ctype,
                                 initial_position=pulsar.InitialPosition.Earliest, receiver_queue_size=1000)
     try:
-        summary = consume(worker, consumer, flush_every=flush_every, idle=idle, count=count)
+        summary = consume(worker, consumer, flush_every=flush_every, idle=idle, count=count,
+                          commit_seconds=commit_seconds)
     finally:
         worker.tracker.close()
     try:
@@ -385,12 +431,15 @@ def main(argv: list[str] | None = None) -> None:
                    "else the embedded broker of --data-dir)")
     p.add_argument("--data-dir", default=None, help="embedded broker data directory (without a service URL)")
     p.add_argument("--evidence", required=True, help="tracker directory (checkpoints, leaves, processed log)")
-    p.add_argument("--state", required=True, help="the state export (SPEC §3), reloaded at start")
+    p.add_argument("--state", required=True, help="the state export (docs/worker-evidence.md), reloaded at start")
     p.add_argument("--faults", action="append", default=[], metavar="SPEC",
                    help="crash-before-ack:N | skip:ID1,ID2 | skip-every:K | mishandle:TYPE:FROM:TO")
     p.add_argument("--subscription", default="accounts-worker")
     p.add_argument("--subscription-type", choices=("failover", "exclusive"), default="failover")
     p.add_argument("--flush-every", type=int, default=100, help="commit (and ack) every N messages")
+    p.add_argument("--commit-seconds", type=float, default=0.0, metavar="S",
+                   help="also commit at most S seconds after the first uncommitted message, so a quiet "
+                   "stream's evidence is visible to chainfold watch (default 0: only every --flush-every)")
     p.add_argument("--idle", type=float, default=2.0, help="stop after this many seconds without a message")
     p.add_argument("--count", type=int, default=None, help="stop after N messages in this run")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -403,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         faults = Faults.parse(a.faults)
         summary = run_worker(topic=a.topic, service_url=a.service_url, evidence=a.evidence, state=a.state,
                              faults=faults, subscription=a.subscription, subscription_type=a.subscription_type,
-                             flush_every=max(1, a.flush_every), idle=a.idle, count=a.count, data_dir=a.data_dir)
+                             flush_every=max(1, a.flush_every), idle=a.idle, count=a.count, data_dir=a.data_dir,
+                             commit_seconds=a.commit_seconds if a.commit_seconds > 0 else None)
         sys.stdout.write(json.dumps(summary) + "\n")
     except ChainfoldError as exc:
         sys.stderr.write(f"worker: error: {exc}\n")

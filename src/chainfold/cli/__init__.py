@@ -1,4 +1,4 @@
-"""The ``chainfold`` command line: a thin layer over the library (SPEC §4).
+"""The ``chainfold`` command line: a thin layer over the library (docs/cli.md).
 
 Data (JSON Lines, ``--json`` reports, state exports) goes to stdout; progress, tables for people and
 logs go to stderr. Exit codes: 0 consistent/done, 1 divergence found, 2 usage or bad input,
@@ -18,5 +18,6 @@ from . import reconcile_cmd as _reconcile  # noqa: F401,E402
 from . import snapshots_cmd as _snapshots  # noqa: F401,E402
 from . import demo_cmd as _demo  # noqa: F401,E402
 from . import bench_cmd as _bench  # noqa: F401,E402
+from . import rewind_cmd as _rewind  # noqa: F401,E402
 
 __all__ = ["main", "cli"]

@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from ..bench import STEPS, BenchReport, new_config, run_bench, run_scaling
-from .common import broker_options, cli, emit_json, json_option, run, stderr, stdout
+from .common import broker_options, cli, emit_json, esc, json_option, run, stderr, stdout
 
 
 def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
@@ -70,7 +70,7 @@ def bench(events: int, streams: int, seed: int, workers: int, steps: tuple[str, 
         workdir = keep_dir or tempfile.mkdtemp(prefix="chainfold-bench-")
 
         def progress(msg: str) -> None:
-            stderr.print(f"[dim]bench:[/] {msg}", markup=True, highlight=False)
+            stderr.print(f"[dim]bench:[/] {esc(msg)}", markup=True, highlight=False)
 
         try:
             if scale:
@@ -87,7 +87,7 @@ def bench(events: int, streams: int, seed: int, workers: int, steps: tuple[str, 
             print_report(report)
         return 0
 
-    run(body)
+    run(body, as_json=as_json)
 
 
 def _rate(v: float) -> str:
@@ -123,7 +123,7 @@ def print_report(report: BenchReport) -> None:
         stdout.print(t)
     for tg in doc["targets"]:
         mark = "[green]met[/]" if tg["met"] else "[red]missed[/]"
-        stdout.print(f"{mark}  {tg['target']}: {tg['value']}")
+        stdout.print(f"{mark}  {esc(tg['target'])}: {esc(tg['value'])}")
     m = doc["machine"]
     stdout.print(f"[dim]{m['cpus']} CPUs, Python {m['python']}, pulsar-client {m['pulsar_client']}; "
                  f"setup (not measured): {doc['setup_seconds']}[/]")

@@ -12,14 +12,24 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..log.broker import BrokerOptions
 from ..errors import BadInput, ChainfoldError
 
-__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "emit_json", "stderr", "stdout", "run"]
+__all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "emit_json", "stderr", "stdout", "run",
+           "esc", "error_json"]
 
-stderr = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False, soft_wrap=True)
+# emoji=False: message ids like 6:3:-1:-1 hold ":-1:", which rich would turn into an emoji. Text
+# that comes from users or the log (ids, stream names, paths, reasons) still needs ``esc`` before it
+# is put into a markup string: a stream called "[/]" would otherwise break or restyle the output.
+stderr = Console(stderr=True, highlight=False, emoji=False)
+stdout = Console(highlight=False, soft_wrap=True, emoji=False)
+
+
+def esc(value: object) -> str:
+    """``value`` as text that rich prints literally inside a markup string."""
+    return escape(str(value))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -75,8 +85,24 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def run(fn: Callable[[], int | None]) -> None:
-    """Run a command body; map chainfold errors to their exit codes with a one-line message.
+_EVIDENCE = (("path", "file"), ("line", "line"), ("stream", "stream"), ("event_id", "event_id"),
+             ("message_id", "message_id"))
+
+
+def error_json(exc: ChainfoldError) -> dict[str, Any]:
+    """The one JSON object a failing ``--json`` command writes: ``{"error": message}`` plus what
+    locates the problem (``file``, ``line``, ``stream``, ``event_id``, ``message_id``) where known."""
+    out: dict[str, Any] = {"error": str(exc), "exit_code": exc.exit_code}
+    for attr, key in _EVIDENCE:
+        value = getattr(exc, attr, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def run(fn: Callable[[], int | None], *, as_json: bool = False) -> None:
+    """Run a command body; map chainfold errors to their exit codes with a one-line message on
+    stderr (and, with ``as_json``, :func:`error_json` on stdout).
 
     The process ends through :func:`_exit`: pulsar-client's native threads can abort the
     interpreter's own shutdown ("terminate called without an active exception"), which would turn
@@ -86,7 +112,9 @@ def run(fn: Callable[[], int | None]) -> None:
     try:
         code = fn() or 0
     except ChainfoldError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {esc(exc)}", markup=True, highlight=False, soft_wrap=True)
+        if as_json:
+            emit_json(error_json(exc))
         code = exc.exit_code
     except KeyboardInterrupt:
         stderr.print("interrupted")
@@ -124,5 +152,5 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except BadInput as exc:  # pragma: no cover - commands use run()
-        stderr.print(f"error: {exc}")
+        stderr.print(f"error: {esc(exc)}")
         sys.exit(2)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
+from rich.console import Console
+from rich.padding import Padding
+from rich.text import Text
 
 from ..demo import run_demo
-from .common import broker_options, cli, emit_json, json_option, run, stderr, stdout
-from .reconcile_cmd import print_reconcile
+from .common import broker_options, cli, emit_json, esc, json_option, run, stderr, stdout
+from .reconcile_view import print_reconcile
 
 
 @cli.command()
@@ -41,10 +45,10 @@ def demo(events: int, streams: int, seed: int | None, workdir: str | None, broke
         if not opts.service_url and ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, None):
             opts = dataclasses.replace(opts, data_dir=str(wd / ".chainfold"))  # self-contained by default
         s = seed if seed is not None else random.randrange(1, 1_000_000)
-        console.print(f"chainfold demo: workdir {wd}, seed {s}"
-                      + ("" if opts.service_url else f", embedded broker in {Path(opts.data_dir).absolute()}"))
-        doc = run_demo(events=events, streams=streams, seed=s, workdir=wd, broker=opts,
-                       narrate=lambda text: console.print(text))
+        narrate = _narrator(console)
+        narrate(f"chainfold demo: workdir {esc(wd)}, seed {s}"
+                + ("" if opts.service_url else f", embedded broker in {esc(Path(opts.data_dir).absolute())}"))
+        doc = run_demo(events=events, streams=streams, seed=s, workdir=wd, broker=opts, narrate=narrate)
         if as_json:
             emit_json(doc)
         else:
@@ -52,4 +56,16 @@ def demo(events: int, streams: int, seed: int | None, workdir: str | None, broke
             print_reconcile(doc)
         return 0 if doc["demo"]["ok"] else 1
 
-    run(body)
+    run(body, as_json=as_json)
+
+
+def _narrator(console: Console) -> Callable[[str], None]:
+    """Print narration (rich markup) wrapped to the console's width, continuation lines indented
+    like the first one, so the story reads well in any terminal."""
+
+    def narrate(text: str) -> None:
+        body = text.lstrip(" ")
+        indent = len(text) - len(body)
+        console.print(Padding(Text.from_markup(body, emoji=False), (0, 0, 0, indent), expand=False), soft_wrap=False)
+
+    return narrate

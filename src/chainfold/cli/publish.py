@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import click
-from rich.markup import escape
 
 from ..errors import BadInput
 from ..jsonl import check_events_file, entry_to_json
@@ -21,7 +20,7 @@ from ..log.publish import publish_file
 from ..log.pulsar import open_log
 from ..log.seqindex import SeqIndex
 from ..store.snapshots import topic_dir
-from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stderr
+from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr
 
 
 @cli.command()
@@ -69,10 +68,10 @@ def publish(topic: str, file: str, broker, snapshots_dir: str, as_json: bool, pr
             emit_json(summary)
         else:
             extra = f" ({report.skipped} already stored)" if report.skipped else ""
-            stderr.print(escape(f"published {report.published} events to {topic_name}{extra} in {dt:.2f}s"))
+            stderr.print(f"published {report.published} events to {esc(topic_name)}{extra} in {dt:.2f}s")
         return 0
 
-    run(body)
+    run(body, as_json=as_json)
 
 
 def _parse_until(text: str | None) -> tuple[MessageId | None, int | None]:
@@ -162,7 +161,7 @@ def read(topic: str, broker, from_: str | None, after: str | None, until: str | 
             n, dropped = tally.entries, tally.redelivered
             whole = not (start or aft or until or count is not None)
             if n == 0 and whole and not follow:
-                stderr.print(escape(_empty_note(log)), soft_wrap=True)
+                stderr.print(esc(_empty_note(log)), soft_wrap=True)
         dt = time.monotonic() - t0
         stderr.print(f"read {n} entries in {dt:.2f}s ({n / dt if dt else 0:,.0f}/s); "
                      f"{dropped} redeliveries dropped")

@@ -10,16 +10,17 @@ from pathlib import Path
 import click
 
 from ..store.atomic import atomic_write
-from ..replay.fold import load_model
+from ..replay.model import load_model
+from ..replay.notes import model_notes
 from ..log.pulsar import open_log
-from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, rebuild as rebuild_log
-from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stdout
+from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, rebuild as rebuild_log
+from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr, stdout
 from .progress import progress
 from .publish import _parse_until
 
 
 def write_state_export(path: str, states: dict) -> None:
-    """Write a state export (SPEC §3) crash-safe; ``-`` writes to stdout."""
+    """Write a state export (docs/worker-evidence.md) crash-safe; ``-`` writes to stdout."""
     text = json.dumps(states, indent=1, sort_keys=True) + "\n"
     if path == "-":
         sys.stdout.write(text)
@@ -32,7 +33,8 @@ def write_state_export(path: str, states: dict) -> None:
 @click.option("--model", "-m", "model_ref", required=True, metavar="M",
               help="package.module:attribute or path/to/file.py:attribute")
 @click.option("--full", is_flag=True, help="Ignore snapshots: fold the whole log.")
-@click.option("--out", "-o", metavar="FILE", help="Write the state export (SPEC §3) here; '-' = stdout.")
+@click.option("--out", "-o", metavar="FILE", help="Write the state export (docs/worker-evidence.md#state-export) "
+              "here; '-' = stdout.")
 @click.option("--until", metavar="ID|TIME", help="Stop after this message id, or before entries published after TIME.")
 @click.option("--snapshot-every", type=click.IntRange(min=0), default=DEFAULT_SNAPSHOT_EVERY, show_default=True,
               help="Take a snapshot every N entries (0: only at the end).")
@@ -52,43 +54,42 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
     def body() -> int:
         model = load_model(model_ref)
         until_id, until_time = _parse_until(until)
+        options = RebuildOptions(snapshots_root=Path(snapshots_dir), full=full, until=until_id, until_time=until_time,
+                                 snapshot_every=snapshot_every if not no_snapshots else 0, keep=keep,
+                                 write_snapshots=not no_snapshots)
         if workers > 1:
             from ..log.broker import resolve_url
             from ..engines.parallel import PulsarSource, parallel_rebuild
 
             source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
             with progress(f"rebuild {topic} ({workers} workers)") as update:
-                result = parallel_rebuild(
-                    source, model_ref, workers=workers, snapshots_root=Path(snapshots_dir), full=full,
-                    until=until_id, until_time=until_time, keep=keep, write_snapshots=not no_snapshots,
-                    on_progress=update,
-                )
+                result = parallel_rebuild(source, model_ref, options, workers=workers, on_progress=update)
         else:
             with open_log(topic, broker) as log, progress(f"rebuild {log.topic}") as update:
-                result = rebuild_log(
-                    log, model, snapshots_root=Path(snapshots_dir), full=full, until=until_id,
-                    until_time=until_time, snapshot_every=snapshot_every if not no_snapshots else 0,
-                    keep=keep, write_snapshots=not no_snapshots, on_progress=update,
-                )
+                result = rebuild_log(log, model, options, on_progress=update)
         if out:
             write_state_export(out, result.folder.rendered())
         doc = result.to_json()
+        doc["notes"] = list(doc.get("notes") or []) + model_notes(model, result.folder.states)
         if as_json:
             emit_json(doc)
         elif out != "-":
             print_rebuild(doc)
+        else:  # the state export is on stdout: the notes go beside it
+            for n in doc["notes"]:
+                stderr.print(f"[yellow]note:[/] {esc(n)}")
         return 0
 
-    run(body)
+    run(body, as_json=as_json)
 
 
 def print_rebuild(doc: dict) -> None:
     rp = doc["replayed"]
     snap = doc["snapshot"]
     for r in doc["rejected_snapshots"]:
-        stdout.print(f"[yellow]rejected[/] {r['path']}: {r['reason']}")
+        stdout.print(f"[yellow]rejected[/] {esc(r['path'])}: {esc(r['reason'])}")
     if snap:
-        stdout.print(f"from snapshot {snap['path']} ({snap['entries']:,} entries)")
+        stdout.print(f"from snapshot {esc(snap['path'])} ({snap['entries']:,} entries)")
     else:
         stdout.print("from the start of the log (no snapshot used)")
     secs = doc["seconds"] or 1e-9
@@ -96,12 +97,12 @@ def print_rebuild(doc: dict) -> None:
                  f"{doc['applied']:,} events applied, {doc['streams']:,} streams; "
                  f"{len(doc['duplicates'])} duplicate(s), {len(doc['malformed'])} malformed entr(ies)")
     for m in doc["malformed"][:20]:
-        stdout.print(f"  [red]malformed[/] {m['message_id']}: {m['reason']}")
+        stdout.print(f"  [red]malformed[/] {esc(m['message_id'])}: {esc(m['reason'])}")
     if len(doc["malformed"]) > 20:
         stdout.print(f"  ... and {len(doc['malformed']) - 20} more (see --json)")
     lg = doc["log"]
     stdout.print(f"log: {lg['events']:,} entries, {lg['segments']:,} segments, head {lg['head']}")
     for w in doc["snapshots_written"][-1:]:
-        stdout.print(f"snapshot written: {w}")
+        stdout.print(f"snapshot written: {esc(w)}")
     for n in doc["notes"]:
-        stdout.print(f"[yellow]note:[/] {n}")
+        stdout.print(f"[yellow]note:[/] {esc(n)}")

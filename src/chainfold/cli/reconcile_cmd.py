@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from ..store.atomic import atomic_write
 from ..errors import BadInput, HistoryUnrecoverable
-from ..replay.fold import load_model
+from ..replay.model import load_model
 from ..log.pulsar import open_log
+from ..ops.corrections import producer_name_for, publish_corrections as publish, write_corrections
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
-from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stderr, stdout
+from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr
 from .progress import progress
+from .reconcile_view import print_reconcile
 from .rebuild_cmd import write_state_export
-
-
-def write_corrections(path: str, corrections: list[dict]) -> None:
-    """The corrections as JSON Lines, written crash-safe."""
-    atomic_write(Path(path), "".join(json.dumps(c, sort_keys=True) + "\n" for c in corrections).encode())
 
 
 @cli.command()
 @click.argument("topic")
 @click.option("--model", "-m", "model_ref", required=True, metavar="M", help="package.module:attribute or file.py:attribute")
 @click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False),
-              help="The worker's state export (SPEC §3): {stream: state}.")
+              help="The worker's state export {stream: state} (docs/worker-evidence.md#state-export).")
 @click.option("--processed", "processed_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="The worker's processed log (JSON Lines {id, message_id?}), in handling order.")
 @click.option("--checkpoints", "checkpoints_path", type=click.Path(dir_okay=False),
@@ -37,12 +32,18 @@ def write_corrections(path: str, corrections: list[dict]) -> None:
 @click.option("--corrections", "corrections_out", metavar="FILE", type=click.Path(dir_okay=False),
               help="With --repair: where the corrections go (JSON Lines); default OUT's name + .corrections.jsonl.")
 @click.option("--publish-corrections", metavar="TOPIC2", help="With --repair: also publish the corrections to TOPIC2.")
+@click.option("--evidence-out", "evidence_out", metavar="DIR", type=click.Path(file_okay=False),
+              help="With --repair: write fresh tracker evidence for the repaired worker to DIR (a new "
+                   "directory): what a correct worker would have recorded (docs/incidents.md).")
+@click.option("--html", "html_out", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Also write the report as one self-contained HTML page (docs/cli.md#the-html-report).")
 @snapshots_option
 @broker_options
 @json_option
 def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str | None, checkpoints_path: str | None,
               repair_out: str | None, corrections_out: str | None, publish_corrections: str | None,
-              snapshots_dir: str, broker, as_json: bool) -> None:
+              evidence_out: str | None, html_out: str | None, snapshots_dir: str, broker,
+              as_json: bool) -> None:
     """Find what the worker that folded TOPIC missed, doubled, reordered or got wrong, from its state
     export and its processed log and/or tracker checkpoints. Exit 0 consistent (or repaired),
     1 divergent, 2 bad input, 3 unrecoverable."""
@@ -54,6 +55,8 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
         tracker = load_tracker(checkpoints_path) if checkpoints_path else None
         if publish_corrections and not repair_out:
             raise BadInput("--publish-corrections needs --repair OUT")
+        if evidence_out and not repair_out:
+            raise BadInput("--evidence-out needs --repair OUT")
         with open_log(topic, broker) as log:
             try:
                 with progress(f"reconcile {log.topic}") as update:
@@ -61,10 +64,13 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                                            state_path=state_path, processed=processed, tracker=tracker,
                                            repair=bool(repair_out), on_progress=update)
             except HistoryUnrecoverable as exc:
+                doc = unrecoverable_report(log.topic, str(exc), processed, tracker)
+                if html_out:
+                    write_html_report(html_out, doc)
                 if not as_json:
                     raise
-                emit_json(unrecoverable_report(log.topic, str(exc), processed, tracker))
-                stderr.print(f"[bold red]error:[/] {exc}")
+                emit_json(doc)
+                stderr.print(f"[bold red]error:[/] {esc(exc)}")
                 return 3
             doc = report.to_json()
             if repair_out and report.repaired_states is not None:
@@ -72,28 +78,41 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                 cpath = corrections_out or str(Path(repair_out).with_suffix("")) + ".corrections.jsonl"
                 write_corrections(cpath, report.corrections)
                 doc["repair"] = {"state": repair_out, "corrections": cpath, "streams": len(report.corrections)}
-                if publish_corrections:
-                    from ..envelope import Event
+                if evidence_out:
+                    from ..ops.evidence import write_reference_evidence
 
-                    target = type(log)(log.client, publish_corrections)
+                    doc["repair"]["evidence"] = write_reference_evidence(log, evidence_out,
+                                                                         entries=doc["log"]["events"])
+                if publish_corrections:
+                    target = type(log)(log.client, publish_corrections, producer_name=producer_name_for(log.topic))
                     try:
-                        events = [Event(c["idempotency_key"], c["stream"], None, "Correction",
-                                        _now_ms(), c) for c in report.corrections]
-                        target.append(events)
+                        published = publish(target, report.corrections)
                     finally:
                         target.close()
                     doc["repair"]["published_to"] = target.topic
+                    doc["repair"]["publish"] = published.to_json()
+        if html_out:
+            write_html_report(html_out, doc)
+            doc["html"] = html_out
         if as_json:
             emit_json(doc)
         else:
             print_reconcile(doc)
         return {"consistent": 0, "repaired": 0, "divergent": 1, "unrecoverable": 3}[doc["verdict"]]
 
-    run(body)
+    run(body, as_json=as_json)
+
+
+def write_html_report(path: str, doc: dict) -> None:
+    """The report as one self-contained HTML page, written crash-safe."""
+    from ..report_html import render_report
+
+    atomic_write(Path(path), render_report(doc).encode("utf-8"))
 
 
 def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
-    """The SPEC §4 report when the log no longer holds the history the worker's evidence covers."""
+    """The reconcile report (docs/cli.md#reconcile) when the log no longer holds the history the
+    worker's evidence covers."""
     return {
         "verdict": "unrecoverable",
         "topic": topic,
@@ -110,53 +129,3 @@ def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
     }
 
 
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
-
-
-def _short(v: object, width: int = 60) -> str:
-    s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
-    return s if len(s) <= width else s[: width - 1] + "…"
-
-
-def print_reconcile(doc: dict) -> None:
-    colour = {"consistent": "green", "repaired": "green", "divergent": "bold red"}.get(doc["verdict"], "bold red")
-    lg = doc["log"]
-    stdout.print(f"[{colour}]{doc['verdict'].upper()}[/] {doc['topic']}: {lg['events']:,} log entries, "
-                 f"{doc['processed']['events']:,} handled by the worker")
-    fd = doc["first_divergence"]
-    if fd:
-        stdout.print(f"first divergence: entry {fd['index']} (segment {fd['segment']}), event {fd['event_id']}, "
-                     f"message {fd['message_id']}")
-    kinds = Table(title="faults", title_justify="left")
-    kinds.add_column("kind")
-    kinds.add_column("count", justify="right")
-    kinds.add_column("examples")
-    for key, label in (("missing", "missed"), ("duplicates", "duplicated"), ("out_of_order", "out of order"),
-                       ("malformed", "malformed entries (message ids)")):
-        items = doc[key]
-        kinds.add_row(label, str(len(items)), ", ".join(map(str, items[:4])) + (" …" if len(items) > 4 else ""))
-    stdout.print(kinds)
-    ds = doc["divergent_streams"]
-    if ds:
-        t = Table(title=f"divergent streams ({len(ds)})", title_justify="left")
-        t.add_column("stream")
-        t.add_column("expected")
-        t.add_column("actual")
-        t.add_column("difference")
-        for d in ds[:30]:
-            t.add_row(d["stream"], _short(d["expected"]), _short(d["actual"]), _short(d.get("delta")))
-        stdout.print(t)
-        if len(ds) > 30:
-            stdout.print(f"… and {len(ds) - 30} more (see --json)")
-    rp = doc["replayed"]
-    src = f"snapshot at {rp['from_snapshot']:,} entries" if rp["from_snapshot"] is not None else "the start of the log"
-    stdout.print(f"replayed {rp['events']:,} entries from {src}")
-    if "repair" in doc:
-        r = doc["repair"]
-        stdout.print(f"[green]repaired[/] {r['streams']} stream(s), validated against a fresh rebuild: "
-                     f"state → {r['state']}, corrections → {r['corrections']}")
-    for n in doc.get("notes", []):
-        stdout.print(f"[yellow]note:[/] {n}")

@@ -10,9 +10,9 @@ from rich import box
 from rich.table import Table
 
 from ..errors import BadInput
-from ..replay.fold import load_model
+from ..replay.model import load_model
 from ..store.snapshots import SnapshotStore
-from .common import cli, emit_json, json_option, run, snapshots_option, stdout
+from .common import cli, emit_json, esc, json_option, run, snapshots_option, stdout
 
 
 def _size(n: int | None) -> str:
@@ -26,14 +26,14 @@ def _size(n: int | None) -> str:
 
 
 def _validity(s: dict[str, Any]) -> str:
-    return "[green]valid[/]" if s["valid"] else f"[red]rejected[/]: {s['reason']}"
+    return "[green]valid[/]" if s["valid"] else f"[red]rejected[/]: {esc(s['reason'])}"
 
 
 def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_model: bool) -> None:
     if not summaries:
-        stdout.print(f"no snapshots of {store.topic} in {store.dir}")
+        stdout.print(esc(f"no snapshots of {store.topic} in {store.dir}"))
         return
-    table = Table(title=f"snapshots of {store.topic} in {store.dir}, newest first", title_justify="left",
+    table = Table(title=esc(f"snapshots of {store.topic} in {store.dir}, newest first"), title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     width = max(len(Path(s["path"]).name) for s in summaries)
     table.add_column("file", no_wrap=True, min_width=width)
@@ -53,7 +53,7 @@ def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_mode
             status = "[red]rejected[/]"
             reasons.append((name, s["reason"]))
         table.add_row(
-            name,
+            esc(name),
             f"{s['entries']:,}" if isinstance(s.get("entries"), int) else "-",
             f"{s['streams']:,}" if isinstance(s.get("streams"), int) else "-",
             _size(s.get("size_bytes")),
@@ -61,7 +61,7 @@ def _print_list(store: SnapshotStore, summaries: list[dict[str, Any]], with_mode
         )
     stdout.print(table)
     for name, reason in reasons:
-        stdout.print(f"  {name}: {reason}", soft_wrap=True)
+        stdout.print(esc(f"  {name}: {reason}"), soft_wrap=True)
 
 
 def _intact(s: dict[str, Any]) -> bool:
@@ -69,19 +69,41 @@ def _intact(s: dict[str, Any]) -> bool:
     return str(s.get("reason") or "").startswith("taken with other model code")
 
 
+def _value(v: Any) -> str:
+    """A summary value for people: numbers with separators, mappings as ``key value, ...``."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_value(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value(x) for x in v) or "-"
+    return str(v)
+
+
 def _print_one(s: dict[str, Any]) -> None:
-    table = Table(show_header=False, title=s["path"], title_justify="left", box=box.SIMPLE, pad_edge=False)
-    table.add_column("key", style="bold")
+    table = Table(show_header=False, title=esc(s["path"]), title_justify="left", box=box.SIMPLE, pad_edge=False)
+    table.add_column("key", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
-    for key in ("topic", "entries", "created", "size_bytes", "model", "fingerprint", "segment_size",
-                "streams", "seen", "streams_root", "model_matches"):
+    shown = {"path", "partitions", "valid", "reason"}
+    for key in ("topic", "entries", "streams", "seen", "created", "size_bytes", "model", "fingerprint",
+                "model_matches", "segment_size", "streams_root", "stats"):
         if key in s:
-            table.add_row(key, "-" if s[key] is None else str(s[key]))
-    for i, p in enumerate(s.get("partitions") or []):
-        table.add_row(f"partition {i}", f"{p['partition']}: {p['entries']} entries, last {p['message_id']}, "
-                                        f"chain head {p['chain_head']}")
-    if s.get("stats"):
-        table.add_row("stats", str(s["stats"]))
+            shown.add(key)
+            table.add_row(key.replace("_", " "), esc(_value(s[key])))
+    shown.add("created_ms")
+    for p in s.get("partitions") or []:
+        table.add_row("partition", esc(_value(p.get("partition"))))
+        for key, v in p.items():
+            if key != "partition":
+                table.add_row("  " + key.replace("_", " ").replace("message id", "last message id"),
+                              esc(_value(v)))
+    for key, v in s.items():  # anything newer versions add
+        if key not in shown:
+            table.add_row(key.replace("_", " "), esc(_value(v)))
     table.add_row("validity", _validity(s))
     stdout.print(table)
 
@@ -125,4 +147,4 @@ def snapshots(topic: str, snapshots_dir: str, as_json: bool, model_ref: str | No
             _print_list(store, summaries, model is not None)
         return 0
 
-    run(body)
+    run(body, as_json=as_json)

@@ -11,9 +11,10 @@ from rich.table import Table
 from ..ops import proofs
 from ..errors import BadInput
 from ..log.pulsar import open_log
-from ..hashing.scan import DEFAULT_SEGMENT_SIZE
-from ..ops.verify import compare_logs, verify_log
-from .common import broker_options, cli, emit_json, json_option, run, snapshots_option, stdout
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE
+from ..ops.verify import VerifyOptions, compare_logs, verify_log
+from ..envelope import json_error
+from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr, stdout
 from .progress import progress
 
 
@@ -43,12 +44,23 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
            segment_size: int, snapshots_dir: str, broker, as_json: bool) -> None:
     """Recompute the hashes over TOPIC and compare them with the checkpoints recorded on earlier reads
     and with the snapshots' recorded chains (or with another log, --against). Names the first entry
-    that differs. Exit 0 intact, 1 mismatch."""
+    that differs. Exit 0 intact, 1 mismatch.
+
+    Without --against, verify records what it read (checkpoints and leaf hashes) in TOPIC's folder
+    under --snapshots, creating it when there is something to record, and says so: that record is
+    what the next verify compares the log with. See docs/cli.md#verify."""
 
     def body() -> int:
         from ..store.snapshots import topic_dir
 
+        record_dir: Path | None = None
+        existed = False
         with open_log(topic, broker) as log:
+            options = VerifyOptions(record_dir=topic_dir(Path(snapshots_dir), log.topic), snapshots_root=Path(snapshots_dir),
+                                    segment_size=segment_size, reset=reset)
+            if not against:
+                record_dir = topic_dir(Path(snapshots_dir), log.topic)
+                existed = record_dir.exists()
             with progress(f"verify {log.topic}") as update:
                 if against:
                     if against_service_url:
@@ -69,78 +81,123 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                     from ..engines.parallel import PulsarSource, parallel_verify
 
                     source = PulsarSource(topic, dataclasses.replace(broker, service_url=resolve_url(broker)))
-                    report = parallel_verify(source, topic_dir(Path(snapshots_dir), log.topic), workers=workers,
-                                             snapshots_root=Path(snapshots_dir), segment_size=segment_size,
-                                             reset=reset, on_progress=update)
+                    report = parallel_verify(source, options, workers=workers, on_progress=update)
                 else:
-                    report = verify_log(log, topic_dir(Path(snapshots_dir), log.topic),
-                                        snapshots_root=Path(snapshots_dir), segment_size=segment_size,
-                                        reset=reset, on_progress=update)
+                    report = verify_log(log, options, on_progress=update)
         doc = report.to_json()
+        if record_dir is not None and record_dir.exists() and (not existed or doc.get("checkpoints_recorded")):
+            doc["recorded_in"] = str(record_dir)
+            doc["record_created"] = not existed
         if as_json:
             emit_json(doc)
         else:
             _print_verify(doc)
         return 0 if report.intact else 1
 
-    run(body)
+    run(body, as_json=as_json)
 
 
 def _print_verify(doc: dict) -> None:
     lg = doc["log"]
     colour = "green" if doc["verdict"] == "intact" else "bold red"
-    stdout.print(f"[{colour}]{doc['verdict'].upper()}[/] {doc['topic']}"
-                 + (f" against {doc['against']}" if doc.get("against") else ""))
+    stdout.print(f"[{colour}]{doc['verdict'].upper()}[/] {esc(doc['topic'])}"
+                 + (f" against {esc(doc['against'])}" if doc.get("against") else ""))
     stdout.print(f"  {lg['events']:,} entries in {lg['segments']:,} segments, head {lg['head']}")
+    if lg.get("root"):
+        stdout.print(f"  RFC 9162 root {lg['root']}")
     fm = doc["first_mismatch"]
     if fm:
         t = Table("first mismatch", "value", show_header=False)
         for k in ("index", "segment", "partition", "message_id", "event_id", "reason"):
             if k in fm:
-                t.add_row(k, str(fm[k]))
+                t.add_row(k, esc(fm[k]))
         stdout.print(t)
-    if doc.get("checkpoints_recorded"):
-        stdout.print(f"  recorded {doc['checkpoints_recorded']} new checkpoint(s)")
+    rec = doc.get("recorded_in")
+    if rec and doc.get("checkpoints_recorded"):
+        stdout.print(f"  recorded {doc['checkpoints_recorded']} new checkpoint(s) in {esc(rec)} "
+                     "(later verifies compare the log with them)")
+    elif rec and doc.get("record_created"):
+        stdout.print(f"  recorded the log's hashes in {esc(rec)} (later verifies compare the log with them)")
     if doc.get("snapshots_checked"):
         stdout.print(f"  checked {doc['snapshots_checked']} snapshot position(s)")
     for n in doc.get("notes", []):
-        stdout.print(f"  note: {n}")
+        stdout.print(f"  note: {esc(n)}")
+
+
+def _by_id_or_index(event_id: str | None, index: int | None) -> None:
+    if event_id is not None and index is not None:
+        raise BadInput("give EVENT_ID or --index N, not both")
 
 
 @cli.command()
 @click.argument("topic", required=False)
 @click.argument("event_id", required=False)
-@click.option("--consistency", "old_size", type=int, metavar="OLD_SIZE",
-              help="Prove that the log at OLD_SIZE entries is a prefix of the log today.")
+@click.option("--index", type=click.IntRange(min=0), metavar="N",
+              help="Prove the entry at log position N (0-based) instead of an event id.")
+@click.option("--from", "old_size", type=click.IntRange(min=1), metavar="OLD",
+              help="Consistency: prove that the log's first OLD entries are a prefix of the log at --to "
+                   "NEW entries (default: its size today).")
+@click.option("--consistency", "consistency_size", type=click.IntRange(min=1), metavar="OLD_SIZE",
+              help="The same as --from OLD_SIZE (against the log today).")
+@click.option("--to", "new_size", type=click.IntRange(min=1), metavar="NEW",
+              help="The log size to prove in (default: today's): the tree of its first NEW entries.")
 @click.option("--verify", "verify_file", type=click.Path(dir_okay=False, allow_dash=True),
-              help="Check a proof document (from this command) offline; exit 0 valid, 1 invalid.")
+              help="Check a proof document (from this command) offline; exit 0 valid, 1 invalid, "
+                   "2 not a proof document.")
 @click.option("--partition", type=int, help="Partition of a partitioned topic.")
 @broker_options
-def prove(topic: str | None, event_id: str | None, old_size: int | None, verify_file: str | None,
-          partition: int | None, broker) -> None:
-    """Print an RFC 9162 proof as JSON: inclusion of EVENT_ID in TOPIC at its current size, or
-    (--consistency OLD_SIZE) that TOPIC's first OLD_SIZE entries are unchanged. --verify FILE checks one."""
+@json_option
+def prove(topic: str | None, event_id: str | None, index: int | None, old_size: int | None,
+          consistency_size: int | None, new_size: int | None, verify_file: str | None, partition: int | None,
+          broker, as_json: bool) -> None:
+    """Write an RFC 9162 proof document (JSON, on stdout): inclusion of EVENT_ID (or --index N) in
+    TOPIC, or consistency (--from OLD [--to NEW]) between two sizes of TOPIC. --verify FILE checks a
+    proof document offline, without a broker. Formats: docs/formats.md#proofs."""
 
     def body() -> int:
         if verify_file:
-            try:
-                text = click.open_file(verify_file).read()
-                doc = json.loads(text)
-            except (OSError, ValueError) as exc:
-                raise BadInput(f"cannot read proof {verify_file}: {exc}") from None
-            ok, what = proofs.check(doc)
-            emit_json({"valid": ok, "checked": what})
-            return 0 if ok else 1
+            return _verify_proof(verify_file, as_json)
         if not topic:
-            raise BadInput("give TOPIC (and EVENT_ID or --consistency OLD_SIZE), or --verify FILE")
+            raise BadInput("give TOPIC and EVENT_ID, --index N or --from OLD; or --verify FILE")
+        _by_id_or_index(event_id, index)
+        if old_size is not None and consistency_size is not None:
+            raise BadInput("--consistency OLD_SIZE is --from OLD_SIZE: give one of them")
+        old = old_size if old_size is not None else consistency_size
         with open_log(topic, broker) as log, progress("hashing") as update:
-            if old_size is not None:
-                doc = proofs.consistency(log, old_size, partition=partition, on_progress=update)
-            elif event_id:
-                doc = proofs.inclusion(log, event_id, partition=partition, on_progress=update)
+            if old is not None:
+                if event_id is not None or index is not None:
+                    raise BadInput("a consistency proof (--from) takes no EVENT_ID or --index")
+                doc = proofs.consistency(log, old, new_size, partition=partition, on_progress=update)
+            elif event_id is not None or index is not None:
+                doc = proofs.inclusion(log, event_id, index=index, size=new_size, partition=partition,
+                                       on_progress=update)
             else:
-                raise BadInput("give EVENT_ID or --consistency OLD_SIZE")
+                raise BadInput("give EVENT_ID, --index N or --from OLD")
         emit_json(doc)
+        if doc["type"] == "inclusion":
+            stderr.print(f"inclusion of entry {doc['index']} (event {esc(doc['event_id'])}, message "
+                         f"{esc(doc['message_id'])}) in the log of {doc['size']} entries, root {doc['root']}")
+        else:
+            stderr.print(f"consistency: the log of {doc['old_size']} entries (root {doc['old_root']}) is a "
+                         f"prefix of the log of {doc['size']} (root {doc['root']})")
         return 0
 
-    run(body)
+    run(body, as_json=as_json)
+
+
+def _verify_proof(path: str, as_json: bool) -> int:
+    try:
+        with click.open_file(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise BadInput(f"cannot read proof {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"proof {path}: {json_error(exc)}") from None
+    ok, what = proofs.check(doc)
+    if as_json:
+        emit_json({"valid": ok, "checked": what})
+    else:
+        stdout.print(("[green]VALID[/] " if ok else "[bold red]INVALID[/] ") + esc(what))
+    return 0 if ok else 1

@@ -1,1 +1,2 @@
-"""Engines that run a replay beyond one process: several processes on one machine (:mod:`.parallel`)."""
+"""Engines that run the replay stages beyond one process: worker processes on one machine
+(:mod:`.pool`, :mod:`.parallel`)."""

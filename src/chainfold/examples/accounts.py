@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import random
 from array import array
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["version", "initial", "apply", "render", "model", "generate", "EVENT_TYPES"]
+if TYPE_CHECKING:
+    from ..envelope import Event
+
+__all__ = ["version", "initial", "apply", "render", "notes", "model", "generate", "EVENT_TYPES"]
 
 version = "1"
 """Explicit model version: bump it when the meaning of a state changes."""
@@ -125,6 +128,28 @@ def render(state: dict[str, Any]) -> dict[str, Any]:
     return dict(state)
 
 
+def _some(streams: list[str], n: int = 3) -> str:
+    return ", ".join(streams[:n]) + (f" and {len(streams) - n} more" if len(streams) > n else "")
+
+
+def notes(states: Mapping[str, dict[str, Any]]) -> list[str]:
+    """What the numbers alone do not say: money events on accounts that were never opened were
+    refused, and events of unknown types were ignored (docs/models.md#accounts)."""
+    never_opened = sorted(s for s, st in states.items() if st["status"] == "new" and st["rejected"])
+    ignored = sorted(s for s, st in states.items() if st["ignored"])
+    out = []
+    if never_opened:
+        n = sum(states[s]["rejected"] for s in never_opened)
+        out.append(f"{len(never_opened)} account(s) were never opened, so their {n} money event(s) were "
+                   f"refused and counted in 'rejected' ({_some(never_opened)}): an account takes deposits, "
+                   "withdrawals and fees only after its 'Opened' event (docs/models.md#accounts)")
+    if ignored:
+        n = sum(states[s]["ignored"] for s in ignored)
+        out.append(f"{n} event(s) of types this model does not know were ignored, counted in 'ignored' "
+                   f"({_some(ignored)}); known types: {', '.join(EVENT_TYPES)}")
+    return out
+
+
 class AccountsModel:
     """The accounts model as one object; the same functions as the module."""
 
@@ -132,6 +157,7 @@ class AccountsModel:
     initial = staticmethod(initial)
     apply = staticmethod(apply)
     render = staticmethod(render)
+    notes = staticmethod(notes)
 
     def __repr__(self) -> str:
         return "chainfold.examples.accounts:model"
@@ -226,6 +252,19 @@ def generate(
     model (nothing is ``rejected`` or ``ignored``). Times increase by 0-40 ms per event.
     """
     return list(iter_events(n_events, n_streams, seed, start_time_ms))
+
+
+def generate_events(n_events: int, n_streams: int, seed: int) -> list[Event]:
+    """:func:`generate`'s events as :class:`chainfold.envelope.Event`\\ s with their per-stream
+    ``seq`` (1-based, as chainfold's writer assigns it): ready to append without a writer."""
+    from ..envelope import Event
+
+    seqs: dict[str, int] = {}
+    out = []
+    for d in iter_events(n_events, n_streams, seed):
+        s = seqs[d["stream"]] = seqs.get(d["stream"], 0) + 1
+        out.append(Event(d["id"], d["stream"], s, d["type"], d["time"], d["data"]))
+    return out
 
 
 class _Ev:

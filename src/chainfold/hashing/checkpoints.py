@@ -3,7 +3,7 @@
 Layout of a :class:`CheckpointFile` at ``PATH``:
 
 - ``PATH``: the checkpoints of *full* segments 0, 1, 2, ... one JSON object per line
-  (:meth:`Checkpoint.to_json`, SPEC §2), appended and fsynced, never rewritten in place.
+  (:meth:`Checkpoint.to_json`, docs/formats.md), appended and fsynced, never rewritten in place.
 - ``PATH.partial``: at most one provisional checkpoint of the partial segment that follows, replaced
   atomically (temp file, fsync, rename) each time it is written. It is stale, and ignored, once
   ``PATH`` holds that segment in full.
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .chain import ZERO_HEAD, Checkpoint, chain_head
-from ..errors import CheckpointCorrupt
+from ..errors import CheckpointCorrupt, InvalidArgument
 from ..store.atomic import atomic_write, fsync_dir
 
 __all__ = ["CheckpointFile"]
@@ -184,7 +184,8 @@ class CheckpointFile:
         """Append full-segment checkpoints, durably (one write, flush, fsync).
 
         They must continue the file's chain: the next segment numbers, the same segment size, each
-        head chained from the previous one (``ValueError`` otherwise, and nothing is written).
+        head chained from the previous one (:class:`~chainfold.errors.InvalidArgument` otherwise, and
+        nothing is written).
         """
         new = list(cps)
         if not new:
@@ -192,12 +193,12 @@ class CheckpointFile:
         prev = self._tail()
         for cp in new:
             if not isinstance(cp, Checkpoint):
-                raise ValueError(f"not a Checkpoint: {cp!r}")
+                raise InvalidArgument(f"not a Checkpoint: {cp!r}")
             if not cp.full:
-                raise ValueError(f"segment {cp.segment} is not full: use write_provisional")
+                raise InvalidArgument(f"segment {cp.segment} is not full: use write_provisional")
             why = _links(prev, cp)
             if why:
-                raise ValueError(f"cannot append to {self.path}: {why}")
+                raise InvalidArgument(f"cannot append to {self.path}: {why}")
             prev = cp
         data = b"".join(_line(cp) for cp in new)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,13 +213,13 @@ class CheckpointFile:
     def write_provisional(self, cp: Checkpoint) -> None:
         """Replace ``PATH.partial`` atomically with the provisional checkpoint ``cp``.
 
-        ``cp`` must be partial and follow the file's last full checkpoint (``ValueError`` otherwise).
+        ``cp`` must be partial and follow the file's last full checkpoint (:class:`~chainfold.errors.InvalidArgument` otherwise).
         """
         if not isinstance(cp, Checkpoint) or cp.full:
-            raise ValueError("write_provisional takes a checkpoint of a partial segment")
+            raise InvalidArgument("write_provisional takes a checkpoint of a partial segment")
         why = _links(self._tail(), cp)
         if why:
-            raise ValueError(f"cannot record provisional checkpoint for {self.path}: {why}")
+            raise InvalidArgument(f"cannot record provisional checkpoint for {self.path}: {why}")
         atomic_write(self.partial_path, _line(cp))
 
     def clear_provisional(self) -> None:
@@ -233,7 +234,7 @@ class CheckpointFile:
         the kept checkpoints. Returns the kept checkpoints.
         """
         if type(segment) is not int or segment < -1:
-            raise ValueError(f"segment must be an int >= -1, not {segment!r}")
+            raise InvalidArgument(f"segment must be an int >= -1, not {segment!r}")
         kept = self._read_lines(upto=segment + 1)
         if not self.path.exists():
             return kept

@@ -3,7 +3,9 @@
 :class:`EventLog` is the one small interface every source of events implements: append events,
 list partitions, read entries lazily from a position. :class:`MemoryLog` is the in-memory
 implementation used by fast unit tests; :class:`chainfold.log.pulsar.PulsarLog` is the real one. One
-shared test suite (``tests/test_log_contract.py``) runs against both.
+shared test suite (``tests/test_log_contract.py``) runs against both. Where an entry is in its
+partition is a :class:`Position`, opaque to everything but the log (:class:`MessageId` for both
+logs here); the replay reads through the source stage, :mod:`chainfold.log.source`.
 
 Reading contract (every implementation):
 
@@ -11,7 +13,8 @@ Reading contract (every implementation):
   that is not greater than the last one yielded is a redelivery, dropped and counted in
   :attr:`LogReader.redelivered`;
 * ``after`` resumes strictly after a message id, ``start`` at one (inclusive); ``until`` stops after
-  the entry with that id (inclusive), ``until_time`` before the first entry published later than that
+  the entry with that id (inclusive): no entry past it is ever yielded, so ``until`` at or before
+  ``after`` yields nothing; ``until_time`` stops before the first entry published later than that
   time (ms), ``limit`` after that many entries;
 * reading ends at the end of the log as the broker sees it while reading; with ``follow`` it goes on
   waiting for entries appended later (until the reader is closed or the iteration stops).
@@ -24,7 +27,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from ..envelope import Event, decode, encode
 from ..errors import BadInput, MalformedEnvelope
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from .seqindex import SeqIndex
 
 __all__ = [
+    "Position",
     "MessageId",
     "Entry",
     "LogReader",
@@ -47,8 +51,29 @@ __all__ = [
 ]
 
 
+@runtime_checkable
+class Position(Protocol):
+    """Where an entry is in its partition, opaque to everything but the log that made it.
+
+    What chainfold relies on, and every log's positions provide: positions of one partition are
+    totally ordered in log order (``<``, ``<=``, ``==``) and hashable; ``str(position)`` is the
+    message id text of docs/formats.md (``ledger:entry:partition:batch``) that reports, checkpoints and
+    snapshots record; and :meth:`EventLog.position` turns that text back into a position of the
+    same log. Nothing else (no ledger arithmetic) is assumed outside the log's own module.
+    """
+
+    def __str__(self) -> str: ...
+
+    def __lt__(self, other: Any) -> bool: ...
+
+    def __le__(self, other: Any) -> bool: ...
+
+    def __hash__(self) -> int: ...
+
+
 class MessageId(NamedTuple):
-    """A Pulsar message id. Ordered within one partition; written ``ledger:entry:partition:batch``."""
+    """A Pulsar message id: the :class:`Position` of the Pulsar log and of the in-memory log.
+    Ordered within one partition; written ``ledger:entry:partition:batch``."""
 
     ledger: int
     entry: int
@@ -77,9 +102,10 @@ class MessageId(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """One log entry: a message as stored, with the metadata chainfold uses."""
+    """One log entry: a message as stored, with the metadata chainfold uses. ``message_id`` is its
+    :class:`Position` (``str()`` of it is the message id, docs/formats.md)."""
 
-    message_id: MessageId
+    message_id: Position
     key: str | None
     publish_time: int
     event_time: int | None
@@ -166,6 +192,8 @@ class LogReader:
                     continue
                 if start is not None and pos < start:
                     continue
+                if until is not None and pos > until:  # also when ``until`` lies at or before ``after``
+                    return
                 if until_time is not None and entry.publish_time > until_time:
                     return
                 last = pos
@@ -194,9 +222,9 @@ class EventLog(ABC):
         self,
         partition: str | None = None,
         *,
-        after: MessageId | None = None,
-        start: MessageId | None = None,
-        until: MessageId | None = None,
+        after: Position | None = None,
+        start: Position | None = None,
+        until: Position | None = None,
         until_time: int | None = None,
         limit: int | None = None,
     ) -> LogReader:
@@ -217,6 +245,11 @@ class EventLog(ABC):
         """Whether the topic exists, asked without creating it; None when the log cannot tell (then
         a topic that reads as empty may also not exist). Commands that read history call it first."""
         return None
+
+    def position(self, text: str) -> Position:
+        """The position whose message id text (``str()``) is ``text``, as recorded in checkpoints,
+        snapshots and reports; :class:`~chainfold.errors.BadInput` if it is not one."""
+        return MessageId.parse(text)
 
     def __enter__(self) -> "EventLog":
         return self

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import BadInput, BrokerUnavailable
+from ..store.atomic import atomic_write
 
 __all__ = ["BrokerOptions", "EmbeddedBroker", "connect", "first_lookup", "check_reachable", "read_ahead_limit", "topic_listed",
            "pulsar_logger", "client_logger"]
@@ -227,9 +228,7 @@ class EmbeddedBroker:
                 raise BrokerUnavailable("embedded broker did not accept connections within 20 s")
             time.sleep(0.05)
         st = {"pid": proc.pid, "port": port, "url": f"pulsar://127.0.0.1:{port}", "pinned": pinned}
-        tmp = self._state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(st))
-        os.replace(tmp, self._state)
+        atomic_write(self._state, json.dumps(st).encode())
         log.info("started embedded broker pid %s on port %s (%.2fs)", proc.pid, port, time.monotonic() - t0)
         return st
 
@@ -241,7 +240,7 @@ class EmbeddedBroker:
                 st = self._start(pinned)
             elif pinned and not st.get("pinned"):
                 st["pinned"] = True
-                self._state.write_text(json.dumps(st))
+                atomic_write(self._state, json.dumps(st).encode())
             if not pinned:
                 self._users.mkdir(exist_ok=True)
                 (self._users / str(os.getpid())).touch()

@@ -32,7 +32,7 @@ from . import (AppendReport, Entry, EventLog, LogReader, MessageId, Sent, decode
                require_history, stamp_seqs)
 from .seqindex import SeqIndex
 
-__all__ = ["PulsarLog"]
+__all__ = ["PulsarLog", "open_log", "message_id_of"]
 
 log = logging.getLogger("chainfold.log")
 
@@ -47,6 +47,7 @@ _RECEIVER_QUEUE = 5000
 (``benchmarks/bounded_read.py``, ``benchmarks/RESULTS.md`` "Bounded reading")."""
 _STALL_TIMEOUTS = 10  # read timeouts in a row, with messages available, before re-creating the reader
 _NO_MESSAGES = "Topic has no messages"  # pulsar-lite's answer to getLastMessageId on an empty topic
+_CONFIRM_MS = 250  # how long a fresh reader waits for a first message before a topic counts as empty
 
 
 def _retry_seconds() -> float:
@@ -99,6 +100,11 @@ class _PulsarEntry(tuple):
 _new_entry = tuple.__new__
 
 
+def message_id_of(native: object) -> MessageId:
+    """The :class:`~chainfold.log.MessageId` (position) of a message id of pulsar-client."""
+    return MessageId(native.ledger_id(), native.entry_id(), native.partition(), native.batch_index())  # type: ignore[attr-defined]
+
+
 def _native(m: MessageId | None, partition: int) -> object | None:
     """The pulsar-client message id of ``m`` (compared natively: ledger, entry, batch)."""
     return None if m is None else pulsar.MessageId(partition, m.ledger, m.entry, m.batch)._msg_id
@@ -117,11 +123,13 @@ class _Question:
         self.more = False
         self.error: BaseException | None = None
         self.connection_error = False
+        self.unknown_error = False
         try:
             reader._reader.has_message_available_async(self._answer)
         except _PulsarException as exc:
             self.error = exc
             self.connection_error = isinstance(exc, _CONNECTION_ERRORS)
+            self.unknown_error = isinstance(exc, _pulsar.UnknownError)
             self.done.set()
 
     def _answer(self, res: object, more: bool) -> None:  # on the client's thread
@@ -130,6 +138,7 @@ class _Question:
         else:
             self.error = RuntimeError(f"Pulsar error: {res}")
             self.connection_error = res in _CONNECTION_RESULTS
+            self.unknown_error = res == pulsar.Result.UnknownError
         self.done.set()
 
 
@@ -141,9 +150,6 @@ class _PulsarReader(LogReader):
     after the last entry yielded: pulsar-lite can leave a reader subscribed right after another
     one closed without ever dispatching to it.
     """
-
-    lazy_ids = True
-    """Entries' ``str()`` is their message id (see :class:`_PulsarEntry`)."""
 
     def __init__(self, client: pulsar.Client, topic: str, retry_seconds: float,
                  gate: ReadGate | None = None, **kw: object) -> None:
@@ -208,23 +214,20 @@ class _PulsarReader(LogReader):
             if self._gate is not None:
                 self._gate.resync()  # what it held is dropped with it
 
-    def _is_empty(self, exc: BaseException, asked_at: float, second_opinion: bool) -> bool:
+    def _is_empty(self, q: _Question, reader: pulsar.Reader) -> bool:
         """Whether a failed "is more coming?" before the first entry means the topic holds nothing.
 
         Apache Pulsar answers that question with False on an empty topic; pulsar-lite fails it
-        with an error whose text, "Topic has no messages", only reaches the client's log. Empty
-        only on positive evidence: that text, heard by this process's :class:`ReadGate` logger; or,
-        for a client without one, the same failure from a second, new reader, and only for a read
-        that does not resume from a position (a topic that held the entry a read resumes from is not
-        empty). Anything else is a failure: retried, then :class:`BrokerUnavailable`.
+        (``UnknownError``) with a text, "Topic has no messages", that reaches only the client's log.
+        A failure of the broker must never pass for an empty topic (a resumed rebuild would replay
+        nothing), so empty only on positive evidence: that text, heard by this process's
+        :class:`ReadGate` logger; or, for an ``UnknownError`` without it, a fresh reader that confirms
+        it (:meth:`_holds_nothing`). Anything else is a failure: retried, then :class:`BrokerUnavailable`.
         """
-        if server_said(_NO_MESSAGES, asked_at):
+        if server_said(_NO_MESSAGES, q.asked_at):
             log.debug("%s: the broker says it holds no messages", self._topic)
             return True
-        if self.after is None and self.start is None and second_opinion:
-            log.debug("%s: no last message id twice (%s): treating the topic as empty", self._topic, exc)
-            return True
-        return False
+        return q.unknown_error and self._holds_nothing(reader)
 
     def _recover(self, exc: BaseException, deadline: float | None) -> float:
         """Back off and re-create the reader; raise BrokerUnavailable past the retry budget."""
@@ -260,7 +263,7 @@ class _PulsarReader(LogReader):
 
     def _dry(self, reader: pulsar.Reader, deadline: float | None, nothing_yet: bool) -> tuple[bool, float | None]:
         """The queue ran dry: is more coming? ``(True, _)`` at the end of the log; otherwise the
-        reader is kept, re-created (stalled, or for a second opinion) or recovered.
+        reader is kept, re-created (stalled) or recovered.
 
         The question is asked asynchronously and the reader goes on reading meanwhile: with a
         read-ahead bound, its answer may wait behind entries that only reading lets through."""
@@ -285,13 +288,52 @@ class _PulsarReader(LogReader):
             return False, deadline
         if q.connection_error:
             return False, self._recover(q.error, deadline)
-        if nothing_yet:
-            self._asked_empty += 1
-            if self._is_empty(q.error, q.asked_at, second_opinion=self._asked_empty > 1):
-                return not self.follow, deadline
-            if self._asked_empty == 1:
-                return False, self._reopen(deadline)  # ask a new reader
+        if nothing_yet and self._is_empty(q, reader):
+            return not self.follow, deadline  # established, not assumed: see _is_empty
         return False, self._recover(q.error, deadline)
+
+    def _holds_nothing(self, reader: pulsar.Reader) -> bool:
+        """Whether an ``UnknownError`` answer to ``has_message_available`` before any entry was
+        received means that the partition holds no message at all (without the broker's own words).
+
+        pulsar-lite cannot answer getLastMessageId on a partition that holds nothing ("Topic has no
+        messages"), and pulsar-client surfaces that only as ``UnknownError``; Apache Pulsar answers
+        it. A failure of the broker must never pass for an empty topic (a resumed rebuild would
+        replay nothing), so "empty" needs all of: that exact error, a connected reader, and a second,
+        fresh reader from the earliest position that receives nothing within ``_CONFIRM_MS`` and
+        then gets the same answer (or, on a broker that answers, "no message available"). A
+        partition that holds messages delivers one to the fresh reader or answers the question.
+        Anything else is a failure: the caller retries, then raises BrokerUnavailable.
+        """
+        if not reader.is_connected():
+            return False
+        try:
+            with self._unblocked():
+                probe = self._client.create_reader(self._topic, pulsar.MessageId.earliest, receiver_queue_size=1)
+        except _PulsarException:
+            return False
+        try:
+            try:
+                probe.read_next(_CONFIRM_MS)
+                return False  # a message: the partition is not empty
+            except _Timeout:
+                pass
+            try:
+                with self._unblocked():
+                    empty = not probe.has_message_available()
+            except _pulsar.UnknownError:
+                empty = True
+            if empty:
+                log.debug("%s: holds no message (confirmed by a fresh reader)", self._topic)
+            return empty
+        except _PulsarException:
+            return False
+        finally:
+            try:
+                with self._unblocked():
+                    probe.close()
+            except _PulsarException:
+                pass
 
     def _raw(self) -> Iterator[Entry]:  # pragma: no cover - __iter__ reads directly
         return iter(self)
@@ -313,7 +355,7 @@ class _PulsarReader(LogReader):
         deadline: float | None = None
         gate = self._gate
         entry = -1  # entry id of the last message taken from the queue (for the gate)
-        self._idle = self._asked_empty = 0
+        self._idle = 0
 
         def sync() -> None:
             self._last_native = got
@@ -348,6 +390,8 @@ class _PulsarReader(LogReader):
                             continue
                         if start is not None and mid < start:
                             continue
+                        if until is not None and mid > until:  # also when ``until`` is at or before ``after``
+                            return
                         if until_time is not None and m.publish_timestamp() > until_time:
                             return
                         last = got = self._last_native = mid

@@ -8,14 +8,15 @@ leaf hash itself.
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 from .. import merkle
 from ..envelope import decode
 from ..errors import BadInput, MalformedEnvelope
+from ..hashing.stage import leaf_hashes
 from ..log import EventLog
+from ..log.source import Source, Span
 
 __all__ = ["inclusion", "consistency", "check"]
 
@@ -23,16 +24,19 @@ ALGORITHM = "RFC9162_SHA256"
 
 
 def _leaves(elog: EventLog, partition: str, on_progress: Callable[[int], None] | None,
-            want: Callable[[int, Any], bool] | None = None) -> tuple[list[bytes], dict[str, Any]]:
+            want: Callable[[int, Any], bool] | None = None, size: int | None = None
+            ) -> tuple[list[bytes], dict[str, Any]]:
+    """Leaf hashes of the partition's first ``size`` entries (all when None; source stage,
+    :func:`leaf_hashes`), and the first entry ``want(index, entry)`` accepts."""
     leaves: list[bytes] = []
     found: dict[str, Any] = {}
-    sha = hashlib.sha256
-    for i, e in enumerate(elog.read(partition)):
-        leaves.append(sha(b"\x00" + e.payload).digest())
-        if want is not None and not found and want(i, e):
-            found = {"index": i, "entry": e}
-        if on_progress is not None and not i % 16384:
-            on_progress(i)
+    for batch in Source(elog, Span(partition, limit=size)):
+        start = len(leaves)
+        leaves.extend(leaf_hashes(batch))
+        if want is not None and not found:
+            found = next(({"index": start + k, "entry": e} for k, e in enumerate(batch) if want(start + k, e)), {})
+        if on_progress is not None:
+            on_progress(len(leaves))
     return leaves, found
 
 
@@ -47,46 +51,81 @@ def _find_partition(elog: EventLog, partition: int | None) -> str:
     return parts[partition]
 
 
-def inclusion(elog: EventLog, event_id: str, *, partition: int | None = None,
+def inclusion(elog: EventLog, event_id: str | None = None, *, index: int | None = None,
+              size: int | None = None, partition: int | None = None,
               on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Proof that the first entry holding ``event_id`` is in the log at its current size."""
-    parts = [_find_partition(elog, partition)] if partition is not None or len(elog.partitions()) == 1 \
-        else elog.partitions()
-    for part in parts:
-        def want(_i: int, e: Any) -> bool:
-            try:
-                return decode(e.payload).id == event_id
-            except MalformedEnvelope:
-                return False
+    """Proof that an entry is in the log: the first entry holding ``event_id``, or the entry at
+    ``index`` (0-based); in the tree of the log's first ``size`` entries (default: its current size).
 
-        leaves, found = _leaves(elog, part, on_progress, want)
+    Raises :class:`BadInput` when the event is not in the log (within ``size``), or ``index`` or
+    ``size`` is out of range.
+    """
+    if (event_id is None) == (index is None):
+        raise BadInput("give an event id or an index (not both)")
+    if index is not None and index < 0:
+        raise BadInput(f"--index {index}: must be >= 0")
+    if size is not None and size < 1:
+        raise BadInput(f"--to {size}: must be >= 1")
+    if index is not None or partition is not None or len(elog.partitions()) == 1:
+        parts = [_find_partition(elog, partition)]
+    else:
+        parts = elog.partitions()
+        if size is not None:
+            raise BadInput(f"{elog.topic} is partitioned: a size (--to) needs --partition")
+    for part in parts:
+        if index is not None:
+            def want(i: int, _e: Any) -> bool:
+                return i == index
+        else:
+            def want(_i: int, e: Any) -> bool:
+                try:
+                    return decode(e.payload).id == event_id
+                except MalformedEnvelope:
+                    return False
+
+        leaves, found = _leaves(elog, part, on_progress, want, size)
+        if size is not None and len(leaves) < size:
+            raise BadInput(f"--to {size}: {part} has {len(leaves)} entries")
         if not found:
             continue
-        index, entry = found["index"], found["entry"]
+        i, entry = found["index"], found["entry"]
+        try:
+            eid = decode(entry.payload).id
+        except MalformedEnvelope:
+            eid = None
         return {
             "type": "inclusion",
             "algorithm": ALGORITHM,
             "topic": elog.topic,
             "partition": part,
-            "event_id": event_id,
+            "event_id": eid,
             "message_id": str(entry.message_id),
-            "index": index,
+            "index": i,
             "size": len(leaves),
             "payload_base64": base64.b64encode(entry.payload).decode(),
-            "leaf_hash": leaves[index].hex(),
+            "leaf_hash": leaves[i].hex(),
             "root": merkle.root(leaves).hex(),
-            "proof": [h.hex() for h in merkle.inclusion_proof(leaves, index)],
+            "proof": [h.hex() for h in merkle.inclusion_proof(leaves, i)],
         }
-    raise BadInput(f"event {event_id!r} is not in {elog.topic}")
+    within = f" within its first {size} entries" if size is not None else ""
+    if index is not None:
+        raise BadInput(f"--index {index}: {elog.topic} has no entry {index}{within}")
+    raise BadInput(f"event {event_id!r} is not in {elog.topic}{within}")
 
 
-def consistency(elog: EventLog, old_size: int, *, partition: int | None = None,
+def consistency(elog: EventLog, old_size: int, new_size: int | None = None, *, partition: int | None = None,
                 on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Proof that the log at ``old_size`` entries is a prefix of the log today."""
+    """Proof that the log at ``old_size`` entries is a prefix of the log at ``new_size`` entries
+    (default: its current size): both past sizes of the same log, as an auditor holding two of its
+    roots asks."""
     part = _find_partition(elog, partition)
-    leaves, _ = _leaves(elog, part, on_progress)
+    if new_size is not None and old_size > new_size:
+        raise BadInput(f"--from {old_size} is past --to {new_size}")
+    leaves, _ = _leaves(elog, part, on_progress, size=new_size)
+    if new_size is not None and len(leaves) < new_size:
+        raise BadInput(f"--to {new_size}: the log has {len(leaves)} entries")
     if not 0 < old_size <= len(leaves):
-        raise BadInput(f"--consistency {old_size}: the log has {len(leaves)} entries (need 0 < OLD_SIZE <= size)")
+        raise BadInput(f"--from {old_size}: the log has {len(leaves)} entries (need 0 < OLD <= {len(leaves)})")
     return {
         "type": "consistency",
         "algorithm": ALGORITHM,
@@ -100,30 +139,55 @@ def consistency(elog: EventLog, old_size: int, *, partition: int | None = None,
     }
 
 
-def _hex(v: Any) -> bytes:
+def _hex(doc: dict[str, Any], key: str) -> bytes:
+    v = doc.get(key)
     if not isinstance(v, str):
-        raise ValueError("hash is not a hex string")
-    return bytes.fromhex(v)
+        raise BadInput(f"not a proof document: {key!r} must be a hex string")
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise BadInput(f"not a proof document: {key!r} is not hex") from None
+
+
+def _int(doc: dict[str, Any], key: str) -> int:
+    v = doc.get(key)
+    if type(v) is not int:
+        raise BadInput(f"not a proof document: {key!r} must be an integer")
+    return v
 
 
 def check(doc: Any) -> tuple[bool, str]:
-    """Check a proof document offline; ``(valid, what was checked or why not)``."""
+    """Check a proof document (as :func:`inclusion` or :func:`consistency` write them) offline.
+
+    Returns ``(valid, what was checked or why it does not hold)``. A document that is not a proof
+    document at all (not an object, unknown type, missing keys, hashes that are not hex) raises
+    :class:`BadInput`: that is bad input, not an invalid proof.
+    """
+    if not isinstance(doc, dict):
+        raise BadInput("not a proof document: expected a JSON object")
+    kind = doc.get("type")
+    if kind not in ("inclusion", "consistency"):
+        raise BadInput(f"not a proof document: 'type' is {kind!r}, expected 'inclusion' or 'consistency'")
+    if not isinstance(doc.get("proof"), list) or not all(isinstance(h, str) for h in doc["proof"]):
+        raise BadInput("not a proof document: 'proof' must be a list of hex strings")
     try:
-        if not isinstance(doc, dict):
-            return False, "not a proof document (expected a JSON object)"
-        proof = [_hex(h) for h in doc["proof"]]
-        root = _hex(doc["root"])
-        if doc.get("type") == "inclusion":
-            leaf = _hex(doc["leaf_hash"])
-            if "payload_base64" in doc:
+        proof = [bytes.fromhex(h) for h in doc["proof"]]
+    except ValueError:
+        raise BadInput("not a proof document: 'proof' holds a string that is not hex") from None
+    root = _hex(doc, "root")
+    size = _int(doc, "size")
+    if kind == "inclusion":
+        leaf = _hex(doc, "leaf_hash")
+        index = _int(doc, "index")
+        if "payload_base64" in doc:
+            try:
                 payload = base64.b64decode(doc["payload_base64"], validate=True)
-                if merkle.leaf_hash(payload) != leaf:
-                    return False, "leaf_hash is not the hash of the payload"
-            ok = merkle.verify_inclusion(leaf, doc["index"], doc["size"], proof, root)
-            return ok, f"entry {doc['index']} in a log of {doc['size']} with root {doc['root']}"
-        if doc.get("type") == "consistency":
-            ok = merkle.verify_consistency(doc["old_size"], doc["size"], _hex(doc["old_root"]), root, proof)
-            return ok, f"log of {doc['old_size']} is a prefix of the log of {doc['size']}"
-        return False, f"unknown proof type {doc.get('type')!r}"
-    except (KeyError, ValueError, TypeError) as exc:
-        return False, f"malformed proof document: {exc}"
+            except (ValueError, TypeError):
+                raise BadInput("not a proof document: 'payload_base64' is not base64") from None
+            if merkle.leaf_hash(payload) != leaf:
+                return False, "leaf_hash is not the hash of the payload"
+        ok = merkle.verify_inclusion(leaf, index, size, proof, root)
+        return ok, f"entry {index} in a log of {size} with root {doc['root']}"
+    old_size = _int(doc, "old_size")
+    ok = merkle.verify_consistency(old_size, size, _hex(doc, "old_root"), root, proof)
+    return ok, f"log of {old_size} is a prefix of the log of {size} with root {doc['root']}"

@@ -9,6 +9,10 @@ end; a model error stops the rebuild before any snapshot past the failing entry.
 When the log no longer holds its beginning (retention, a lost ledger), a valid snapshot at or after
 the loss is used and the report says that earlier history could not be re-verified; without one the
 rebuild fails with :class:`~chainfold.errors.HistoryUnrecoverable`, naming the gap.
+
+The work is in three steps any engine reuses: :func:`plan_rebuild` (records, lost history, the
+snapshot to start from), a :class:`RebuildRun` (the stages, folding partition by partition, the
+snapshot sink) and :meth:`RebuildRun.finish` (the final snapshot and the result).
 """
 
 from __future__ import annotations
@@ -17,42 +21,119 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .. import merkle
+from ..errors import HistoryUnrecoverable, SnapshotRejected
 from ..hashing.chain import ChainBuilder, Checkpoint
-from ..errors import CheckpointCorrupt, HistoryUnrecoverable, SnapshotRejected
-from ..replay.fold import Folder, Model
-from ..log import EventLog, MessageId
-from ..hashing.scan import DEFAULT_SEGMENT_SIZE, PartitionRecord, PartitionScan, scan_partition, topic_head
+from ..hashing.record import PartitionRecord, open_record
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
+from ..log import Entry, EventLog, Position
+from ..log.source import Source, Span
+from ..replay.fold import Folder
+from ..replay.model import Model
+from ..replay.pipeline import Stops, run_pass
+from ..replay import seen
+from ..store.sink import SnapshotSink
 from ..store.snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
 
-__all__ = ["RebuildResult", "rebuild", "DEFAULT_SNAPSHOT_EVERY"]
+__all__ = ["RebuildOptions", "RebuildResult", "RebuildPlan", "RebuildRun", "plan_rebuild", "rebuild",
+           "DEFAULT_SNAPSHOT_EVERY"]
 
 log = logging.getLogger("chainfold.ops.rebuild")
 
 DEFAULT_SNAPSHOT_EVERY = 100_000
+PROGRESS_EVERY = 16384
+
+
+@dataclass(frozen=True)
+class RebuildOptions:
+    """How to rebuild: one record for every engine (serial, processes, Spark).
+
+    ``snapshots_root`` holds the snapshots and the log's recorded checkpoints. ``full`` ignores
+    snapshots. ``until`` (a position, inclusive) or ``until_time`` (ms) stop early: then nothing is
+    recorded and no snapshot written. ``snapshot_every`` entries a snapshot is taken (0: only at the
+    end), ``keep`` are kept, none with ``write_snapshots=False``. ``segment_size`` is for a log with
+    nothing recorded. ``streams`` folds only those streams (targeted repair: no snapshots written);
+    ``max_snapshot_entries`` ignores snapshots covering more entries (repair replays from before a
+    divergence).
+    """
+
+    snapshots_root: Path
+    full: bool = False
+    until: Position | None = None
+    until_time: int | None = None
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+    keep: int = 3
+    write_snapshots: bool = True
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    streams: frozenset[str] | None = None
+    max_snapshot_entries: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "snapshots_root", Path(self.snapshots_root))
+
+    @classmethod
+    def of(cls, options: RebuildOptions | None = None, **changes: Any) -> RebuildOptions:
+        """``options`` with ``changes`` (keyword fields), or new options from the keywords alone."""
+        if options is None:
+            return cls(**changes)
+        return replace(options, **changes) if changes else options
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the rebuild stops before the end of the log."""
+        return self.until is not None or self.until_time is not None
+
+    @property
+    def takes_snapshots(self) -> bool:
+        return self.write_snapshots and not self.bounded and self.streams is None
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(RebuildOptions))
 
 
 @dataclass
 class RebuildResult:
-    """What a rebuild did. ``folder.states`` are the rebuilt states; ``to_json()`` is its report."""
+    """What a rebuild did. ``folder.states`` are the rebuilt states; ``to_json()`` is its report.
+    Where it started and what it decided before folding is its :class:`RebuildPlan`."""
 
-    topic: str
-    model: Model
+    plan: RebuildPlan
     folder: Folder
     scans: list[PartitionScan] = field(default_factory=list)
-    snapshot: Snapshot | None = None
-    snapshot_path: str | None = None
-    rejected: list[tuple[str, str]] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 1
     worker_peak_rss: list[int] = field(default_factory=list)
     """Peak resident memory (bytes) of each worker process, when rebuilt in parallel."""
+
+    @property
+    def topic(self) -> str:
+        return self.plan.elog.topic
+
+    @property
+    def model(self) -> Model:
+        return self.plan.model
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The snapshot the rebuild started from (None: the start of the log)."""
+        return self.plan.snapshot
+
+    @property
+    def snapshot_path(self) -> str | None:
+        return self.plan.snapshot_path
+
+    @property
+    def rejected(self) -> list[tuple[str, str]]:
+        """The snapshots not used, and why."""
+        return self.plan.rejected
+
+    @property
+    def notes(self) -> list[str]:
+        return self.plan.notes
 
     @property
     def from_snapshot(self) -> int | None:
@@ -106,29 +187,30 @@ def _check_against_record(pos: PartitionPosition, recorded: list[Checkpoint], re
         leaves = record.leaves(k * S, n - k * S)
         if leaves is not None:
             b = ChainBuilder(S)
-            for leaf in leaves:
-                b.add_leaf(leaf)
+            b.add_leaves(leaves)
             if b.state()["segment_frontier"] != list(st["segment_frontier"]):
                 return f"its chain inside segment {k} disagrees with the log's recorded leaves"
     return None
 
 
-def _earliest(elog: EventLog, part: str) -> MessageId | None:
-    for e in elog.read(part, limit=1):
-        return e.message_id
-    return None
+def _read(elog: EventLog, span: Span) -> list[Entry]:
+    return [e for batch in Source(elog, span) for e in batch]
 
 
-def _holds(elog: EventLog, part: str, mid: MessageId, leaf: bytes | None) -> bool:
-    """Does the log still hold entry ``mid`` (with the payload whose leaf hash is ``leaf``)?"""
-    for e in elog.read(part, start=mid, limit=1):
-        if e.message_id.position != mid.position:
-            return False
-        return leaf is None or hashlib.sha256(b"\x00" + e.payload).digest() == leaf
-    return False
+def _earliest(elog: EventLog, part: str) -> Position | None:
+    first = _read(elog, Span(part, limit=1))
+    return first[0].message_id if first else None
 
 
-def _remaining_agrees(elog: EventLog, part: str, recorded: list[Checkpoint], earliest: MessageId | None) -> bool | None:
+def _holds(elog: EventLog, part: str, pos: Position, leaf: bytes | None) -> bool:
+    """Does the log still hold the entry at ``pos`` (with the payload whose leaf hash is ``leaf``)?"""
+    found = _read(elog, Span(part, start=pos, limit=1))
+    if not found or found[0].message_id != pos:
+        return False
+    return leaf is None or leaf_hashes(found) == [leaf]
+
+
+def _remaining_agrees(elog: EventLog, part: str, recorded: list[Checkpoint], earliest: Position | None) -> bool | None:
     """Does what the log still holds agree with what was recorded for it?
 
     Checks the first recorded full segment that starts at or after the log's earliest entry: the
@@ -139,294 +221,258 @@ def _remaining_agrees(elog: EventLog, part: str, recorded: list[Checkpoint], ear
     for cp in recorded:
         if cp.first is None:
             continue
-        first = MessageId.parse(cp.first)
-        if first.position < earliest.position:
+        first = elog.position(cp.first)
+        if first < earliest:
             continue
         count = cp.size - cp.segment * cp.segment_size  # a provisional checkpoint covers a prefix
-        leaves = []
-        for e in elog.read(part, start=first, limit=count):
-            if not leaves and e.message_id.position != first.position:
-                return False
-            leaves.append(merkle.leaf_hash(e.payload))
-        return len(leaves) == count and merkle.root(leaves) == cp.root
+        entries = _read(elog, Span(part, start=first, limit=count))
+        if entries and entries[0].message_id != first:
+            return False
+        return len(entries) == count and merkle.root(leaf_hashes(entries)) == cp.root
     return None
 
 
-def _prepare(
-    elog: EventLog,
-    model: Model,
-    *,
-    snapshots_root: Path,
-    full: bool = False,
-    until: MessageId | None = None,
-    until_time: int | None = None,
-    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
-    keep: int = 3,
-    write_snapshots: bool = True,
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
-    streams: frozenset[str] | None = None,
-    max_snapshot_entries: int | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> _Replay:
-    """Everything :func:`rebuild` decides before folding: records, the snapshot to start from
-    (or why each was rejected), lost history."""
-    t0 = time.monotonic()
+@dataclass
+class RebuildPlan:
+    """What a rebuild decides before folding: the partitions' records, the snapshot it starts
+    from (``snapshot``, or None: the start of the log), what was rejected and why, and notes."""
+
+    elog: EventLog
+    model: Model
+    options: RebuildOptions
+    parts: list[str]
+    records: dict[str, PartitionRecord]
+    recorded: dict[str, list[Checkpoint]]
+    segment_size: int
+    store: SnapshotStore
+    notes: list[str] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    snapshot_path: str | None = None
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    passed_over: set[str] = field(default_factory=set)
+    """Rejected snapshots that are past where this replay must start: expected, not faults."""
+    started: float = field(default_factory=time.monotonic)
+
+
+def plan_rebuild(elog: EventLog, model: Model, options: RebuildOptions) -> RebuildPlan:
+    """Load the records, notice lost or rewritten history, choose the snapshot to start from."""
     parts = elog.partitions()
-    tdir = topic_dir(snapshots_root, elog.topic)
+    tdir = topic_dir(options.snapshots_root, elog.topic)
     records = {p: PartitionRecord(tdir, p) for p in parts}
     recorded: dict[str, list[Checkpoint]] = {}
     notes: list[str] = []
     for p, rec in records.items():
-        try:
-            recorded[p] = rec.load()
-        except CheckpointCorrupt as exc:
-            recorded[p] = []
-            notes.append(f"{exc}; not trusted (run `chainfold verify --reset` to re-record)")
-    seg = next((r[0].segment_size for r in recorded.values() if r), segment_size)
-    store = SnapshotStore(snapshots_root, elog.topic, keep=keep)
-    folder = Folder(model, streams=streams)
-    result = RebuildResult(elog.topic, model, folder, notes=notes)
-    partial_fold = streams is not None
-    if until is not None or until_time is not None or partial_fold:
-        write_snapshots = False
-
-    # History that is gone: the log now starts after where the record says it started.
+        recorded[p], error = open_record(rec)
+        if error is not None:
+            notes.append(f"{error}; not trusted (run `chainfold verify --reset` to re-record)")
+    seg = next((r[0].segment_size for r in recorded.values() if r), options.segment_size)
+    plan = RebuildPlan(elog, model, options, parts, records, recorded, seg,
+                       SnapshotStore(options.snapshots_root, elog.topic, keep=options.keep), notes)
     earliest = {p: _earliest(elog, p) for p in parts}
+    gaps, rewritten = _lost_history(plan, earliest)
+    if not options.full and options.until_time is None:
+        _choose_snapshot(plan, earliest, rewritten)
+    for path, reason in plan.rejected:
+        # passed over by request (a replay that must start before a given entry, --until) is
+        # expected, not a problem with the snapshot: logged quietly; anything else stays a warning
+        expected = path in plan.passed_over
+        log.log(logging.INFO if expected else logging.WARNING, "snapshot %s %s: %s", path,
+                "not used" if expected else "rejected", reason)
+    if gaps:
+        _check_gaps(plan, gaps, earliest)
+    if plan.snapshot is not None:
+        log.info("using snapshot %s (%d entries)", plan.snapshot_path, plan.snapshot.entries)
+    return plan
+
+
+def _lost_history(plan: RebuildPlan, earliest: dict[str, Position | None]) -> tuple[dict[str, str], set[str]]:
+    """Partitions whose log now starts after where the record says it started: lost history
+    (``gaps``: why) or, when what the log holds disagrees with the record, rewritten."""
     gaps: dict[str, str] = {}
     rewritten: set[str] = set()
-    for p in parts:
-        rec = recorded[p]
-        if rec and rec[0].first is not None:
-            first = MessageId.parse(rec[0].first)
-            e = earliest[p]
-            if e is None or e.position > first.position:
-                if _remaining_agrees(elog, p, rec, e) is False:
-                    # not lost history: the log now holds other entries than the ones recorded
-                    rewritten.add(p)
-                    notes.append(f"{p}: the log no longer matches its recorded checkpoints (rewritten?)")
-                else:
-                    gaps[p] = f"{p}: the log now starts at {e} but entry 0 was {first} when recorded"
-
-    chosen: Snapshot | None = None
-    if not full and until_time is None:
-        for info, cand in store.candidates(model):
-            path = str(info.path)
-            if isinstance(cand, SnapshotRejected):
-                result.rejected.append((path, cand.reason))
-                continue
-            reason = None
-            if [pos.partition for pos in cand.partitions] != parts:
-                reason = f"taken of partitions {[pos.partition for pos in cand.partitions]}, the log has {parts}"
-            elif max_snapshot_entries is not None and cand.entries > max_snapshot_entries:
-                reason = f"covers {cand.entries} entries, past the replay start {max_snapshot_entries}"
-            else:
-                for pos in cand.partitions:
-                    reason = _check_against_record(pos, recorded[pos.partition], records[pos.partition])
-                    if reason:
-                        break
-                    if pos.message_id is None:
-                        if pos.entries:
-                            reason = "no message id recorded for its position"
-                            break
-                        continue
-                    mid = MessageId.parse(pos.message_id)
-                    if until is not None and mid.position > until.position:
-                        reason = f"covers entries past --until {until}"
-                        break
-                    e = earliest[pos.partition]
-                    if e is not None and e.position <= mid.position and not _holds(
-                            elog, pos.partition, mid, pos.chain.get("last_leaf")):
-                        reason = f"the log no longer holds entry {mid} as it was when the snapshot was taken"
-                        break
-                    if (e is None or e.position > mid.position) and pos.partition in rewritten:
-                        reason = "the log was rewritten after the snapshot's position"
-                        break
-                    if e is None or e.position > mid.position:
-                        notes.append(f"{pos.partition}: the log starts after the snapshot's position ({mid}); "
-                                     "entries between may be gone")
-            if reason:
-                result.rejected.append((path, reason))
-                continue
-            chosen = cand
-            result.snapshot_path = path
-            break
-    for path, reason in result.rejected:
-        log.warning("snapshot %s rejected: %s", path, reason)
-
-    if gaps:
-        covered = chosen is not None and all(
-            pos.message_id is not None and earliest[pos.partition] is not None
-            and earliest[pos.partition].position <= MessageId.parse(pos.message_id).position
-            or pos.partition not in gaps
-            for pos in chosen.partitions
-        )
-        if chosen is None or not covered:
-            raise HistoryUnrecoverable(
-                "history is gone and no valid snapshot covers the gap: " + "; ".join(gaps.values())
-            )
-        notes.append("entries before the snapshot are gone from the log: earlier history could not be "
-                     "re-verified (" + "; ".join(gaps.values()) + ")")
-
-    positions: dict[str, PartitionPosition] = {}
-    if chosen is not None:
-        result.snapshot = chosen
-        folder.states = {s: model.load_state(v) for s, v in chosen.states.items()}
-        if partial_fold:
-            folder.states = {s: v for s, v in folder.states.items() if s in streams}
-        folder.seen = set(chosen.seen)
-        folder.index = chosen.entries
-        positions = {pos.partition: pos for pos in chosen.partitions}
-        log.info("using snapshot %s (%d entries)", result.snapshot_path, chosen.entries)
-
-    return _Replay(
-        t0=t0, elog=elog, model=model, parts=parts, records=records, seg=seg, store=store, folder=folder,
-        result=result, chosen=chosen, positions=positions, write_snapshots=write_snapshots,
-        snapshot_every=snapshot_every, until=until, until_time=until_time, on_progress=on_progress,
-    )
+    for p in plan.parts:
+        rec = plan.recorded[p]
+        if not rec or rec[0].first is None:
+            continue
+        first = plan.elog.position(rec[0].first)
+        e = earliest[p]
+        if e is not None and not first < e:
+            continue
+        if _remaining_agrees(plan.elog, p, rec, e) is False:
+            # not lost history: the log now holds other entries than the ones recorded
+            rewritten.add(p)
+            plan.notes.append(f"{p}: the log no longer matches its recorded checkpoints (rewritten?)")
+        else:
+            gaps[p] = f"{p}: the log now starts at {e} but entry 0 was {first} when recorded"
+    return gaps, rewritten
 
 
-@dataclass
-class _Replay:
-    """A rebuild between deciding where to start and the end: what folding needs, and the final
-    snapshot. :func:`rebuild` folds serially; :func:`chainfold.engines.parallel.parallel_rebuild` in
-    worker processes."""
+def _choose_snapshot(plan: RebuildPlan, earliest: dict[str, Position | None], rewritten: set[str]) -> None:
+    """The newest snapshot that is valid for this log (each rejection recorded with its reason)."""
+    for info, cand in plan.store.candidates(plan.model):
+        path = str(info.path)
+        if isinstance(cand, SnapshotRejected):
+            plan.rejected.append((path, cand.reason))
+            continue
+        notes: list[str] = []
+        why = _unusable(plan, cand, earliest, rewritten, notes)
+        if why is not None:
+            plan.rejected.append((path, why[0]))
+            if why[1]:
+                plan.passed_over.add(path)
+            continue
+        plan.notes.extend(notes)
+        plan.snapshot, plan.snapshot_path = cand, path
+        return
 
-    t0: float
-    elog: EventLog
-    model: Model
-    parts: list[str]
-    records: dict[str, PartitionRecord]
-    seg: int
-    store: SnapshotStore
-    folder: Folder
-    result: RebuildResult
-    chosen: Snapshot | None
-    positions: dict[str, PartitionPosition]
-    write_snapshots: bool
-    snapshot_every: int
-    until: MessageId | None
-    until_time: int | None
-    on_progress: Callable[[int], None] | None
-    done_positions: dict[str, PartitionPosition] = field(default_factory=dict)
-    last_total: int = 0
 
-    def __post_init__(self) -> None:
-        self.done_positions = dict(self.positions)
-        self.last_total = self.chosen.entries if self.chosen is not None else 0
+def _unusable(plan: RebuildPlan, cand: Snapshot, earliest: dict[str, Position | None], rewritten: set[str],
+              notes: list[str]) -> tuple[str, bool] | None:
+    """Why snapshot ``cand`` cannot start this rebuild, and whether that is expected (it is past
+    where the replay must start); None if it can (``notes`` then say what to know)."""
+    opts = plan.options
+    if [pos.partition for pos in cand.partitions] != plan.parts:
+        return f"taken of partitions {[pos.partition for pos in cand.partitions]}, the log has {plan.parts}", False
+    if opts.max_snapshot_entries is not None and cand.entries > opts.max_snapshot_entries:
+        return f"covers {cand.entries} entries, past the replay start {opts.max_snapshot_entries}", True
+    for pos in cand.partitions:
+        reason = _check_against_record(pos, plan.recorded[pos.partition], plan.records[pos.partition])
+        if reason:
+            return reason, False
+        if pos.message_id is None:
+            if pos.entries:
+                return "no message id recorded for its position", False
+            continue
+        at = plan.elog.position(pos.message_id)
+        if opts.until is not None and opts.until < at:
+            return f"covers entries past --until {opts.until}", True
+        e = earliest[pos.partition]
+        if e is not None and e <= at and not _holds(plan.elog, pos.partition, at, pos.chain.get("last_leaf")):
+            return f"the log no longer holds entry {at} as it was when the snapshot was taken", False
+        if (e is None or at < e) and pos.partition in rewritten:
+            return "the log was rewritten after the snapshot's position", False
+        if e is None or at < e:
+            notes.append(f"{pos.partition}: the log starts after the snapshot's position ({at}); "
+                         "entries between may be gone")
+    return None
 
-    def take_snapshot(self, current: str, chain: ChainBuilder, last: MessageId | None) -> None:
-        """Write a snapshot of the folder's states, ``current`` being at ``chain`` after ``last``."""
-        folder, model, chosen, seg = self.folder, self.model, self.chosen, self.seg
-        cur = dict(self.done_positions)
-        st = chain.state()
-        cur[current] = PartitionPosition(current, chain.size, str(last) if last is not None else None, st)
-        ordered = tuple(cur.get(p) or PartitionPosition(p, 0, None, ChainBuilder(seg).state()) for p in self.parts)
-        snap = Snapshot(
-            topic=self.elog.topic,
-            partitions=ordered,
-            model_name=model.name,
-            model_fingerprint=model.fingerprint,
-            segment_size=seg,
-            states={s: model.dump_state(v) for s, v in folder.states.items()},
-            seen=frozenset(folder.seen),
-            created=int(time.time() * 1000),
-            stats={"malformed": len(folder.malformed) + (chosen.stats.get("malformed", 0) if chosen else 0),
-                   "duplicates": len(folder.duplicates) + (chosen.stats.get("duplicates", 0) if chosen else 0)},
-        )
-        path = self.store.write(snap)
-        self.last_total = snap.entries
-        self.result.written.append(str(path))
 
-    def start_of(self, p: str) -> tuple[ChainBuilder | None, MessageId | None]:
-        """Where folding partition ``p`` starts: the snapshot's chain and last message id, or nothing."""
-        pos = self.positions.get(p)
+def _check_gaps(plan: RebuildPlan, gaps: dict[str, str], earliest: dict[str, Position | None]) -> None:
+    """History is gone: fine when the chosen snapshot covers every gap (a note says what could not
+    be re-verified), else :class:`~chainfold.errors.HistoryUnrecoverable`."""
+    chosen = plan.snapshot
+
+    def covers(pos: PartitionPosition) -> bool:
+        e = earliest[pos.partition]
+        return pos.partition not in gaps or (
+            pos.message_id is not None and e is not None and e <= plan.elog.position(pos.message_id))
+
+    if chosen is None or not all(covers(pos) for pos in chosen.partitions):
+        raise HistoryUnrecoverable("history is gone and no valid snapshot covers the gap: " + "; ".join(gaps.values()))
+    plan.notes.append("entries before the snapshot are gone from the log: earlier history could not be "
+                      "re-verified (" + "; ".join(gaps.values()) + ")")
+
+
+class RebuildRun:
+    """A rebuild between its plan and its result: the folder (decode and fold stages) starting from
+    the plan's snapshot, the snapshot sink, and what each partition's pass found. The serial rebuild
+    runs :meth:`partition` for each partition; the parallel engine folds elsewhere and reports its
+    passes with :meth:`scanned`; both end with :meth:`finish`."""
+
+    def __init__(self, plan: RebuildPlan, on_progress: Callable[[int], None] | None = None) -> None:
+        self.plan = plan
+        self.on_progress = on_progress
+        opts, model, snap = plan.options, plan.model, plan.snapshot
+        folder = Folder(model, streams=opts.streams)
+        if snap is not None:
+            states = snap.restore_states(model)
+            if opts.streams is not None:
+                states = {s: v for s, v in states.items() if s in opts.streams}
+            folder = Folder(model, states, seen.restore(snap.seen), index=snap.entries, streams=opts.streams)
+        self.folder = folder
+        self.result = RebuildResult(plan, folder)
+        self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap) \
+            if opts.takes_snapshots else None
+        self.start = {pos.partition: pos for pos in snap.partitions} if snap is not None else {}
+        self._read = 0
+
+    def start_of(self, p: str) -> tuple[ChainBuilder | None, Position | None]:
+        """Where partition ``p``'s pass starts: the snapshot's chain and position, or nothing."""
+        pos = self.start.get(p)
         chain = ChainBuilder.from_state(pos.chain) if pos is not None and pos.entries else None
-        after = MessageId.parse(pos.message_id) if pos is not None and pos.message_id else None
+        after = self.plan.elog.position(pos.message_id) if pos is not None and pos.message_id else None
         return chain, after
+
+    def hash_stage(self, p: str) -> HashStage:
+        """The hash stage of partition ``p``'s pass (records only a rebuild that reads to the end)."""
+        chain, _ = self.start_of(p)
+        return HashStage.open(self.plan.elog, p, record=self.plan.records[p], chain=chain,
+                              segment_size=self.plan.segment_size, write=not self.plan.options.bounded)
+
+    def source(self, p: str) -> Source:
+        opts = self.plan.options
+        return Source(self.plan.elog, Span(p, after=self.start_of(p)[1], until=opts.until, until_time=opts.until_time))
+
+    def partition(self, p: str) -> None:
+        """Fold partition ``p`` here, snapshotting every ``snapshot_every`` entries."""
+        hasher, source, base = self.hash_stage(p), self.source(p), self._read
+        stops = Stops()
+        if self.on_progress is not None:
+            progress = self.on_progress
+            stops.every(PROGRESS_EVERY, lambda n, _e: progress(base + n))
+        if self.sink is not None and self.plan.options.snapshot_every > 0:
+            sink = self.sink
+
+            def snapshot(_n: int, last: Entry) -> None:
+                hasher.flush()  # the record the snapshot will be checked against, first
+                sink.take(PartitionPosition(p, hasher.chain.size, str(last.message_id), hasher.chain.state()))
+
+            stops.every(self.plan.options.snapshot_every, snapshot)
+        try:
+            run_pass(source, start=hasher.chain.size, hasher=hasher, decoder=self.folder.decoder,
+                     fold=self.folder.fold, stops=stops)
+        finally:
+            hasher.flush()
+            if self.on_progress is not None:
+                self.on_progress(base + source.read)
+        self.scanned(p, hasher.finish(source, read_to_end=not self.plan.options.bounded))
 
     def scanned(self, p: str, scan: PartitionScan) -> None:
         """Record that partition ``p`` was folded to the end of ``scan``."""
-        pos = self.positions.get(p)
+        start = self.start.get(p)
         self.result.scans.append(scan)
-        self.done_positions[p] = PartitionPosition(
-            p, scan.chain.size, str(scan.last) if scan.last is not None else (pos.message_id if pos else None),
-            scan.chain.state(),
-        )
+        self._read += scan.read
+        last = str(scan.last) if scan.last is not None else (start.message_id if start else None)
+        if self.sink is not None:
+            self.sink.done(PartitionPosition(p, scan.chain.size, last, scan.chain.state()))
         if scan.mismatch is not None:
             self.result.notes.append(
                 f"{p}: the log differs from its recorded checkpoints at entry {scan.mismatch.index} "
                 f"({scan.mismatch.reason}); run `chainfold verify` for details")
 
-    def fold_serially(self) -> None:
-        """Fold partition by partition, snapshotting every ``snapshot_every`` entries."""
-        progress_base = 0
-        on_progress = self.on_progress
-        for p in self.parts:
-            chain, after = self.start_of(p)
-            base = progress_base
-
-            def progress(n: int, base: int = base) -> None:
-                if on_progress is not None:
-                    on_progress(base + n)
-
-            hook = None
-            if self.write_snapshots and self.snapshot_every > 0:
-                def hook(chain: ChainBuilder, last: MessageId, p: str = p) -> None:
-                    self.take_snapshot(p, chain, last)
-
-            scan = scan_partition(
-                self.elog, p, record=self.records[p], chain=chain, after=after, folder=self.folder,
-                segment_size=self.seg, until=self.until, until_time=self.until_time, on_progress=progress,
-                every=(self.snapshot_every, hook) if hook is not None else None,
-                write_record=self.until is None and self.until_time is None,
-            )
-            self.scanned(p, scan)
-            progress_base += scan.read
-
     def finish(self) -> RebuildResult:
         """The snapshot at the end (unless the last periodic one is there already), and the result."""
-        scans = self.result.scans
-        total = sum(pos.entries for pos in self.done_positions.values())
-        if self.write_snapshots and sum(s.read for s in scans) > 0 and total != self.last_total:
-            ordered_last = self.parts[-1]
-            last_scan = scans[-1]
-            last_mid = self.done_positions[ordered_last].message_id
-            self.take_snapshot(ordered_last, last_scan.chain, last_scan.last or (
-                MessageId.parse(last_mid) if last_mid else None))
-        self.result.seconds = time.monotonic() - self.t0
+        sink = self.sink
+        if sink is not None and self._read > 0 and sink.covered() != sink.entries:
+            sink.take()
+        if sink is not None:
+            self.result.written = sink.written
+        self.result.seconds = time.monotonic() - self.plan.started
         return self.result
 
 
-def rebuild(
-    elog: EventLog,
-    model: Model,
-    *,
-    snapshots_root: Path,
-    full: bool = False,
-    until: MessageId | None = None,
-    until_time: int | None = None,
-    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
-    keep: int = 3,
-    write_snapshots: bool = True,
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
-    streams: frozenset[str] | None = None,
-    max_snapshot_entries: int | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> RebuildResult:
+def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None, /, *,
+            on_progress: Callable[[int], None] | None = None, **changes: Any) -> RebuildResult:
     """Rebuild the states of ``elog`` with ``model``; see the module docstring.
 
-    ``streams`` restricts folding to those streams (targeted repair); snapshots are then neither
-    written nor required to be complete for other streams. ``max_snapshot_entries`` ignores
-    snapshots covering more entries (repair replays from before a divergence).
+    ``options`` (:class:`RebuildOptions`), or its fields as keywords (``snapshots_root=...,
+    full=True``); ``on_progress(entries read)`` is called as the rebuild goes.
     """
-    replay = _prepare(
-        elog, model, snapshots_root=snapshots_root, full=full, until=until, until_time=until_time,
-        snapshot_every=snapshot_every, keep=keep, write_snapshots=write_snapshots,
-        segment_size=segment_size, streams=streams, max_snapshot_entries=max_snapshot_entries,
-        on_progress=on_progress,
-    )
-    replay.fold_serially()
-    return replay.finish()
+    plan = plan_rebuild(elog, model, RebuildOptions.of(options, **changes))
+    run = RebuildRun(plan, on_progress)
+    for p in plan.parts:
+        run.partition(p)
+    return run.finish()
 
 
 def states_digest(states: dict[str, Any]) -> str:

@@ -8,31 +8,55 @@ Three references, each optional:
 * another log (``--against``): two copies of a log compared by their checkpoints, bisecting over
   heads and descending one segment's tree, then reading only that segment from each side.
 
-A first verify of a topic records its checkpoints and reports ``intact``.
+A first verify of a topic records its checkpoints and reports ``intact``. Verify is the source and
+hash stages alone (:func:`hash_partition`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import RootMismatch, SnapshotRejected
 from ..hashing.chain import ChainBuilder, Checkpoint, find_divergence
-from ..envelope import decode
-from ..errors import MalformedEnvelope, SnapshotRejected
-from ..log import EventLog, MessageId
-from ..hashing.scan import DEFAULT_SEGMENT_SIZE, Mismatch, PartitionRecord, PartitionScan, scan_partition, topic_head
+from ..hashing.record import Mismatch, PartitionRecord, name_entry
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
+from ..log import Entry, EventLog
+from ..log.source import Source, Span
+from ..replay.pipeline import Stops, run_pass
 
-__all__ = ["VerifyReport", "verify_log", "compare_logs"]
+__all__ = ["VerifyOptions", "VerifyReport", "verify_log", "compare_logs", "hash_partition", "snapshot_probes",
+           "conclude_partition"]
 
 log = logging.getLogger("chainfold.ops.verify")
+
+PROGRESS_EVERY = 16384
+
+Probes = dict[str, list[tuple[int, dict, str]]]
+"""``{partition: [(entries, chain state, snapshot path)]}``: what the topic's snapshots recorded."""
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How to verify (every engine): ``record_dir`` holds the recorded checkpoints (None: compare
+    with nothing, record nothing); ``snapshots_root`` the snapshots whose chain states are checked
+    too; ``segment_size`` is for a log with nothing recorded; ``reset`` discards the record first."""
+
+    record_dir: Path | None = None
+    snapshots_root: Path | None = None
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    reset: bool = False
+
+    def record(self, partition: str) -> PartitionRecord | None:
+        return PartitionRecord(self.record_dir, partition) if self.record_dir is not None else None
 
 
 @dataclass
 class VerifyReport:
-    """The verify report (SPEC §4): ``to_json()`` has every key the SPEC requires."""
+    """The verify report (docs/cli.md): ``to_json()`` has every key docs/cli.md lists as always present."""
 
     topic: str
     scans: list[PartitionScan]
@@ -83,14 +107,14 @@ class VerifyReport:
         return out
 
 
-def _snapshot_probes(snapshots_root: Path | None, topic: str) -> dict[str, list[tuple[int, dict, str]]]:
-    """``{partition: [(entries, chain state, snapshot path)]}`` from the topic's valid snapshots."""
+def snapshot_probes(snapshots_root: Path | None, topic: str) -> Probes:
+    """The chain states the topic's valid snapshots recorded, per partition."""
     if snapshots_root is None:
         return {}
     from ..store.snapshots import SnapshotStore
 
     store = SnapshotStore(snapshots_root, topic)
-    probes: dict[str, list[tuple[int, dict, str]]] = {}
+    probes: Probes = {}
     for info in store.list():
         try:
             snap = store.load(info.path)
@@ -102,50 +126,77 @@ def _snapshot_probes(snapshots_root: Path | None, topic: str) -> dict[str, list[
     return probes
 
 
-def verify_log(
-    elog: EventLog,
-    record_dir: Path | None,
-    *,
-    snapshots_root: Path | None = None,
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
-    reset: bool = False,
-    on_progress: Callable[[int], None] | None = None,
-) -> VerifyReport:
-    """Scan every partition of ``elog``, comparing with the record in ``record_dir`` (and recording
-    what is new while the log agrees), and with the chain states recorded in snapshots.
+def hash_partition(elog: EventLog, span: Span, *, record: PartitionRecord | None = None,
+                   chain: ChainBuilder | None = None, segment_size: int = DEFAULT_SEGMENT_SIZE,
+                   write: bool = True, probes: Iterable[int] = (),
+                   on_progress: Callable[[int], None] | None = None) -> PartitionScan:
+    """One hash-only pass over ``span`` (source → hash stage), continuing ``chain`` if given,
+    compared with (and, with ``write``, recording into) ``record``; ``probes`` are partition sizes
+    at which the chain state is captured into ``PartitionScan.probed``."""
+    hasher = HashStage.open(elog, span.partition, record=record, chain=chain, segment_size=segment_size, write=write)
+    start = hasher.chain.size
+    probed = hasher.scan.probed
+    stops = Stops()
+    for size in sorted(set(probes)):
+        if size == start:
+            probed[size] = hasher.chain.state()
+        elif size > start:
+            stops.at(size - start, lambda n, _e: probed.__setitem__(start + n, hasher.chain.state()))
+    if on_progress is not None:
+        stops.every(PROGRESS_EVERY, lambda n, _e: on_progress(n))  # type: ignore[misc]
+    source = Source(elog, span)
+    try:
+        run_pass(source, start=start, hasher=hasher, stops=stops)
+    finally:
+        hasher.flush()
+        if on_progress is not None:
+            on_progress(source.read)
+    return hasher.finish(source, read_to_end=not span.bounded)
 
-    Raises :class:`~chainfold.errors.CheckpointCorrupt` (naming the file) when a record cannot be
-    trusted; ``reset=True`` discards the record and records the log as it is now.
+
+def verify_log(elog: EventLog, options: VerifyOptions | None = None, /, *,
+               on_progress: Callable[[int], None] | None = None, **changes: Any) -> VerifyReport:
+    """Hash every partition of ``elog``, comparing with the record in ``options.record_dir`` (and
+    recording what is new while the log agrees), and with the chain states recorded in snapshots.
+
+    ``options`` (:class:`VerifyOptions`) or its fields as keywords. Raises
+    :class:`~chainfold.errors.CheckpointCorrupt` (naming the file) when a record cannot be trusted;
+    ``reset=True`` discards the record and records the log as it is now.
     """
-    scans: list[PartitionScan] = []
-    report = VerifyReport(elog.topic, scans)
-    probes = _snapshot_probes(snapshots_root, elog.topic)
+    opts = VerifyOptions(**changes) if options is None else options
+    report = VerifyReport(elog.topic, [])
+    probes = snapshot_probes(opts.snapshots_root, elog.topic)
     done = 0
     for part in elog.partitions():
-        record = PartitionRecord(record_dir, part) if record_dir is not None else None
-        if record is not None and reset:
-            record.reset()
-            report.notes.append(f"{part}: recorded checkpoints reset")
-        elif record is not None:
-            record.load()  # a corrupt record is bad input (exit 2): never trusted, never overwritten
+        record = prepare_record(opts, part, report)
         mine = probes.get(part, [])
-        base = done
-
-        def progress(n: int, base: int = base) -> None:
-            if on_progress is not None:
-                on_progress(base + n)
-
-        scan = scan_partition(elog, part, record=record, segment_size=segment_size,
-                              probes=[p for p, _, _ in mine], on_progress=progress)
+        scan = hash_partition(elog, Span(part), record=record, segment_size=opts.segment_size,
+                              probes=[e for e, _, _ in mine], on_progress=_offset(on_progress, done))
         done += scan.entries
         conclude_partition(report, part, scan, mine)
     return report
 
 
+def prepare_record(opts: VerifyOptions, part: str, report: VerifyReport) -> PartitionRecord | None:
+    """The record of ``part``: reset when asked (noted in ``report``); a corrupt one is bad input
+    (exit 2): never trusted, never overwritten."""
+    record = opts.record(part)
+    if record is not None and opts.reset:
+        record.reset()
+        report.notes.append(f"{part}: recorded checkpoints reset")
+    elif record is not None:
+        record.load()
+    return record
+
+
+def _offset(on_progress: Callable[[int], None] | None, base: int) -> Callable[[int], None] | None:
+    return None if on_progress is None else (lambda n: on_progress(base + n))
+
+
 def conclude_partition(report: VerifyReport, part: str, scan: PartitionScan,
                        probes: list[tuple[int, dict, str]]) -> None:
     """Add partition ``part``'s scan to ``report``: its mismatch, and how the chain states that
-    snapshots recorded (``probes``, see :func:`_snapshot_probes`) compare with the log."""
+    snapshots recorded (``probes``, see :func:`snapshot_probes`) compare with the log."""
     report.scans.append(scan)
     if scan.record_error:
         report.notes.append(scan.record_error)
@@ -172,26 +223,42 @@ def conclude_partition(report: VerifyReport, part: str, scan: PartitionScan,
                 report.mismatch_partition = part
 
 
-def _segment_leaves(elog: EventLog, part: str, cp: Checkpoint) -> tuple[list[bytes], list[Any]]:
-    import hashlib
-
-    count = cp.size - cp.segment * cp.segment_size
-    leaves, entries = [], []
+def _segment(elog: EventLog, part: str, cp: Checkpoint) -> list[Entry]:
+    """The entries of segment ``cp`` (read again from the log)."""
     if cp.first is None:
-        return leaves, entries
-    for e in elog.read(part, start=MessageId.parse(cp.first), limit=count):
-        leaves.append(hashlib.sha256(b"\x00" + e.payload).digest())
-        entries.append(e)
-    return leaves, entries
+        return []
+    span = Span(part, start=elog.position(cp.first), limit=cp.size - cp.segment * cp.segment_size)
+    return [e for batch in Source(elog, span) for e in batch]
 
 
-def compare_logs(
-    left: EventLog,
-    right: EventLog,
-    *,
-    segment_size: int = DEFAULT_SEGMENT_SIZE,
-    on_progress: Callable[[int], None] | None = None,
-) -> VerifyReport:
+def _compare_partition(left: EventLog, lp: str, ls: PartitionScan, right: EventLog, rp: str,
+                       rs: PartitionScan) -> Mismatch | None:
+    """Where partition ``lp`` of ``left`` first differs from ``rp`` of ``right``, by their checkpoints."""
+    lcps, rcps = ls.all_checkpoints(), rs.all_checkpoints()
+    read: dict[str, list[Entry]] = {}
+
+    def leaves(side: str, elog: EventLog, part: str, cps: list[Checkpoint]) -> Callable[[int], list[bytes]]:
+        def of(k: int) -> list[bytes]:
+            read[side] = _segment(elog, part, cps[k])
+            return leaf_hashes(read[side])
+        return of
+
+    try:
+        d = find_divergence(lcps, rcps, leaves("l", left, lp, lcps), leaves("r", right, rp, rcps))
+    except RootMismatch as exc:  # a segment changed between the two reads
+        return Mismatch(0, 0, None, None, f"log changed while comparing: {exc}")
+    if d is None:
+        return None
+    k, S = d.segment, ls.chain.segment_size
+    entries = read.get("l")
+    if entries is None and k < len(lcps):
+        entries = _segment(left, lp, lcps[k])
+    return name_entry(d.index, k, entries or [], k * S, f"{left.topic} and {right.topic} differ from entry {d.index}",
+                      d.comparisons)
+
+
+def compare_logs(left: EventLog, right: EventLog, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
+                 on_progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Compare two logs partition by partition (``verify TOPIC --against OTHER``).
 
     Both are hashed once; the first divergent entry is then found from the two checkpoint
@@ -199,60 +266,26 @@ def compare_logs(
     again from each side. The mismatch names the entry of ``left`` (the topic being verified).
     """
     lparts, rparts = left.partitions(), right.partitions()
-    scans: list[PartitionScan] = []
-    report = VerifyReport(left.topic, scans, against=right.topic)
+    report = VerifyReport(left.topic, [], against=right.topic)
     if len(lparts) != len(rparts):
         report.notes.append(f"{left.topic} has {len(lparts)} partitions, {right.topic} has {len(rparts)}")
     done = 0
     for i, lp in enumerate(lparts):
-        ls = scan_partition(left, lp, segment_size=segment_size, write_record=False,
-                            on_progress=(lambda n, b=done: on_progress(b + n)) if on_progress else None)
+        ls = hash_partition(left, Span(lp), segment_size=segment_size, write=False,
+                            on_progress=_offset(on_progress, done))
         done += ls.entries
-        scans.append(ls)
+        report.scans.append(ls)
+        if report.mismatch is not None:
+            continue
         if i >= len(rparts):
-            if report.mismatch is None and ls.entries:
+            if ls.entries:
                 report.mismatch = Mismatch(0, 0, None, None, f"no partition {i} in {right.topic}")
                 report.mismatch_partition = lp
             continue
-        rp = rparts[i]
-        rs = scan_partition(right, rp, segment_size=segment_size, write_record=False)
-        lcps = ls.checkpoints + ([ls.chain.pending()] if ls.chain.pending() else [])
-        rcps = rs.checkpoints + ([rs.chain.pending()] if rs.chain.pending() else [])
-        cache: dict[str, tuple[list[bytes], list[Any]]] = {}
-
-        def lleaves(k: int) -> list[bytes]:
-            cache["l"] = _segment_leaves(left, lp, lcps[k])
-            return cache["l"][0]
-
-        def rleaves(k: int) -> list[bytes]:
-            cache["r"] = _segment_leaves(right, rp, rcps[k])
-            return cache["r"][0]
-
-        try:
-            d = find_divergence(lcps, rcps, lleaves, rleaves)
-        except ValueError as exc:  # a segment changed between the two reads
-            report.notes.append(f"{lp}: log changed while comparing ({exc})")
-            d = None
-            if report.mismatch is None:
-                report.mismatch = Mismatch(0, 0, None, None, f"log changed while comparing: {exc}")
-                report.mismatch_partition = lp
-        if d is None or report.mismatch is not None:
-            continue
-        s = ls.chain.segment_size
-        j = d.index - d.segment * s
-        mid = eid = None
-        ents = cache.get("l", (None, None))[1]
-        if ents is None and d.segment < len(lcps):
-            ents = _segment_leaves(left, lp, lcps[d.segment])[1]
-        if ents is not None and 0 <= j < len(ents):
-            e = ents[j]
-            mid = str(e.message_id)
-            try:
-                eid = decode(e.payload).id
-            except MalformedEnvelope:
-                eid = None
-        report.mismatch = Mismatch(d.index, d.segment, mid, eid,
-                                   f"{left.topic} and {right.topic} differ from entry {d.index}", d.comparisons)
-        report.mismatch_partition = lp
-        report.comparisons = d.comparisons
+        rs = hash_partition(right, Span(rparts[i]), segment_size=segment_size, write=False)
+        m = _compare_partition(left, lp, ls, right, rparts[i], rs)
+        if m is not None and m.reason.startswith("log changed"):
+            report.notes.append(f"{lp}: {m.reason}")
+        if m is not None:
+            report.mismatch, report.mismatch_partition, report.comparisons = m, lp, m.comparisons
     return report

@@ -1,1 +1,3 @@
-"""Where snapshots go: snapshot files (:mod:`.snapshots`) and crash-safe writes (:mod:`.atomic`)."""
+"""Where snapshots go: the topic's snapshots (:mod:`.snapshots`), the storage that holds their files
+(:mod:`.storage`: interface and local folder), their bytes (:mod:`.codec`), the snapshot sink of a
+replay (:mod:`.sink`) and crash-safe writes (:mod:`.atomic`)."""

@@ -1,43 +1,28 @@
 """Snapshots: the folded states of a topic at a known log position, so a rebuild replays only the tail.
 
-One file per snapshot, in one folder per topic (:func:`topic_dir`) under the store's root (default
-``snapshots/``). A :class:`Snapshot` records, for every partition, how many entries it covers, the
-last message id covered and the :class:`~chainfold.hashing.chain.ChainBuilder` state there (so the hash
-chain continues without re-reading); the model's name and code fingerprint; the states per stream
-(as ``model.dump_state`` gives them); and the event ids already folded (so a duplicate of an old
-event in the tail is not folded twice).
+A :class:`Snapshot` records, for every partition, how many entries it covers, the last message id
+covered and the :class:`~chainfold.hashing.chain.ChainBuilder` state there (so the hash chain
+continues without re-reading); the model's name and code fingerprint; the states per stream (as
+``model.dump_state`` gives them); and the event ids already folded (so a duplicate of an old event
+in the tail is not folded twice).
 
-File format (version :data:`FORMAT`), a CBOR map::
-
-    {"format": 1, "body": <bytes: canonical CBOR of the body map>, "sha256": <bytes: SHA-256 of body>}
-
-    body = {"topic", "partitions": [{"partition", "entries", "message_id", "chain"}, ...],
-            "model_name", "model_fingerprint", "segment_size", "states": {stream: state},
-            "seen": [event ids, sorted], "created": ms, "stats": {...},
-            "streams_root": Merkle root over the states, "entries": sum over partitions}
-
-``streams_root`` is the RFC 9162 root (:func:`chainfold.merkle.root`) over one leaf per stream,
-streams sorted by id: ``leaf_hash(canonical CBOR of [stream, state])``. It is computed when writing
-and checked when loading, on top of the checksum of the body.
-
-Files are named ``snap-<entries:012d>-<created ms:013d>[-<n>].cbor``, so a listing orders by
-coverage without opening them. They are written crash-safely: a hidden temp file in the same folder
-(``.snap-...tmp``, never listed), fsynced, renamed into place, folder fsynced. A temp file left by a
-writer that died is removed by the next write. A file that is truncated, altered, of another topic
-or of another model is never loaded: it comes back as a :class:`~chainfold.errors.SnapshotRejected`
-with the reason, and the caller moves on to the next older one (:meth:`SnapshotStore.candidates`).
+:class:`SnapshotStore` holds one topic's snapshots: in a :class:`~chainfold.store.storage.SnapshotStorage`
+(by default :class:`~chainfold.store.storage.LocalStorage`, the topic's folder :func:`topic_dir`
+under the store's root, default ``snapshots/``), as bytes of the format of
+:mod:`chainfold.store.codec`. Files are named ``snap-<entries:012d>-<created ms:013d>[-<n>].cbor``,
+so a listing orders by coverage without opening them; they are written atomically (a crash leaves
+no snapshot or a complete one); the newest ``keep`` are kept. A file that is truncated, altered, of
+another topic or of another model is never loaded: it comes back as a
+:class:`~chainfold.errors.SnapshotRejected` with the reason, and the caller moves on to the next
+older one (:meth:`SnapshotStore.candidates`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import gc
 import hashlib
-import io
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,14 +30,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import cbor2
-
+from ..errors import BadInput, InvalidArgument, SnapshotRejected
 from ..hashing.chain import ChainBuilder
-from .atomic import fsync_dir
-from ..errors import BadInput, SnapshotRejected
-from ..replay.fold import Model, render_json
 from ..log import full_topic_name
-from ..merkle import HASH_SIZE, root as merkle_root
+from ..merkle import HASH_SIZE
+from ..replay.model import Model, render_json
+from . import codec
+from .codec import FORMAT, Undecodable, streams_root
+from .storage import LocalStorage, SnapshotStorage
 
 __all__ = [
     "FORMAT",
@@ -64,23 +49,14 @@ __all__ = [
     "streams_root",
 ]
 
-FORMAT = 1
-"""Version of the snapshot file format written and read."""
-
 _NAME = re.compile(r"^snap-(\d{1,20})-(\d{1,20})(?:-(\d{1,6}))?\.cbor$")
-_TEMP = re.compile(r"^\.snap-.*\.(\d{1,10})\.[0-9a-f]{8,32}\.tmp$")
-_STALE_TEMP_SECONDS = 24 * 3600  # a temp file of a live other process is left alone unless this old
-
-_NOT_SNAPSHOT = "truncated or not a snapshot file"
-_BODY_KEYS = frozenset({
-    "topic", "partitions", "model_name", "model_fingerprint", "segment_size", "states", "seen",
-    "created", "stats", "streams_root", "entries",
-})
 _POSITION_KEYS = frozenset({"partition", "entries", "message_id", "chain"})
-_ENVELOPE_KEYS = frozenset({"format", "body", "sha256"})
 
 _sha256 = hashlib.sha256
-_in_progress: set[str] = set()  # temp files this process is writing right now (never cleaned up)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 # --- where -------------------------------------------------------------------------------------------
@@ -145,15 +121,15 @@ class PartitionPosition:
 
     def __post_init__(self) -> None:
         if type(self.partition) is not str or not self.partition:
-            raise ValueError(f"partition must be a topic name, not {self.partition!r}")
+            raise InvalidArgument(f"partition must be a topic name, not {self.partition!r}")
         if type(self.entries) is not int or self.entries < 0:
-            raise ValueError(f"entries must be an int >= 0, not {self.entries!r}")
+            raise InvalidArgument(f"entries must be an int >= 0, not {self.entries!r}")
         if self.message_id is not None and type(self.message_id) is not str:
-            raise ValueError(f"message_id must be a string or None, not {self.message_id!r}")
+            raise InvalidArgument(f"message_id must be a string or None, not {self.message_id!r}")
         if not isinstance(self.chain, Mapping):
-            raise ValueError("chain must be a ChainBuilder state (a mapping)")
+            raise InvalidArgument("chain must be a ChainBuilder state (a mapping)")
         if self.chain.get("size") != self.entries:
-            raise ValueError(
+            raise InvalidArgument(
                 f"partition {self.partition}: chain state covers {self.chain.get('size')!r} entries, "
                 f"the position says {self.entries}"
             )
@@ -181,88 +157,6 @@ class PartitionPosition:
                 "chain": dict(self.chain)}
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC: decoding or encoding a snapshot allocates millions of objects and no
-    cycles, and collections triggered meanwhile would re-scan the whole heap again and again."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _encode(value: Any) -> bytes:
-    return cbor2.dumps(value, canonical=True)
-
-
-def _head(major: int, n: int) -> bytes:
-    """The CBOR head of major type ``major`` with argument ``n``, shortest form."""
-    mt = major << 5
-    if n < 24:
-        return bytes([mt | n])
-    if n < 1 << 8:
-        return bytes([mt | 24, n])
-    if n < 1 << 16:
-        return bytes([mt | 25]) + n.to_bytes(2, "big")
-    if n < 1 << 32:
-        return bytes([mt | 26]) + n.to_bytes(4, "big")
-    return bytes([mt | 27]) + n.to_bytes(8, "big")
-
-
-def _encoded_states(states: Mapping[str, Any]) -> dict[str, tuple[bytes, bytes]]:
-    """stream → (canonical CBOR of the stream id, canonical CBOR of its state)."""
-    dumps = cbor2.dumps
-    out = {}
-    for stream, state in states.items():
-        if type(stream) is not str:
-            raise BadInput(f"stream ids are text, not {stream!r}")
-        try:
-            out[stream] = (dumps(stream), dumps(state, canonical=True))
-        except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError) as exc:
-            raise BadInput(f"the state of stream {stream!r} cannot be stored as CBOR: {exc}") from None
-    return out
-
-
-def _root_of_encoded(enc: Mapping[str, tuple[bytes, bytes]]) -> bytes:
-    sha = _sha256
-    return merkle_root([sha(b"\x00\x82" + k + v).digest() for k, v in (enc[s] for s in sorted(enc))])
-
-
-def streams_root(states: Mapping[str, Any]) -> bytes:
-    """Merkle root over the states: one leaf per stream, streams sorted by id (code point order),
-    ``leaf_hash(canonical CBOR of [stream, state])``; ``merkle.root([])`` when there are none.
-
-    :class:`~chainfold.errors.BadInput` if a state is not CBOR-encodable.
-    """
-    return _root_of_encoded(_encoded_states(states))
-
-
-def _check_streams_root(states: Mapping[str, Any], expected: bytes) -> bool:
-    """Whether ``states`` (as decoded from a snapshot) hash to ``expected``.
-
-    Fast path first: the plain (non-canonical) encoding of values decoded from canonical CBOR is
-    usually byte-identical to their canonical encoding, and if the root it gives matches, it *is*
-    the canonical root (a match with different bytes would be a SHA-256 collision). Only on a
-    mismatch (floats, sets, ...) is the canonical encoding computed to decide.
-    """
-    sha = _sha256
-    dumps = cbor2.dumps
-    try:
-        leaves = [sha(b"\x00" + dumps([s, states[s]])).digest() for s in sorted(states)]
-    except Exception:
-        leaves = None
-    if leaves is not None and merkle_root(leaves) == expected:
-        return True
-    return streams_root(states) == expected
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """The folded states of ``topic`` at ``partitions``' positions (see the module doc).
@@ -285,32 +179,32 @@ class Snapshot:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if type(self.topic) is not str:
-            raise ValueError(f"topic must be a string, not {self.topic!r}")
+            raise InvalidArgument(f"topic must be a string, not {self.topic!r}")
         set_(self, "topic", full_topic_name(self.topic))
         parts = tuple(self.partitions)
         if not all(isinstance(p, PartitionPosition) for p in parts):
-            raise ValueError("partitions must be PartitionPosition values")
+            raise InvalidArgument("partitions must be PartitionPosition values")
         if len({p.partition for p in parts}) != len(parts):
-            raise ValueError("a partition appears twice")
+            raise InvalidArgument("a partition appears twice")
         set_(self, "partitions", parts)
         for name in ("model_name", "model_fingerprint"):
             if type(getattr(self, name)) is not str:
-                raise ValueError(f"{name} must be a string")
+                raise InvalidArgument(f"{name} must be a string")
         s = self.segment_size
         if type(s) is not int or s < 1 or s & (s - 1):
-            raise ValueError(f"segment_size must be a power of two >= 1, not {s!r}")
+            raise InvalidArgument(f"segment_size must be a power of two >= 1, not {s!r}")
         for p in parts:
             if p.chain.get("segment_size") != s:
-                raise ValueError(f"partition {p.partition}: chain segment size differs from {s}")
+                raise InvalidArgument(f"partition {p.partition}: chain segment size differs from {s}")
         if not isinstance(self.states, Mapping):
-            raise ValueError("states must be a mapping stream -> state")
+            raise InvalidArgument("states must be a mapping stream -> state")
         set_(self, "states", dict(self.states))
         if type(self.seen) is not frozenset:
             set_(self, "seen", frozenset(self.seen))
         if type(self.created) is not int or self.created < 0:
-            raise ValueError(f"created must be ms since the epoch, not {self.created!r}")
+            raise InvalidArgument(f"created must be ms since the epoch, not {self.created!r}")
         if not isinstance(self.stats, Mapping):
-            raise ValueError("stats must be a mapping")
+            raise InvalidArgument("stats must be a mapping")
         set_(self, "stats", dict(self.stats))
 
     @classmethod
@@ -356,6 +250,21 @@ class Snapshot:
         """Merkle root over the states (see :func:`streams_root`)."""
         return streams_root(self.states)
 
+    def fields(self) -> dict[str, Any]:
+        """The body's fields for :func:`chainfold.store.codec.encode` (all but ``streams_root``)."""
+        return {
+            "topic": self.topic,
+            "partitions": [p._to_cbor() for p in self.partitions],
+            "model_name": self.model_name,
+            "model_fingerprint": self.model_fingerprint,
+            "segment_size": self.segment_size,
+            "states": self.states,
+            "seen": sorted(self.seen),
+            "created": self.created,
+            "stats": self.stats,
+            "entries": self.entries,
+        }
+
     def position(self, partition: str) -> PartitionPosition | None:
         """The position in ``partition``, or ``None`` if the snapshot does not cover it."""
         for p in self.partitions:
@@ -374,93 +283,12 @@ class SnapshotInfo:
     size_bytes: int
 
 
-# --- bytes ------------------------------------------------------------------------------------------
-
-
-def _encode_body(snap: Snapshot) -> bytes:
-    """The canonical CBOR of the body map; also caches ``snap.streams_root``.
-
-    Each state is encoded once: the same bytes go into its streams-root leaf and into the body's
-    ``states`` map, which is assembled here in canonical key order (bytewise on the encoded keys).
-    """
-    enc = _encoded_states(snap.states)
-    root = _root_of_encoded(enc)
-    snap.__dict__["streams_root"] = root  # the cached_property, computed from the same bytes
-    pairs = sorted(enc.values())  # canonical order: by encoded key
-    states_bytes = _head(5, len(pairs)) + b"".join([k + v for k, v in pairs])
-    del enc, pairs
-    fields = {
-        "topic": snap.topic,
-        "partitions": [p._to_cbor() for p in snap.partitions],
-        "model_name": snap.model_name,
-        "model_fingerprint": snap.model_fingerprint,
-        "segment_size": snap.segment_size,
-        "seen": sorted(snap.seen),
-        "created": snap.created,
-        "stats": snap.stats,
-        "streams_root": root,
-        "entries": snap.entries,
-    }
-    try:
-        items = [(_encode(k), _encode(v)) for k, v in fields.items()]
-    except (cbor2.CBOREncodeError, TypeError, ValueError, OverflowError) as exc:
-        raise BadInput(f"snapshot of {snap.topic} cannot be stored as CBOR: {exc}") from None
-    items.append((_encode("states"), states_bytes))
-    items.sort(key=lambda kv: kv[0])
-    return _head(5, len(items)) + b"".join([k + v for k, v in items])
-
-
-def _envelope_parts(body: bytes) -> tuple[bytes, bytes]:
-    """The file's bytes before and after ``body``: the canonical CBOR of the envelope map
-    ``{"body": body, "format": FORMAT, "sha256": SHA-256(body)}`` is ``prefix + body + suffix``."""
-    prefix = _head(5, 3) + _encode("body") + _head(2, len(body))
-    suffix = _encode("format") + _encode(FORMAT) + _encode("sha256") + _encode(_sha256(body).digest())
-    return prefix, suffix
-
-
-class _Reject(Exception):
-    def __init__(self, reason: str, body: dict[str, Any] | None = None) -> None:
-        self.reason = reason
-        self.body = body
-
-
-def _decode_exact(data: bytes) -> Any:
-    """One CBOR item that spans all of ``data``, strictly (no duplicate keys, no indefinite lengths)."""
-    fp = io.BytesIO(data)
-    value = cbor2.CBORDecoder(fp, allow_duplicate_keys=False, allow_indefinite=False).decode()
-    if fp.tell() != len(data):
-        raise ValueError("trailing bytes")
-    return value
-
-
-def _open_envelope(data: bytes) -> dict[str, Any]:
-    """The verified body map of a snapshot file's bytes; :class:`_Reject` says why not."""
-    try:
-        env = _decode_exact(data)
-    except Exception:  # any decoder failure: cut short, garbage, absurd lengths, bad tags
-        raise _Reject(_NOT_SNAPSHOT) from None
-    if not isinstance(env, dict) or set(env) != _ENVELOPE_KEYS:
-        raise _Reject(_NOT_SNAPSHOT)
-    fmt = env["format"]
-    if type(fmt) is not int or fmt != FORMAT:
-        raise _Reject(f"format {fmt!r} is not supported (this chainfold reads format {FORMAT})")
-    body, digest = env["body"], env["sha256"]
-    if type(body) is not bytes or type(digest) is not bytes or len(digest) != HASH_SIZE:
-        raise _Reject(_NOT_SNAPSHOT)
-    if _sha256(body).digest() != digest:
-        raise _Reject("checksum mismatch: body altered")
-    try:
-        fields = _decode_exact(body)
-    except Exception as exc:
-        raise _Reject(f"body is not CBOR: {exc}") from None
-    if not isinstance(fields, dict) or set(fields) != _BODY_KEYS:
-        got = sorted(map(str, fields)) if isinstance(fields, dict) else type(fields).__name__
-        raise _Reject(f"body does not have the snapshot fields (got {got})")
-    return fields
+# --- from a body ------------------------------------------------------------------------------------
 
 
 def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
-    """Build the snapshot from a verified body (``_Reject`` on a field of the wrong shape)."""
+    """Build the snapshot from a verified body (:class:`~chainfold.store.codec.Undecodable` on a
+    field of the wrong shape)."""
     try:
         parts = fields["partitions"]
         if type(parts) is not list:
@@ -472,7 +300,7 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
             pos = PartitionPosition(p["partition"], p["entries"], p["message_id"], p["chain"])
             try:
                 pos.builder()
-            except ValueError as exc:
+            except InvalidArgument as exc:
                 raise ValueError(f"partition {pos.partition}: bad chain state: {exc}") from None
             positions.append(pos)
         states = fields["states"]
@@ -502,7 +330,7 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
         if fields["entries"] != snap.entries:
             raise ValueError(f"entries {fields['entries']!r} is not the sum over partitions ({snap.entries})")
     except (ValueError, TypeError, BadInput) as exc:
-        raise _Reject(f"bad snapshot body: {exc}", fields) from None
+        raise Undecodable(f"bad snapshot body: {exc}", fields) from None
     return snap
 
 
@@ -525,35 +353,24 @@ def _iso(ms: int) -> str:
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    except OSError:
-        return False
-    return True
-
-
 class SnapshotStore:
-    """The snapshots of one topic: the folder :func:`topic_dir` ``(root, topic)``.
+    """The snapshots of one topic, in ``storage`` (default: the folder :func:`topic_dir`
+    ``(root, topic)`` on this machine).
 
     ``keep`` is how many snapshots :meth:`write` leaves (the newest, by entries covered then
-    creation time); it never deletes the one it just wrote. Only files named like snapshots
-    (``snap-*.cbor``) and this module's own temp files are ever touched: the folder is shared with
-    checkpoint files. One writer at a time per topic is assumed; concurrent readers are fine.
+    creation time); it never deletes the one it just wrote. Only names of snapshots
+    (``snap-*.cbor``) are ever touched: the folder is shared with checkpoint files. One writer at
+    a time per topic is assumed; concurrent readers are fine.
     """
 
-    def __init__(self, root: str | os.PathLike[str], topic: str, keep: int = 3) -> None:
+    def __init__(self, root: str | os.PathLike[str], topic: str, keep: int = 3,
+                 storage: SnapshotStorage | None = None) -> None:
         if type(keep) is not int or keep < 1:
-            raise ValueError(f"keep must be an int >= 1, not {keep!r}")
+            raise InvalidArgument(f"keep must be an int >= 1, not {keep!r}")
         self.root = Path(root)
         self.topic = full_topic_name(topic)
-        self.dir = topic_dir(self.root, self.topic)
+        self.storage = storage if storage is not None else LocalStorage(topic_dir(self.root, self.topic), "snap-")
+        self.dir = self.storage.locate("")
         self.keep = keep
 
     def __repr__(self) -> str:
@@ -563,22 +380,10 @@ class SnapshotStore:
 
     def _scan(self) -> list[tuple[tuple[int, int, int], SnapshotInfo]]:
         out = []
-        try:
-            it = os.scandir(self.dir)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        with it:
-            for e in it:
-                key = _parse_name(e.name)
-                if key is None:
-                    continue
-                try:
-                    if not e.is_file(follow_symlinks=False):
-                        continue
-                    size = e.stat(follow_symlinks=False).st_size
-                except OSError:  # removed meanwhile
-                    continue
-                out.append((key, SnapshotInfo(Path(e.path), key[0], key[1], size)))
+        for f in self.storage.list():
+            key = _parse_name(f.name)
+            if key is not None:
+                out.append((key, SnapshotInfo(self.storage.locate(f.name), key[0], key[1], f.size)))
         out.sort(key=lambda kv: kv[0], reverse=True)
         return out
 
@@ -589,31 +394,37 @@ class SnapshotStore:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _read(self, path: Path) -> tuple[dict[str, Any], Snapshot]:
+    def _bytes(self, path: Path) -> bytes:
+        """A snapshot's bytes: from the storage when ``path`` names a snapshot in it, else the file."""
         try:
-            data = path.read_bytes()
+            if path.parent == self.dir and _parse_name(path.name) is not None:
+                return self.storage.read(path.name)
+            return path.read_bytes()
         except OSError as exc:
-            raise _Reject(f"{_NOT_SNAPSHOT}: cannot read it ({exc.strerror or exc})") from None
-        with _gc_paused():
-            fields = _open_envelope(data)
+            raise Undecodable(f"{codec.NOT_SNAPSHOT}: cannot read it ({exc.strerror or exc})") from None
+
+    def _read(self, path: Path) -> tuple[dict[str, Any], Snapshot]:
+        data = self._bytes(path)
+        with codec.gc_paused():
+            fields = codec.open_body(data)
             snap = _snapshot_of(fields)
         key = _parse_name(path.name)
         if key is not None and key[0] != snap.entries:
-            raise _Reject(f"file name says {key[0]} entries, the body covers {snap.entries}", fields)
+            raise Undecodable(f"file name says {key[0]} entries, the body covers {snap.entries}", fields)
         if snap.topic != self.topic:
-            raise _Reject(f"taken of topic {snap.topic}, not {self.topic}", fields)
+            raise Undecodable(f"taken of topic {snap.topic}, not {self.topic}", fields)
         root = fields["streams_root"]
         try:
-            ok = _check_streams_root(snap.states, root)
+            ok = codec.check_streams_root(snap.states, root)
         except BadInput as exc:
-            raise _Reject(f"bad snapshot body: {exc}", fields) from None
+            raise Undecodable(f"bad snapshot body: {exc}", fields) from None
         if not ok:
-            raise _Reject("streams_root mismatch: the states do not hash to the recorded root", fields)
+            raise Undecodable("streams_root mismatch: the states do not hash to the recorded root", fields)
         snap.__dict__["streams_root"] = root  # cached_property: already verified
         return fields, snap
 
     def load(self, path: str | os.PathLike[str]) -> Snapshot:
-        """Read and verify one snapshot file.
+        """Read and verify one snapshot (a path listed by :meth:`list`, or any file).
 
         Raises :class:`SnapshotRejected` (``path``, ``reason``) when the file is unreadable,
         truncated or not CBOR, of another format version, fails its checksum or its streams root,
@@ -622,7 +433,7 @@ class SnapshotStore:
         p = Path(path)
         try:
             return self._read(p)[1]
-        except _Reject as r:
+        except Undecodable as r:
             raise SnapshotRejected(str(p), r.reason) from None
 
     def candidates(self, model: Model) -> Iterator[tuple[SnapshotInfo, Snapshot | SnapshotRejected]]:
@@ -672,7 +483,7 @@ class SnapshotStore:
         fields: dict[str, Any] | None
         try:
             fields, _ = self._read(p)
-        except _Reject as r:
+        except Undecodable as r:
             out["valid"] = False
             out["reason"] = r.reason
             fields = r.body
@@ -690,90 +501,34 @@ class SnapshotStore:
     # --- writing ----------------------------------------------------------------------------------
 
     def write(self, snap: Snapshot) -> Path:
-        """Store ``snap`` crash-safely, then prune to the newest ``keep``; the new file's path.
+        """Store ``snap`` atomically, then prune to the newest ``keep``; the new file's path.
 
-        Temp file in the folder, written, flushed and fsynced, renamed into place, folder fsynced:
-        a crash at any moment leaves either no new snapshot or a complete one, and older snapshots
+        A crash at any moment leaves either no new snapshot or a complete one, and older snapshots
         untouched. An existing snapshot is never overwritten (same entries and creation time get a
-        ``-n`` suffix). ``ValueError`` if ``snap`` is of another topic; :class:`BadInput` if a state
-        cannot be encoded as CBOR.
+        ``-n`` suffix). :class:`~chainfold.errors.InvalidArgument` if ``snap`` is of another topic;
+        :class:`BadInput` if a state cannot be encoded as CBOR.
         """
         if not isinstance(snap, Snapshot):
-            raise TypeError(f"not a Snapshot: {snap!r}")
+            raise InvalidArgument(f"not a Snapshot: {snap!r}")
         if snap.topic != self.topic:
-            raise ValueError(f"a snapshot of {snap.topic} does not belong in the store of {self.topic}")
-        with _gc_paused():
-            body = _encode_body(snap)
-        prefix, suffix = _envelope_parts(body)
-        created_dir = not self.dir.is_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if created_dir:
-            fsync_dir(self.dir.parent)
-        self._clean_temp()
+            raise InvalidArgument(f"a snapshot of {snap.topic} does not belong in the store of {self.topic}")
+        chunks, root = codec.encode(snap.fields())
+        snap.__dict__["streams_root"] = root  # the cached_property, computed from the same bytes
+        taken = {f.name for f in self.storage.list()}
         base = f"snap-{snap.entries:012d}-{snap.created:013d}"
-        final = self.dir / f"{base}.cbor"
+        name = f"{base}.cbor"
         n = 0
-        while final.exists():
+        while name in taken:
             n += 1
-            final = self.dir / f"{base}-{n}.cbor"
-        tmp = self.dir / f".{final.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-        _in_progress.add(tmp.name)
-        try:
-            with open(tmp, "xb") as f:
-                f.write(prefix)
-                view = memoryview(body)
-                step = 1 << 22
-                for i in range(0, len(view), step):
-                    f.write(view[i : i + step])
-                f.write(suffix)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        finally:
-            _in_progress.discard(tmp.name)
-        fsync_dir(self.dir)
-        self._prune(keep_path=final)
-        return final
+            name = f"{base}-{n}.cbor"
+        self.storage.write(name, chunks)
+        self._prune(keep=name)
+        return self.storage.locate(name)
 
-    def _prune(self, keep_path: Path) -> None:
-        removed = False
+    def _prune(self, keep: str) -> None:
         for i, (_, info) in enumerate(self._scan()):
-            if i < self.keep or info.path.name == keep_path.name:
-                continue
-            try:
-                info.path.unlink()
-                removed = True
-            except FileNotFoundError:
-                pass
-        if removed:
-            fsync_dir(self.dir)
-
-    def _clean_temp(self) -> None:
-        """Remove temp files of writers that died (their process is gone, or they are very old)."""
-        now = time.time()
-        try:
-            it = os.scandir(self.dir)
-        except OSError:
-            return
-        with it:
-            for e in it:
-                m = _TEMP.match(e.name)
-                if m is None or e.name in _in_progress:
-                    continue
-                pid = int(m.group(1))
-                if pid != os.getpid() and _pid_alive(pid):
-                    try:
-                        if now - e.stat(follow_symlinks=False).st_mtime < _STALE_TEMP_SECONDS:
-                            continue
-                    except OSError:
-                        continue
-                try:
-                    os.unlink(e.path)
-                except OSError:
-                    pass
+            if i >= self.keep and info.path.name != keep:
+                self.storage.delete(info.path.name)
 
 
 def _summary(fields: dict[str, Any]) -> dict[str, Any]:
@@ -797,11 +552,12 @@ def _summary(fields: dict[str, Any]) -> dict[str, Any]:
         }
         try:
             b = ChainBuilder.from_state(chain)
+        except InvalidArgument:
+            b = None  # an invalid chain state: the summary shows what is there, without derived hashes
+        if b is not None:
             pending = b.pending()
             item["provisional_head"] = pending.head.hex() if pending else None
             item["log_root"] = b.log_root().hex()
-        except Exception:
-            pass
         parts.append(item)
     states = fields.get("states")
     seen = fields.get("seen")
