@@ -46,9 +46,10 @@ from collections.abc import Iterator
 
 __all__ = ["ReadGate", "the_gate", "server_said", "DEFAULT_READ_AHEAD"]
 
-DEFAULT_READ_AHEAD = 100
+DEFAULT_READ_AHEAD = 400
 """Entries a gated client may hold ahead of its readers (chainfold's producer batches up to 1000
-messages per entry, so at most ~100k messages; measured in ``benchmarks/RESULTS.md``)."""
+messages per entry, so at most ~400k messages, ~250-350 MB; 100 holds less but makes pulsar-lite
+re-deliver far more under back-pressure: ``benchmarks/RESULTS.md`` "Bounded reading")."""
 
 _RECEIVED = "Received a message from the server for consumer"
 _SERVER_ERROR = "Received error response from server"
