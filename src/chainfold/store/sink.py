@@ -26,8 +26,10 @@ class SnapshotSink:
     for it (the one being replayed), else the position :meth:`done` recorded for it, else where the
     replay started (``start``'s position, or nothing). States go through ``model.dump_state``; the
     seen ids are what :meth:`~chainfold.replay.seen.SeenIds.checkpoint` returns; ``stats`` count the
-    malformed and duplicated entries since the start of the log. :attr:`written` lists the paths.
-    The caller makes the hash record durable first (a snapshot is checked against it).
+    malformed and duplicated entries since the start of the log (those still in the decoder's lists,
+    plus :attr:`forgotten`: what a long-running replay reported and then dropped from them, so it
+    keeps no list that grows with the log). :attr:`written` lists the paths. The caller makes the
+    hash record durable first (a snapshot is checked against it).
     """
 
     def __init__(self, store: SnapshotStore, fold: FoldStage, decoder: Decoder, partitions: list[str],
@@ -41,6 +43,7 @@ class SnapshotSink:
         self.positions: dict[str, PartitionPosition] = {p.partition: p for p in start.partitions} if start else {}
         self.entries = start.entries if start is not None else 0  # covered by the last snapshot
         self.written: list[str] = []
+        self.forgotten = {"malformed": 0, "duplicates": 0}
 
     def done(self, position: PartitionPosition) -> None:
         """Partition ``position.partition`` was replayed to ``position``."""
@@ -68,8 +71,9 @@ class SnapshotSink:
             states={s: model.dump_state(v) for s, v in self.fold.states.items()},
             seen=self.decoder.seen.checkpoint(),
             created=int(time.time() * 1000),
-            stats={"malformed": len(self.decoder.malformed) + base.get("malformed", 0),
-                   "duplicates": len(self.decoder.duplicates) + base.get("duplicates", 0)},
+            stats={"malformed": len(self.decoder.malformed) + self.forgotten["malformed"] + base.get("malformed", 0),
+                   "duplicates": len(self.decoder.duplicates) + self.forgotten["duplicates"]
+                   + base.get("duplicates", 0)},
         )
         path = self.store.write(snap)
         self.entries = snap.entries

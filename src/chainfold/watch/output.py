@@ -62,16 +62,19 @@ class WatchLines:
             self.counts[kind] += 1
         return obj
 
-    def progress(self, *, log_entries: int, worker_entries: int | None, lag: int | None) -> dict[str, Any]:
+    def progress(self, *, log_entries: int, worker_entries: int | None, lag: int | None,
+                 head: str | None = None) -> dict[str, Any]:
         """Entries read from the log, events the worker handled, entries it is behind (``None``:
-        no evidence followed)."""
+        no evidence followed); ``head``: the log's head over those entries (hex), as verify gives it."""
         if self.metrics is not None:
             self.metrics.set_entries_read(log_entries)
             if worker_entries is not None:
                 self.metrics.worker_entries.set(worker_entries)
             if lag is not None:
                 self.metrics.worker_lag.set(lag)
-        return self._write("progress", {"log_entries": log_entries, "worker_entries": worker_entries, "lag": lag})
+        more = {"head": head} if head is not None else {}
+        return self._write("progress", {"log_entries": log_entries, "worker_entries": worker_entries, "lag": lag,
+                                        **more})
 
     def divergence(self, d: LiveDivergence) -> dict[str, Any]:
         """The first divergence (keys as reconcile's ``first_divergence``)."""
