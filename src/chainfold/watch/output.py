@@ -77,10 +77,11 @@ class WatchLines:
                                         **more})
 
     def divergence(self, d: LiveDivergence) -> dict[str, Any]:
-        """The first divergence (keys as reconcile's ``first_divergence``)."""
+        """The first divergence: the keys of reconcile's ``first_divergence``, and the place in the
+        worker's handling order (``worker_position``) and what differed there (``reason``)."""
         if self.metrics is not None:
             self.metrics.divergences.inc()
-        return self._write("divergence", d.to_json())
+        return self._write("divergence", {**d.to_json(), "worker_position": d.position, "reason": d.reason})
 
     def malformed(self, message_id: str, reason: str) -> dict[str, Any]:
         if self.metrics is not None:
