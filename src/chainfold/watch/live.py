@@ -56,7 +56,8 @@ class Publisher(threading.Thread):
 
     ``inject`` maps a count of events published to raw payloads appended right after it (e.g. a
     second copy of an earlier event, a malformed entry). :attr:`published` counts events sent,
-    :attr:`error` holds what stopped it early; :meth:`stop` ends it at the next chunk.
+    :attr:`error` holds what stopped it early; :meth:`stop` ends it at the next chunk;
+    :meth:`pause` and :meth:`resume` hold it between chunks.
     """
 
     def __init__(self, elog: PulsarLog, events: Sequence[Event], *, rate: float, chunk: int = 20,
@@ -74,9 +75,23 @@ class Publisher(threading.Thread):
         self.error: BaseException | None = None
         self.finished_at: float | None = None
         self._halt = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._sending = threading.Lock()
 
     def stop(self) -> None:
         self._halt.set()
+        self._go.set()
+
+    def pause(self) -> None:
+        """Append nothing more until :meth:`resume`; returns once no chunk is being sent (e.g. to
+        restart the broker: a send cut off by a broker going away fails, and the publisher stops)."""
+        self._go.clear()
+        with self._sending:
+            pass
+
+    def resume(self) -> None:
+        self._go.set()
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -85,13 +100,20 @@ class Publisher(threading.Thread):
                 due = t0 + i / self.rate
                 if self._halt.wait(max(0.0, due - time.monotonic())):
                     return
-                part = self.events[i:i + self.chunk]
-                self.elog.append(part, assign_seq=False)
-                self.published += len(part)
-                for at in sorted(k for k in self.inject if i < k <= self.published):
-                    extra = self.inject.pop(at)
-                    self.elog.append_payloads((p, None, None) for p in extra)
-                    self.injected += len(extra)
+                if not self._go.is_set():
+                    paused = time.monotonic()
+                    self._go.wait()
+                    t0 += time.monotonic() - paused  # the rate goes on from where it was
+                if self._halt.is_set():
+                    return
+                with self._sending:  # pause() waits for a chunk under way
+                    part = self.events[i:i + self.chunk]
+                    self.elog.append(part, assign_seq=False)
+                    self.published += len(part)
+                    for at in sorted(k for k in self.inject if i < k <= self.published):
+                        extra = self.inject.pop(at)
+                        self.elog.append_payloads((p, None, None) for p in extra)
+                        self.injected += len(extra)
         except BaseException as exc:  # kept for the caller: a test fails with it
             self.error = exc
         finally:
