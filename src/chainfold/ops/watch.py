@@ -15,11 +15,12 @@ Watch is rebuild's stages, following (docs/cli.md, ``chainfold watch``)::
   evidence directory, tagged with the snapshot's position) continues the comparator and the
   follower; when no snapshot matches it, the replay starts at the log's beginning (the reference
   holds every event the worker will be compared on).
-* **Reference.** The tap after the decode stage turns each first-seen well-formed event into an
-  :class:`~chainfold.watch.compare.Expected` (log index, event id, message id, leaf hash from the hash
-  stage). While the worker gives state digests, the fold stage's model also digests each applied
-  event's rendered stream state (:func:`~chainfold.tracker.state_digest`): a mis-handled event (right
-  event, wrong state) is named exactly. Malformed entries and duplicates become lines at once.
+* **Reference.** After each batch is folded, its first-seen well-formed events become
+  :class:`~chainfold.watch.compare.Expected` positions (log index, event id, the leaf hash from the
+  hash stage; the message id is looked up for a divergence only). While the worker gives state
+  digests, the fold stage's model also digests each applied event's rendered stream state
+  (:func:`~chainfold.tracker.state_digest`): a mis-handled event (right event, wrong state) is
+  named exactly. Malformed entries and duplicates become lines at once (the tap after decoding).
 * **Ticks.** The source hands control back after every batch (at most ``max_wait`` old) and on
   every idle poll; then every stage has taken exactly the entries read. A tick polls the evidence
   (at most what the comparator can use), compares, and, at an idle poll, first compares with the
@@ -55,6 +56,7 @@ import cbor2
 
 from ..envelope import Event
 from ..errors import BadInput, BrokerUnavailable, CheckpointCorrupt, InvalidArgument, ModelError
+from ..hashing.record import open_record
 from ..hashing.stage import HashStage
 from ..log import Entry, EventLog, Position
 from ..log.source import Source, Span
@@ -161,7 +163,7 @@ class ComparisonStore:
     def open(self, tag: _Tag, window: int) -> tuple[HandlingComparator, EvidenceFollower] | None:
         try:
             cmp = HandlingComparator.load(self.dir / tag.comparison, window=window, spill_path=self.spill_path)
-            return cmp, EvidenceFollower.from_state(self.evidence, tag.follower)
+            return cmp, EvidenceFollower.from_state(self.evidence, tag.follower, processed=False)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: cannot continue the saved comparison (%s); comparing from the start of the log",
                         self.dir / tag.comparison, exc)
@@ -178,11 +180,14 @@ class ComparisonStore:
                 old.unlink(missing_ok=True)
 
 
-class _StateDigests:
-    """The fold stage, with the state digest of each applied event's stream after it (the model's
-    rendered state, :func:`~chainfold.tracker.state_digest`) handed to the comparator per batch, in
-    reference order; :data:`NO_DIGEST` for an event not applied (a skip policy) or while ``on`` is
-    off (the worker gives no digests: nothing to compare them with)."""
+class _Reference:
+    """The fold stage, feeding the comparator: after each batch is folded, its first-seen events
+    become reference positions (:class:`Expected`: log index, event id, the leaf hash the hash stage
+    computed, and the state digest of the event's stream after it: the model's rendered state,
+    :func:`~chainfold.tracker.state_digest`). :data:`NO_DIGEST` for an event not applied (a skip
+    policy) and while ``on`` is off (the worker gives no digests: nothing to compare them with).
+    Message ids are not made per event (each costs calls into the Pulsar client): watch names the
+    entry of a divergence when it reports it."""
 
     def __init__(self, fold: FoldStage, comparator: HandlingComparator) -> None:
         self.fold = fold
@@ -199,6 +204,7 @@ class _StateDigests:
         self.digesting: Model = copy.copy(self.plain)
         self.digesting.apply = apply_and_digest
         self._made = made
+        self._leaves: list[bytes] = []
         self.on = False
         self.switch(True)
 
@@ -207,22 +213,24 @@ class _StateDigests:
             self.on = on
             self.fold.model = self.digesting if on else self.plain
 
+    def tap(self, decoded: Decoded, leaves: list[bytes] | None) -> None:
+        """The batch's leaf hashes (the pipeline's tap, before the fold)."""
+        self._leaves = leaves or []
+
     def feed(self, decoded: Decoded) -> None:
         made = self._made
         made.clear()
         self.fold.feed(decoded)
-        events = decoded.events
-        if not made:
-            self.comparator.add_digests([NO_DIGEST] * len(events))
-            return
+        leaves, index, offset = self._leaves, decoded.index, decoded.offset
         out, k, n = [], 0, len(made)
-        for ev in events:
+        for j, ev in enumerate(decoded.events):
             if k < n and made[k][0] is ev:
-                out.append(made[k][1])
+                digest = made[k][1]
                 k += 1
             else:
-                out.append(NO_DIGEST)
-        self.comparator.add_digests(out)
+                digest = NO_DIGEST
+            out.append(Expected(index(j), ev.id, "", leaves[offset(j)], digest))
+        self.comparator.add_reference(out)
 
 
 class WatchRun:
@@ -251,15 +259,15 @@ class WatchRun:
         self.after: Position | None = run.start_of(self.partition)[1]
         self.comparator: HandlingComparator | None = None
         self.follower: EvidenceFollower | None = None
-        self.digests: _StateDigests | None = None
+        self.reference: _Reference | None = None
         if options.evidence is not None:
             tdir.mkdir(parents=True, exist_ok=True)
             assert self.saved is not None
             self.comparator, self.follower = resumed or (
                 HandlingComparator(segment_size=self.hasher.chain.segment_size, window=options.window,
-                                   spill_path=self.saved.spill_path, digests=True),
-                EvidenceFollower(options.evidence))
-            self.digests = _StateDigests(self.fold, self.comparator)
+                                   spill_path=self.saved.spill_path),
+                EvidenceFollower(options.evidence, processed=False))
+            self.reference = _Reference(self.fold, self.comparator)
         self.divergence = self.comparator.divergence if self.comparator is not None else None
         self.exit_code = 0
         self.skipped = 0
@@ -314,7 +322,7 @@ class WatchRun:
                     source.stop()
                 try:
                     run_pass(self._ticking(source), start=self.hasher.chain.size, hasher=self.hasher,
-                             decoder=self.decoder, fold=self.digests or self.fold, tap=self._tap)
+                             decoder=self.decoder, fold=self.reference or self.fold, tap=self._tap)
                 except BrokerUnavailable as exc:
                     self._broker_failed(exc)
         except ModelError as exc:
@@ -340,14 +348,10 @@ class WatchRun:
                 self.after = batch[-1].message_id  # run_pass asks for the next batch once this one is through
 
     def _tap(self, decoded: Decoded, leaves: list[bytes] | None) -> None:
-        """After the decode stage: lines for its findings; the batch's reference positions."""
+        """After the decode stage: lines for its findings; the batch's leaves for the reference."""
         self._report_decoder()
-        cmp = self.comparator
-        if cmp is None or not decoded.events:
-            return
-        assert leaves is not None
-        index, mid, off = decoded.index, decoded.message_id, decoded.offset
-        cmp.add_reference([Expected(index(j), ev.id, mid(j), leaves[off(j)]) for j, ev in enumerate(decoded.events)])
+        if self.reference is not None:
+            self.reference.tap(decoded, leaves)
 
     def _report_decoder(self) -> None:
         d, lines = self.decoder, self.lines
@@ -404,26 +408,49 @@ class WatchRun:
             cmp.add_worker(b.start, b.leaves, b.digests)
         for problem in b.problems:
             self.lines.error(problem)
-        if self.digests is not None:  # digest only what can be compared: a worker that gives states
-            self.digests.switch(not (follower.positions > 0 and not follower.states_path.exists()))
+        if self.reference is not None:  # digest only what can be compared: a worker that gives states
+            self.reference.switch(not (follower.positions > 0 and not follower.states_path.exists()))
 
     def _drop_evidence(self) -> None:
         if self.comparator is not None:
             self.comparator.close()
-        if self.digests is not None:
-            self.digests.switch(False)
-        self.comparator = self.follower = self.digests = None
+        if self.reference is not None:
+            self.reference.switch(False)
+        self.comparator = self.follower = self.reference = None
 
     def _compare(self, *, reference_complete: bool) -> None:
         assert self.comparator is not None
         d = self.comparator.check(log_entries=self.hasher.chain.size, reference_complete=reference_complete)
         if d is None:
             return
+        if d.event_id is not None and not d.message_id:
+            d = replace(d, message_id=self._message_id_at(d.index))
         self.divergence = d
         self.lines.divergence(d)
         if self.options.fail_on_divergence:
             self.exit_code = 1
             self.stop()
+
+    def _message_id_at(self, index: int) -> str | None:
+        """The message id of log entry ``index`` (already read): from the hash stage's current
+        segment, else read again from the first entry of its segment as recorded."""
+        h = self.hasher
+        seg_start = h.chain.size - len(h.seg_entries)
+        if seg_start <= index < h.chain.size:
+            return str(h.seg_entries[index - seg_start].message_id)
+        S = h.chain.segment_size
+        h.flush()
+        recorded, _ = open_record(self.plan.records[self.partition])
+        k = index // S
+        first = recorded[k].first if k < len(recorded) else None
+        span = Span(self.partition, start=self.elog.position(first), limit=index - k * S + 1) if first else \
+            Span(self.partition, limit=index + 1)  # nothing recorded there: count from the start
+        try:
+            last = [e for batch in Source(self.elog, span) for e in batch[-1:]]
+        except BrokerUnavailable as exc:
+            log.warning("cannot name the message id of entry %d now: %s", index, exc)
+            return None
+        return str(last[-1].message_id) if last else None
 
     def _report_skipped(self) -> None:
         skipped = self.fold.skipped
