@@ -309,3 +309,13 @@ def test_a_following_source_hands_back_control_when_idle_and_cuts_slow_batches()
     src.stop()
     assert list(it) in ([], [[]])
     assert sum(got) == 40 and max(got) < 40  # cut by age, not only by size or the log's end
+
+
+def test_watch_stops_cleanly_when_nobody_reads_its_lines(tmp_path: Path) -> None:
+    log = make_log(300)
+    w = Watching(log, tmp_path, evidence=False)
+    assert w.wait_for(lambda w: w.settled(300, None))
+    w.out.close()  # the reading end went away: the next line cannot be written
+    w.thread.join(30)
+    assert w.error is None and w.result is not None and w.result.exit_code == 0
+    assert w.lines.broken and list((tmp_path / "snapshots").rglob("snap-000000000300-*.cbor"))

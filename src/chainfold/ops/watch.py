@@ -340,6 +340,8 @@ class WatchRun:
         has taken exactly the entries handed on so far."""
         for batch in source:
             self._tick(idle=not batch)
+            if self.lines.broken:  # nobody reads the lines any more: stop as on SIGTERM
+                self.stop()
             if self._stop.is_set():
                 source.stop()
             if batch:

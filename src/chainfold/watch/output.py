@@ -41,8 +41,9 @@ class WatchLines:
     """Writes watch's JSON lines to ``out`` (default stdout); :attr:`counts` per kind.
 
     Each method writes one line and returns the object written. ``clock`` gives the ``time`` key
-    (ms since the epoch). A closed pipe raises ``BrokenPipeError`` to the caller (then nobody reads:
-    watch stops).
+    (ms since the epoch). When ``out`` is a closed pipe (nobody reads any more), writing never
+    raises in the middle of the caller's work: :attr:`broken` becomes true, the lines are dropped,
+    and watch stops at its next tick (cleanly: checkpoints and a snapshot).
     """
 
     def __init__(self, out: TextIO | None = None, *, metrics: WatchMetrics | None = None,
@@ -51,15 +52,21 @@ class WatchLines:
         self.metrics = metrics
         self.clock = clock
         self.counts: Counter[str] = Counter()
+        self.broken = False
         self._lock = threading.Lock()
 
     def _write(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         obj = {"kind": kind, "time": self.clock(), **fields}
         text = json.dumps(obj, ensure_ascii=False) + "\n"
         with self._lock:
-            self.out.write(text)
-            self.out.flush()
             self.counts[kind] += 1
+            if self.broken:
+                return obj
+            try:
+                self.out.write(text)
+                self.out.flush()
+            except (BrokenPipeError, ValueError):  # the reader went away (ValueError: out closed)
+                self.broken = True
         return obj
 
     def progress(self, *, log_entries: int, worker_entries: int | None, lag: int | None,
