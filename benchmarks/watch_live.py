@@ -68,12 +68,18 @@ def _fault(kind: str, events: list[Any]) -> str:
             "mishandle": f"mishandle:Withdrawn:{k}:{k + 200}", "crash": f"crash-before-ack:{k}"}[kind]
 
 
+def new_topic(client: Any, name: str, events: list[Any], work: Path) -> PulsarLog:
+    """A fresh topic holding the first 20 events (it exists before anyone reads it)."""
+    work.mkdir()
+    elog = PulsarLog(client, f"{name}-{uuid.uuid4().hex[:8]}")
+    elog.append(events[:20], assign_seq=False)
+    return elog
+
+
 def detection_run(kind: str, a: argparse.Namespace, client: Any, url: str, work: Path) -> dict[str, Any]:
     events = live_events(a.events, 100, seed=3)
-    topic = f"watch-live-{kind}-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
-    elog = PulsarLog(client, topic)
-    elog.append(events[:20], assign_seq=False)
+    elog = new_topic(client, f"watch-live-{kind}", events, work)
+    topic = elog.topic
     evidence = work / "evidence"
     watch = WatchProcess(topic, url, ["--model", MODEL, "--evidence", str(evidence), "--snapshots",
                                       str(work / "snapshots"), "--fail-on", "divergence"],
@@ -124,10 +130,8 @@ def detection(a: argparse.Namespace, client: Any, url: str, root: Path) -> dict[
 
 def follow_run(with_worker: bool, a: argparse.Namespace, client: Any, url: str, work: Path) -> dict[str, Any]:
     events = live_events(a.events, 1000, seed=4)
-    topic = f"watch-follow-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
-    elog = PulsarLog(client, topic)
-    elog.append(events[:20], assign_seq=False)
+    elog = new_topic(client, "watch-follow", events, work)
+    topic = elog.topic
     args = ["--model", MODEL, "--snapshots", str(work / "snapshots")]
     worker = None
     if with_worker:

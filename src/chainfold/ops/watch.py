@@ -356,19 +356,18 @@ class WatchRun:
             self.reference.tap(decoded, leaves)
 
     def _report_decoder(self) -> None:
+        """A line per malformed entry and duplicate the decoder found; then they are forgotten (the
+        sink still counts them)."""
         d, lines = self.decoder, self.lines
-        if d.malformed:
-            for m in d.malformed:
-                lines.malformed(m.message_id, m.reason)
+        for kind, found, write in (("malformed", d.malformed, lambda m: lines.malformed(m.message_id, m.reason)),
+                                   ("duplicates", d.duplicates, lambda x: lines.duplicate(x.event_id, x.message_id))):
+            if not found:
+                continue
+            for item in found:
+                write(item)
             if self.sink is not None:
-                self.sink.forgotten["malformed"] += len(d.malformed)
-            d.malformed.clear()
-        if d.duplicates:
-            for dup in d.duplicates:
-                lines.duplicate(dup.event_id, dup.message_id)
-            if self.sink is not None:
-                self.sink.forgotten["duplicates"] += len(d.duplicates)
-            d.duplicates.clear()
+                self.sink.forgotten[kind] += len(found)
+            found.clear()
 
     def _tick(self, idle: bool) -> None:
         now = time.monotonic()
