@@ -11,7 +11,9 @@ with fresh snapshot folders:
 
 CPU = user + system seconds of the process (``resource.getrusage(RUSAGE_CHILDREN)`` around each
 run), divided by the events; start-up (about a second of CPU: imports, connecting, planning) is
-included for all. Wall time is reported too. Watch's snapshot settings are rebuild's defaults (a
+included for all. Wall time is reported too, and watch's resident memory (``VmRSS``) when it had
+read a quarter, half, three quarters and all of the events, and its peak (``VmHWM``): how memory
+grows with the events read. Watch's snapshot settings are rebuild's defaults (a
 snapshot every 100,000 entries and at the end).
 
     python benchmarks/watch_cpu.py [--events 200000] [--rounds 3]
@@ -65,15 +67,28 @@ def watch(topic: str, url: str, snaps: Path, entries: int, evidence: Path | None
     c0, _ = _children()
     t0 = time.monotonic()
     w = WatchProcess(topic, url, args, log_path=work / "watch.log").start()
-    done = w.wait_for(lambda w: (w.last_progress() or {}).get("log_entries") == entries and
-                      (evidence is None or w.last_progress()["worker_entries"] == entries), 1800)
+    rss: dict[str, float] = {}
+    for q in (1, 2, 3, 4):
+        done = w.wait_for(lambda w: (w.last_progress() or {}).get("log_entries", 0) >= entries * q // 4 and
+                          (evidence is None or w.last_progress()["worker_entries"] >= entries * q // 4), 1800)
+        rss[f"{q}/4"] = _memory_mb(w, "VmRSS")
     t_read = time.monotonic() - t0
+    rss["peak"] = _memory_mb(w, "VmHWM")
     code = w.stop(signal.SIGTERM)
     wall = time.monotonic() - t0
     if not done or code != 0 or w.of("divergence"):
         raise SystemExit(f"watch did not finish cleanly (exit {code}): {(work / 'watch.log').read_text()[-2000:]}")
     c1, _ = _children()
-    return {"cpu_s": c1 - c0, "wall_s": wall, "read_s": t_read, "entries": entries}
+    return {"cpu_s": c1 - c0, "wall_s": wall, "read_s": t_read, "entries": entries, "rss_mb": rss}
+
+
+def _memory_mb(w: WatchProcess, field: str) -> float:
+    """``VmRSS``/``VmHWM`` of the watch process, MB."""
+    assert w.proc is not None
+    for line in Path(f"/proc/{w.proc.pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def main() -> None:
@@ -112,9 +127,10 @@ def main() -> None:
                 res["us_per_event"] = res["cpu_s"] * 1e6 / a.events
                 results[name].append(res)
                 print(f"round {r + 1} {name:<15} cpu {res['cpu_s']:6.2f} s  wall {res['wall_s']:6.2f} s  "
-                      f"{res['us_per_event']:5.1f} µs/event", file=sys.stderr)
+                      f"{res['us_per_event']:5.1f} µs/event  {res.get('rss_mb', '')}", file=sys.stderr)
     summary = {name: {"us_per_event_median": round(statistics.median(x["us_per_event"] for x in runs), 2),
-                      "cpu_s": [round(x["cpu_s"], 2) for x in runs], "wall_s": [round(x["wall_s"], 2) for x in runs]}
+                      "cpu_s": [round(x["cpu_s"], 2) for x in runs], "wall_s": [round(x["wall_s"], 2) for x in runs],
+                      "rss_mb": [x.get("rss_mb") for x in runs]}
                for name, runs in results.items()}
     base = summary["rebuild"]["us_per_event_median"]
     for name in ("watch", "watch+evidence"):

@@ -213,6 +213,11 @@ def test_a_stopped_watch_continues_its_comparison_from_the_snapshot(tmp_path: Pa
     w2.stop()
     assert (d["index"], d["event_id"], d["message_id"]) == ref[1000]
     assert w2.of("progress")[-1]["log_entries"] == 1200
+    # started again, it says so at once (the saved comparison holds the divergence)
+    w3 = Watching(log, tmp_path, fail_on_divergence=True)
+    w3.thread.join(30)
+    assert w3.result is not None and w3.result.exit_code == 1
+    assert [{k: x[k] for k in d if k != "time"} for x in w3.of("divergence")] == [{k: d[k] for k in d if k != "time"}]
 
 
 class FlakyLog(MemoryLog):

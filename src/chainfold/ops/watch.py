@@ -314,6 +314,8 @@ class WatchRun:
     def run(self) -> WatchResult:
         """Follow until stopped; the result (lines were written as it went)."""
         o = self.options
+        if self.divergence is not None:  # found by an earlier run (the saved comparison): said again
+            self._diverged(self.divergence)
         try:
             while not self._stop.is_set():
                 source = self._source = Source(self.elog, Span(self.partition, after=self.after, follow=True),
@@ -425,7 +427,11 @@ class WatchRun:
         if d is None:
             return
         if d.event_id is not None and not d.message_id:
-            d = replace(d, message_id=self._message_id_at(d.index))
+            # named in the comparator too, so the saved comparison keeps the message id
+            d = self.comparator.divergence = replace(d, message_id=self._message_id_at(d.index))
+        self._diverged(d)
+
+    def _diverged(self, d: LiveDivergence) -> None:
         self.divergence = d
         self.lines.divergence(d)
         if self.options.fail_on_divergence:
