@@ -118,7 +118,7 @@ def _first_duplicate(ids: SortedRuns) -> tuple[int, str, int] | None:
 
 
 def check_events_file(path: str, *, run_size: int = 100_000) -> CheckedFile:
-    """First pass over a JSON Lines events file (SPEC §4 ``publish``; ``-`` is stdin): every line
+    """First pass over a JSON Lines events file (docs/cli.md ``publish``; ``-`` is stdin): every line
     validated, events counted, ids checked unique. Memory does not grow with the file: ids go to
     sorted runs on disk (:class:`~chainfold.sortedruns.SortedRuns`). Refused whole on the first bad
     line (:class:`MalformedInputLine`): bad JSON, missing or mistyped keys, or an ``id`` that appeared

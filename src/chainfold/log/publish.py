@@ -6,7 +6,7 @@ its ids, sorted on disk (:func:`chainfold.jsonl.check_events_file`); the second 
 and sends each event as it is read (:meth:`~chainfold.log.EventLog.append_stream`). What grows is
 O(streams): the next ``seq`` of each stream.
 
-Numbering (SPEC §1, gapless per stream) continues from the highest ``seq`` per stream in the log,
+Numbering (gapless per stream, docs/formats.md) continues from the highest ``seq`` per stream in the log,
 which the seq index (:mod:`chainfold.log.seqindex`) gives at the cost of the log's tail. The index
 is saved with the state the publish started from (not including what it sends: the next publish
 reads that as its tail), so it never claims entries that were not read.

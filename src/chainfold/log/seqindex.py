@@ -1,5 +1,5 @@
 """The seq index: each stream's highest ``seq`` as of a known position of the log, so that a publish
-reads only the log's tail to number its events (SPEC §1: ``seq`` is gapless per stream).
+reads only the log's tail to number its events (docs/formats.md: ``seq`` is gapless per stream).
 
 The index is one small JSON file (``seqs.json``) in the topic's folder of the snapshot store
 (``--snapshots DIR``, the folder :func:`chainfold.store.snapshots.topic_dir` names)::
