@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import click
@@ -67,7 +66,7 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                                     segment_size=segment_size, reset=reset)
             if not against:
                 record_dir = topic_dir(Path(snapshots_dir), log.topic)
-                existed = record_dir.exists()
+                existed = _has_record(record_dir)
             with progress(f"verify {log.topic}") as update:
                 if against:
                     if against_service_url:
@@ -82,9 +81,11 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                             from ..engines.spark import pulsar_distribution
                             from ..log.broker import resolve_url
 
-                            theirs = dataclasses.replace(broker, service_url=against_service_url or resolve_url(broker))
+                            # another broker (--against-service-url): its ranges probed, not planned from our admin API
+                            theirs = dataclasses.replace(broker, service_url=against_service_url or resolve_url(broker),
+                                                         admin_url=None if against_service_url else broker.admin_url)
                             scan = distributed_scanner({log.topic: dist, other.topic: pulsar_distribution(
-                                dist.cluster, other.topic, theirs, other.client, os.environ.get("CHAINFOLD_ADMIN_URL"))})
+                                dist.cluster, other.topic, theirs, other.client, theirs.admin_url)})
                         report = compare_logs(log, other, segment_size=segment_size, on_progress=update, scan=scan)
                     finally:
                         other.close()
@@ -101,7 +102,7 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                 else:
                     report = verify_log(log, options, on_progress=update)
         doc = report.to_json()
-        if record_dir is not None and record_dir.exists() and (not existed or doc.get("checkpoints_recorded")):
+        if record_dir is not None and _has_record(record_dir) and (not existed or doc.get("checkpoints_recorded")):
             doc["recorded_in"] = str(record_dir)
             doc["record_created"] = not existed
         if as_json:
@@ -217,3 +218,8 @@ def _verify_proof(path: str, as_json: bool) -> int:
     else:
         stdout.print(("[green]VALID[/] " if ok else "[bold red]INVALID[/] ") + esc(what))
     return 0 if ok else 1
+
+
+def _has_record(folder: Path) -> bool:
+    """Whether the topic's folder holds a hash record (it may hold only publish's seq index)."""
+    return folder.is_dir() and any(folder.glob("leaves*.bin"))
