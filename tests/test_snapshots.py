@@ -166,12 +166,13 @@ def test_round_trip_is_exact(store: SnapshotStore, sample, written) -> None:
     # the files are the canonical CBOR of the documented maps
     raw = path.read_bytes()
     env = cbor2.loads(raw)
-    assert set(env) == {"format", "body", "sha256"} and env["format"] == FORMAT == 1
+    assert set(env) == {"format", "body", "sha256"} and env["format"] == FORMAT == 2
     assert cbor2.dumps(env, canonical=True) == raw
     assert _sha(env["body"]) == env["sha256"]
     body = cbor2.loads(env["body"])
     assert cbor2.dumps(body, canonical=True) == env["body"]
     assert body["seen"] == sorted(folder.seen) and body["entries"] == 402
+    assert body["seqs"] == snap.seqs and set(body["seqs"]) == {"highest", "gaps", "unverifiable"}
     assert body["partitions"][0] == {"partition": positions[0].partition, "entries": positions[0].entries,
                                      "message_id": positions[0].message_id, "chain": positions[0].chain}
     leaves = [merkle.leaf_hash(cbor2.dumps([s, body["states"][s]], canonical=True)) for s in sorted(body["states"])]
@@ -262,7 +263,7 @@ def test_trailing_bytes_and_foreign_files_are_rejected(store: SnapshotStore, wri
 def test_other_format_versions_are_rejected(store: SnapshotStore, written) -> None:
     _, path = written
     env = cbor2.loads(path.read_bytes())
-    for fmt in (2, 0, True, 1.0, "1"):
+    for fmt in (1, 3, 0, True, 2.0, "2"):
         path.write_bytes(cbor2.dumps({**env, "format": fmt}, canonical=True))
         assert "not supported" in reason_of(store, path)
 

@@ -14,7 +14,8 @@ from ..replay.model import load_model
 from ..replay.notes import model_notes
 from ..log.pulsar import open_log
 from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, rebuild as rebuild_log
-from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr, stdout
+from .common import (allow_partial_option, broker_options, cli, emit_json, esc, json_option, print_history, run,
+                     snapshots_option, stderr, stdout)
 from .progress import progress
 from .publish import _parse_until
 
@@ -43,20 +44,24 @@ def write_state_export(path: str, states: dict) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes: one per partition, or key shards of one topic (then only the "
                    "final snapshot is taken).")
+@allow_partial_option
 @snapshots_option
 @broker_options
 @json_option
 def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str | None, snapshot_every: int,
-            keep: int, no_snapshots: bool, workers: int, snapshots_dir: str, broker, as_json: bool) -> None:
+            keep: int, no_snapshots: bool, workers: int, allow_partial_history: bool, snapshots_dir: str, broker,
+            as_json: bool) -> None:
     """Rebuild every stream's state by folding TOPIC from the newest valid snapshot (or from the
-    start with --full). Duplicated event ids fold once; malformed entries are reported, not folded."""
+    start with --full). Duplicated event ids fold once; malformed entries are reported, not folded.
+    Exit 3 when history is gone from the log (docs/cli.md#history): then no state export is
+    written."""
 
     def body() -> int:
         model = load_model(model_ref)
         until_id, until_time = _parse_until(until)
         options = RebuildOptions(snapshots_root=Path(snapshots_dir), full=full, until=until_id, until_time=until_time,
                                  snapshot_every=snapshot_every if not no_snapshots else 0, keep=keep,
-                                 write_snapshots=not no_snapshots)
+                                 write_snapshots=not no_snapshots, allow_partial_history=allow_partial_history)
         if workers > 1:
             from ..log.broker import resolve_url
             from ..engines.parallel import PulsarSource, parallel_rebuild
@@ -67,10 +72,13 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
         else:
             with open_log(topic, broker) as log, progress(f"rebuild {log.topic}") as update:
                 result = rebuild_log(log, model, options, on_progress=update)
-        if out:
+        problem = result.history.problem()
+        if out and problem is None:
             write_state_export(out, result.folder.rendered())
         doc = result.to_json()
         doc["notes"] = list(doc.get("notes") or []) + model_notes(model, result.folder.states)
+        if problem is not None:
+            doc = {"error": problem + ("; no state export written" if out else ""), "exit_code": 3, **doc}
         if as_json:
             emit_json(doc)
         elif out != "-":
@@ -78,6 +86,9 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
         else:  # the state export is on stdout: the notes go beside it
             for n in doc["notes"]:
                 stderr.print(f"[yellow]note:[/] {esc(n)}")
+        if problem is not None:
+            stderr.print(f"[bold red]error:[/] {esc(doc['error'])}")
+            return 3
         return 0
 
     run(body, as_json=as_json)
@@ -102,6 +113,7 @@ def print_rebuild(doc: dict) -> None:
         stdout.print(f"  ... and {len(doc['malformed']) - 20} more (see --json)")
     lg = doc["log"]
     stdout.print(f"log: {lg['events']:,} entries, {lg['segments']:,} segments, head {lg['head']}")
+    print_history(doc)
     for w in doc["snapshots_written"][-1:]:
         stdout.print(f"snapshot written: {esc(w)}")
     for n in doc["notes"]:

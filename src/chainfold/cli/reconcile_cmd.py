@@ -12,7 +12,7 @@ from ..replay.model import load_model
 from ..log.pulsar import open_log
 from ..ops.corrections import producer_name_for, publish_corrections as publish, write_corrections
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
-from .common import broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr
+from .common import allow_partial_option, broker_options, cli, emit_json, esc, json_option, run, snapshots_option, stderr
 from .progress import progress
 from .reconcile_view import print_reconcile
 from .rebuild_cmd import write_state_export
@@ -37,16 +37,17 @@ from .rebuild_cmd import write_state_export
                    "directory): what a correct worker would have recorded (docs/incidents.md).")
 @click.option("--html", "html_out", metavar="FILE", type=click.Path(dir_okay=False),
               help="Also write the report as one self-contained HTML page (docs/cli.md#the-html-report).")
+@allow_partial_option
 @snapshots_option
 @broker_options
 @json_option
 def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str | None, checkpoints_path: str | None,
               repair_out: str | None, corrections_out: str | None, publish_corrections: str | None,
-              evidence_out: str | None, html_out: str | None, snapshots_dir: str, broker,
+              evidence_out: str | None, html_out: str | None, allow_partial_history: bool, snapshots_dir: str, broker,
               as_json: bool) -> None:
     """Find what the worker that folded TOPIC missed, doubled, reordered or got wrong, from its state
     export and its processed log and/or tracker checkpoints. Exit 0 consistent (or repaired),
-    1 divergent, 2 bad input, 3 unrecoverable."""
+    1 divergent, 2 bad input, 3 unrecoverable (history gone from the log, docs/cli.md#history)."""
 
     def body() -> int:
         model = load_model(model_ref)
@@ -62,9 +63,10 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                 with progress(f"reconcile {log.topic}") as update:
                     report = reconcile_log(log, model, snapshots_root=Path(snapshots_dir), state=state,
                                            state_path=state_path, processed=processed, tracker=tracker,
-                                           repair=bool(repair_out), on_progress=update)
+                                           repair=bool(repair_out), allow_partial_history=allow_partial_history,
+                                           on_progress=update)
             except HistoryUnrecoverable as exc:
-                doc = unrecoverable_report(log.topic, str(exc), processed, tracker)
+                doc = unrecoverable_report(log.topic, str(exc), processed, tracker, exc)
                 if html_out:
                     write_html_report(html_out, doc)
                 if not as_json:
@@ -98,6 +100,8 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
             emit_json(doc)
         else:
             print_reconcile(doc)
+        if doc["verdict"] == "unrecoverable" and doc.get("error"):
+            stderr.print(f"[bold red]error:[/] {esc(doc['error'])}")
         return {"consistent": 0, "repaired": 0, "divergent": 1, "unrecoverable": 3}[doc["verdict"]]
 
     run(body, as_json=as_json)
@@ -110,14 +114,15 @@ def write_html_report(path: str, doc: dict) -> None:
     atomic_write(Path(path), render_report(doc).encode("utf-8"))
 
 
-def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
+def unrecoverable_report(topic: str, reason: str, processed, tracker, exc: HistoryUnrecoverable | None = None) -> dict:
     """The reconcile report (docs/cli.md#reconcile) when the log no longer holds the history the
-    worker's evidence covers."""
+    worker's evidence covers (and no snapshot covers the loss)."""
+    details = exc.details if exc is not None else {}
     return {
         "verdict": "unrecoverable",
         "topic": topic,
         "log": {"events": None, "segments": None, "head": None},
-        "processed": {"events": len(processed.ids) if processed else (tracker.size if tracker else 0)},
+        "processed": {"events": len(processed) if processed else (tracker.size if tracker else 0)},
         "first_divergence": None,
         "missing": [],
         "duplicates": [],
@@ -125,7 +130,9 @@ def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
         "malformed": [],
         "divergent_streams": [],
         "replayed": {"from_snapshot": None, "events": 0},
+        **details,
         "error": reason,
+        **({"message_id": exc.message_id} if exc is not None and exc.message_id else {}),
     }
 
 

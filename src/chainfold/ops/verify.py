@@ -9,27 +9,33 @@ Three references, each optional:
   heads and descending one segment's tree, then reading only that segment from each side.
 
 A first verify of a topic records its checkpoints and reports ``intact``. Verify is the source and
-hash stages alone (:func:`hash_partition`).
+hash stages (:func:`hash_partition`) and, for the history check, the decode stage without
+deduplication: every stream's ``seq`` is checked for gaps and malformed entries are counted
+(:mod:`chainfold.ops.history`). A partition that lost its first entries (retention, truncation) is
+hashed at the recorded positions of what it still holds and checked against the record there; the
+report says what is gone and what can no longer be verified.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import RootMismatch, SnapshotRejected
 from ..hashing.chain import ChainBuilder, Checkpoint, find_divergence
-from ..hashing.record import Mismatch, PartitionRecord, name_entry
+from ..hashing.record import Mismatch, PartitionRecord, name_entry, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
 from ..log import Entry, EventLog
 from ..log.source import Source, Span
+from ..replay.decode import Decoder, Malformed, SeqGaps
 from ..replay.pipeline import Stops, run_pass
+from .history import History, Truncation, earliest, locate_truncation, shifted_stage
 
 __all__ = ["VerifyOptions", "VerifyReport", "verify_log", "compare_logs", "hash_partition", "snapshot_probes",
-           "conclude_partition"]
+           "conclude_partition", "seq_decoder", "truncated_stage"]
 
 log = logging.getLogger("chainfold.ops.verify")
 
@@ -43,12 +49,15 @@ Probes = dict[str, list[tuple[int, dict, str]]]
 class VerifyOptions:
     """How to verify (every engine): ``record_dir`` holds the recorded checkpoints (None: compare
     with nothing, record nothing); ``snapshots_root`` the snapshots whose chain states are checked
-    too; ``segment_size`` is for a log with nothing recorded; ``reset`` discards the record first."""
+    too; ``segment_size`` is for a log with nothing recorded; ``reset`` discards the record first;
+    ``allow_partial_history``: the log is known to start mid-history (lost entries and seq gaps are
+    reported, not failures)."""
 
     record_dir: Path | None = None
     snapshots_root: Path | None = None
     segment_size: int = DEFAULT_SEGMENT_SIZE
     reset: bool = False
+    allow_partial_history: bool = False
 
     def record(self, partition: str) -> PartitionRecord | None:
         return PartitionRecord(self.record_dir, partition) if self.record_dir is not None else None
@@ -69,10 +78,24 @@ class VerifyReport:
     workers: int = 1
     worker_peak_rss: list[int] = field(default_factory=list)
     """Peak resident memory (bytes) of each worker process, when verified in parallel."""
+    history: History = field(default_factory=History)
+    malformed: list[Malformed] = field(default_factory=list)
 
     @property
     def intact(self) -> bool:
-        return self.mismatch is None
+        """The log agrees with everything recorded and its history is whole (or accepted as partial)."""
+        return self.mismatch is None and self.history.problem() is None
+
+    @property
+    def exit_code(self) -> int:
+        """0 intact; 1 the log differs from the record; 3 history is gone (docs/cli.md#history)."""
+        if self.mismatch is not None:
+            return 1
+        return 0 if self.intact else 3
+
+    def root(self) -> str | None:
+        """The RFC 9162 root over every entry of a non-partitioned topic (None for a partitioned one)."""
+        return self.scans[0].chain.log_root().hex() if len(self.scans) == 1 else None
 
     def to_json(self) -> dict[str, Any]:
         fm = None
@@ -88,9 +111,13 @@ class VerifyReport:
                 "events": sum(s.entries for s in self.scans),
                 "segments": sum(s.segments for s in self.scans),
                 "head": topic_head(self.scans).hex(),
+                "root": self.root(),
             },
             "first_mismatch": fm,
         }
+        problem = self.history.problem() if self.mismatch is None else None
+        if problem is not None:
+            out = {"error": problem, "exit_code": 3, **out}
         if len(self.scans) > 1:
             out["partitions"] = [
                 {"partition": s.partition, "events": s.entries, "segments": s.segments, "head": s.head.hex()}
@@ -101,7 +128,10 @@ class VerifyReport:
         out["checkpoints_recorded"] = sum(s.recorded_new for s in self.scans)
         out["snapshots_checked"] = self.snapshots_checked
         out["redeliveries_dropped"] = sum(s.redelivered for s in self.scans)
-        out["notes"] = self.notes
+        out["malformed_entries"] = len(self.malformed)
+        out["malformed_first"] = [m.message_id for m in self.malformed[:10]]
+        out.update(self.history.to_json())
+        out["notes"] = self.notes + self.history.notes()
         if self.workers > 1:
             out["workers"] = self.workers
         return out
@@ -126,14 +156,36 @@ def snapshot_probes(snapshots_root: Path | None, topic: str) -> Probes:
     return probes
 
 
+class _AllNew:
+    """Deduplication left out: verify checks ``seq`` over every well-formed entry, not events."""
+
+    def add_new(self, ids: Sequence[str]) -> list[bool]:
+        return [True] * len(ids)
+
+    def __len__(self) -> int:
+        return 0
+
+    def checkpoint(self) -> None:
+        return None
+
+
+def seq_decoder(seqs: SeqGaps) -> Decoder:
+    """The decode stage as verify runs it: malformed entries listed, ``seq`` checked, nothing deduplicated."""
+    return Decoder(_AllNew(), well_formed=seqs)  # type: ignore[arg-type]
+
+
 def hash_partition(elog: EventLog, span: Span, *, record: PartitionRecord | None = None,
                    chain: ChainBuilder | None = None, segment_size: int = DEFAULT_SEGMENT_SIZE,
                    write: bool = True, probes: Iterable[int] = (),
-                   on_progress: Callable[[int], None] | None = None) -> PartitionScan:
-    """One hash-only pass over ``span`` (source → hash stage), continuing ``chain`` if given,
-    compared with (and, with ``write``, recording into) ``record``; ``probes`` are partition sizes
-    at which the chain state is captured into ``PartitionScan.probed``."""
-    hasher = HashStage.open(elog, span.partition, record=record, chain=chain, segment_size=segment_size, write=write)
+                   on_progress: Callable[[int], None] | None = None, hasher: HashStage | None = None,
+                   decoder: Decoder | None = None) -> PartitionScan:
+    """One pass over ``span`` (source → hash stage, and the ``decoder`` if given), continuing
+    ``chain`` if given, compared with (and, with ``write``, recording into) ``record``; or through
+    ``hasher``, a hash stage made by the caller. ``probes`` are partition sizes at which the chain
+    state is captured into ``PartitionScan.probed``."""
+    if hasher is None:
+        hasher = HashStage.open(elog, span.partition, record=record, chain=chain, segment_size=segment_size,
+                                write=write)
     start = hasher.chain.size
     probed = hasher.scan.probed
     stops = Stops()
@@ -146,7 +198,7 @@ def hash_partition(elog: EventLog, span: Span, *, record: PartitionRecord | None
         stops.every(PROGRESS_EVERY, lambda n, _e: on_progress(n))  # type: ignore[misc]
     source = Source(elog, span)
     try:
-        run_pass(source, start=start, hasher=hasher, stops=stops)
+        run_pass(source, start=start, hasher=hasher, decoder=decoder, stops=stops)
     finally:
         hasher.flush()
         if on_progress is not None:
@@ -164,17 +216,36 @@ def verify_log(elog: EventLog, options: VerifyOptions | None = None, /, *,
     ``reset=True`` discards the record and records the log as it is now.
     """
     opts = VerifyOptions(**changes) if options is None else options
-    report = VerifyReport(elog.topic, [])
+    report = VerifyReport(elog.topic, [], history=History(allow_partial=opts.allow_partial_history))
     probes = snapshot_probes(opts.snapshots_root, elog.topic)
+    decoder = seq_decoder(report.history.seqs)
     done = 0
     for part in elog.partitions():
         record = prepare_record(opts, part, report)
         mine = probes.get(part, [])
+        hasher = truncated_stage(elog, part, record, report)
         scan = hash_partition(elog, Span(part), record=record, segment_size=opts.segment_size,
-                              probes=[e for e, _, _ in mine], on_progress=_offset(on_progress, done))
-        done += scan.entries
+                              probes=[e for e, _, _ in mine], on_progress=_offset(on_progress, done),
+                              hasher=hasher, decoder=decoder)
+        done += scan.read
         conclude_partition(report, part, scan, mine)
+    report.malformed = decoder.malformed
     return report
+
+
+def truncated_stage(elog: EventLog, part: str, record: PartitionRecord | None,
+                    report: VerifyReport) -> HashStage | None:
+    """The hash stage for ``part`` when it lost recorded entries (the :class:`Truncation` goes into
+    the report): at the recorded positions of what it still holds, or, when the record cannot place
+    them, compared with nothing. None when ``part`` starts where it was recorded to start."""
+    recorded, _ = open_record(record)
+    t = locate_truncation(elog, part, recorded, record, earliest(elog, part)) if recorded else None
+    if not isinstance(t, Truncation):
+        return None
+    report.history.truncations.append(t)
+    if t.index is None or record is None:
+        return HashStage.open(elog, part, segment_size=recorded[0].segment_size, write=False)
+    return shifted_stage(elog, part, t, record=record, recorded=recorded)
 
 
 def prepare_record(opts: VerifyOptions, part: str, report: VerifyReport) -> PartitionRecord | None:
@@ -204,9 +275,18 @@ def conclude_partition(report: VerifyReport, part: str, scan: PartitionScan,
         report.mismatch = scan.mismatch
         report.mismatch_partition = part
         report.comparisons = scan.mismatch.comparisons
+    trunc = next((t for t in report.history.truncations if t.partition == part), None)
     for entries, state, path in probes:
         report.snapshots_checked += 1
         got = scan.probed.get(entries)
+        if trunc is not None and (trunc.index is None or entries < trunc.index):
+            report.notes.append(f"snapshot {path} ends at entry {entries}, in the part of {part} that is gone: "
+                                "it cannot be checked against the log")
+            continue
+        if trunc is not None and got is not None and got["head"] == state.get("head") \
+                and got["segment_frontier"] == state.get("segment_frontier"):
+            trunc.covered_by = trunc.covered_by or path  # probes come newest first
+            continue
         if got is None:
             m = Mismatch(scan.entries, scan.entries // scan.chain.segment_size, None, None,
                          f"snapshot {path} covers {entries} entries; the log now has {scan.entries}")

@@ -2,7 +2,7 @@
 
 A snapshot file is a CBOR map::
 
-    {"format": 1, "body": <bytes: canonical CBOR of the body map>, "sha256": <bytes: SHA-256 of body>}
+    {"format": 2, "body": <bytes: canonical CBOR of the body map>, "sha256": <bytes: SHA-256 of body>}
 
     body = {"topic", "partitions": [{"partition", "entries", "message_id", "chain"}, ...],
             "model_name", "model_fingerprint", "segment_size", "states": {stream: state},
@@ -35,12 +35,12 @@ from ..merkle import HASH_SIZE, root as merkle_root
 __all__ = ["FORMAT", "BODY_KEYS", "Undecodable", "encode", "open_body", "streams_root", "check_streams_root",
            "gc_paused"]
 
-FORMAT = 1
-"""Version of the snapshot file format written and read."""
+FORMAT = 2
+"""Version of the snapshot file format written and read (2: ``seqs``, the seq check's state)."""
 
 BODY_KEYS = frozenset({
     "topic", "partitions", "model_name", "model_fingerprint", "segment_size", "states", "seen",
-    "created", "stats", "streams_root", "entries",
+    "created", "stats", "streams_root", "entries", "seqs",
 })
 _ENVELOPE_KEYS = frozenset({"format", "body", "sha256"})
 NOT_SNAPSHOT = "truncated or not a snapshot file"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..hashing.chain import ChainBuilder
-from ..replay.decode import Decoder
+from ..replay.decode import Decoder, SeqGaps
 from ..replay.fold import FoldStage
 from .snapshots import PartitionPosition, Snapshot, SnapshotStore
 
@@ -26,15 +26,17 @@ class SnapshotSink:
     for it (the one being replayed), else the position :meth:`done` recorded for it, else where the
     replay started (``start``'s position, or nothing). States go through ``model.dump_state``; the
     seen ids are what :meth:`~chainfold.replay.seen.SeenIds.checkpoint` returns; ``stats`` count the
-    malformed and duplicated entries since the start of the log. :attr:`written` lists the paths.
+    malformed and duplicated entries since the start of the log; ``seqs`` (the seq check, if any) is
+    stored so that a rebuild from the snapshot continues it. :attr:`written` lists the paths.
     The caller makes the hash record durable first (a snapshot is checked against it).
     """
 
     def __init__(self, store: SnapshotStore, fold: FoldStage, decoder: Decoder, partitions: list[str],
-                 segment_size: int, start: Snapshot | None = None) -> None:
+                 segment_size: int, start: Snapshot | None = None, *, seqs: SeqGaps | None = None) -> None:
         self.store = store
         self.fold = fold
         self.decoder = decoder
+        self.seqs = seqs
         self.partitions = partitions
         self.segment_size = segment_size
         self.start = start
@@ -70,6 +72,7 @@ class SnapshotSink:
             created=int(time.time() * 1000),
             stats={"malformed": len(self.decoder.malformed) + base.get("malformed", 0),
                    "duplicates": len(self.decoder.duplicates) + base.get("duplicates", 0)},
+            **({"seqs": self.seqs.state()} if self.seqs is not None else {}),
         )
         path = self.store.write(snap)
         self.entries = snap.entries

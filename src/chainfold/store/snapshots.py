@@ -34,6 +34,7 @@ from ..errors import BadInput, InvalidArgument, SnapshotRejected
 from ..hashing.chain import ChainBuilder
 from ..log import full_topic_name
 from ..merkle import HASH_SIZE
+from ..replay.decode import SeqGaps
 from ..replay.model import Model, render_json
 from . import codec
 from .codec import FORMAT, Undecodable, streams_root
@@ -175,6 +176,10 @@ class Snapshot:
     seen: frozenset[str]
     created: int = field(default_factory=_now_ms)
     stats: dict[str, Any] = field(default_factory=dict)
+    seqs: dict[str, Any] = field(default_factory=lambda: SeqGaps().state())
+    """The seq check where the snapshot stands (:meth:`SeqGaps.state`): each stream's highest
+    ``seq``, the gaps found before, the events without ``seq``; a rebuild from the snapshot
+    continues the check from there (docs/cli.md#history)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -206,6 +211,10 @@ class Snapshot:
         if not isinstance(self.stats, Mapping):
             raise InvalidArgument("stats must be a mapping")
         set_(self, "stats", dict(self.stats))
+        try:
+            SeqGaps.restore(self.seqs)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
 
     @classmethod
     def capture(
@@ -262,6 +271,7 @@ class Snapshot:
             "seen": sorted(self.seen),
             "created": self.created,
             "stats": self.stats,
+            "seqs": self.seqs,
             "entries": self.entries,
         }
 
@@ -324,12 +334,13 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
             seen=frozenset(seen),
             created=fields["created"],
             stats=fields["stats"],
+            seqs=fields["seqs"],
         )
         if snap.topic != fields["topic"]:
             raise ValueError(f"topic {fields['topic']!r} is not a full topic name")
         if fields["entries"] != snap.entries:
             raise ValueError(f"entries {fields['entries']!r} is not the sum over partitions ({snap.entries})")
-    except (ValueError, TypeError, BadInput) as exc:
+    except (ValueError, TypeError, BadInput, InvalidArgument) as exc:
         raise Undecodable(f"bad snapshot body: {exc}", fields) from None
     return snap
 
@@ -575,4 +586,14 @@ def _summary(fields: dict[str, Any]) -> dict[str, Any]:
         "seen": len(seen) if isinstance(seen, list) else None,
         "streams_root": hexa(fields.get("streams_root")),
         "stats": render_json(fields.get("stats")),
+        "seq": _seq_summary(fields.get("seqs")),
     }
+
+
+def _seq_summary(seqs: Any) -> dict[str, Any] | None:
+    """Streams with a known highest seq, gaps and events without seq recorded in a body."""
+    try:
+        s = SeqGaps.restore(seqs)
+    except ValueError:
+        return None
+    return {"streams": len(s.highest), "gaps": len(s.gaps), "unverifiable": s.unverifiable}
