@@ -99,12 +99,16 @@ def print_history(doc: dict[str, Any]) -> None:
     colour = "bold red" if history_failed(doc) else "yellow"
     stdout.print(f"[{colour}]history {state}[/]")
     for t in doc.get("truncated") or []:
-        segs = t.get("unverifiable_segments")
+        segs, at, checked = t.get("unverifiable_segments"), t.get("first_available_index"), t.get("checked_from")
         stdout.print(f"  {esc(t['partition'])}: entries before message id {esc(t['first_available'])} are gone "
-                     f"(entry 0 was {esc(t['recorded_first'])})"
-                     + (f"; recorded segments {segs[0]}..{segs[1]} can no longer be verified" if segs else "")
-                     + (f"; covered by snapshot {esc(t['covered_by_snapshot'])}" if t.get("covered_by_snapshot")
-                        else ""))
+                     f"(retention or truncation; entry 0 was {esc(t['recorded_first'])} when recorded)")
+        if segs:
+            stdout.print(f"    recorded segments {segs[0]}..{segs[1]}"
+                         + (f" (entries 0..{at - 1:,})" if at else "") + " can no longer be verified against the log")
+        if checked is not None:
+            stdout.print(f"    the log was checked against the record at the recorded positions from entry {checked:,}")
+        if t.get("covered_by_snapshot"):
+            stdout.print(f"    snapshot {esc(t['covered_by_snapshot'])} covers the loss: the work was done from it")
     gaps = doc.get("seq_gaps") or []
     for g in gaps[:10]:
         stdout.print(f"  seq gap: stream {esc(g['stream'])} jumps to seq {g['found_seq']} where {g['expected_seq']} "

@@ -164,6 +164,8 @@ def parallel_rebuild(source: EventLog | LogSource, model: str, options: RebuildO
             result.notes.append(f"rebuilt serially: {why}")
             return result
 
+        if any(run.lost_start(p) for p in run.plan.parts):
+            return serially("the log lost entries no snapshot covers (folded from where it starts now)")
         if len(run.plan.parts) == 1 and split == "fanout":
             return _fan_out(run, elog, model, workers, serially)
         return _fold_in_tasks(run, source, model, workers, serially)

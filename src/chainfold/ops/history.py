@@ -53,6 +53,9 @@ class Truncation:
     segment_size: int
     recorded_entries: int
     covered_by: str | None = None
+    checked_from: int | None = None
+    """The recorded position from which what the log holds was hashed and checked against the
+    record (``index`` for verify, the snapshot's position for a replay from it)."""
 
     @property
     def lost(self) -> int | None:
@@ -75,15 +78,13 @@ class Truncation:
             f", the last one in part"
         return (f"{self.partition}: entries before message id {self.first_available} are gone from the log "
                 f"(retention or truncation; entry 0 was {self.recorded_first} when recorded): "
-                + (where + partial + ") can no longer be verified against the log" if where else "nothing lost")
-                + ("" if self.index is None else
-                   f"; the rest is verified at its recorded positions, from entry {self.index}"))
+                + (where + partial + ") can no longer be verified against the log" if where else "nothing lost"))
 
     def to_json(self) -> dict[str, Any]:
         return {"partition": self.partition, "first_available": self.first_available,
                 "first_available_index": self.index, "recorded_first": self.recorded_first,
                 "entries_lost": self.lost, "unverifiable_segments": self.unverifiable_segments(),
-                "covered_by_snapshot": self.covered_by}
+                "checked_from": self.checked_from, "covered_by_snapshot": self.covered_by}
 
 
 @dataclass
@@ -126,12 +127,11 @@ class History:
         return "; ".join(out) + " (--allow-partial-history accepts a log known to start mid-history)"
 
     def notes(self) -> list[str]:
-        """Sentences for the report's notes."""
-        out = [t.describe() + (f"; snapshot {t.covered_by} covers the loss: the work was done from it"
-                               if t.covered_by else "") for t in self.truncations]
-        if self.seqs.gaps:
-            out.append(f"{len(self.seqs.gaps)} seq gap(s): events missing from the log itself"
-                       + (" (accepted: --allow-partial-history)" if self.allow_partial else ""))
+        """Sentences for the report's notes (what ``truncated`` and ``seq_gaps`` do not say)."""
+        out = []
+        if self.allow_partial and self.state != "complete":
+            out.append("history " + self.state + ": accepted, the log is known to start mid-history "
+                       "(--allow-partial-history)")
         if self.seqs.unverifiable:
             out.append(f"{self.seqs.unverifiable} event(s) without seq could not be checked for gaps")
         return out
@@ -201,6 +201,7 @@ def shifted_stage(elog: EventLog, partition: str, trunc: Truncation, *, record: 
     recorded leaves of its segment's lost part, so each later segment is checked against (and
     recorded into) the record at the same positions as before the loss."""
     assert trunc.index is not None
+    trunc.checked_from = trunc.index
     S = trunc.segment_size
     k, o = divmod(trunc.index, S)
     full = [cp for cp in recorded if cp.full][:k]

@@ -373,8 +373,7 @@ def _check_gaps(plan: RebuildPlan, gaps: dict[str, str], earliest: dict[str, Pos
         # a snapshot from before the loss cannot be continued across it: fold from where the log starts
         plan.rejected.append((plan.snapshot_path or "", "the log lost entries after its position"))
         plan.snapshot, plan.snapshot_path = None, None
-    plan.notes.append("the log is known to start mid-history (--allow-partial-history): folded from where it "
-                      "starts now (" + "; ".join(gaps.values()) + ")")
+    plan.notes.append("folded from where the log starts now (" + "; ".join(gaps.values()) + ")")
 
 
 class RebuildRun:
@@ -408,6 +407,11 @@ class RebuildRun:
         after = self.plan.elog.position(pos.message_id) if pos is not None and pos.message_id else None
         return chain, after
 
+    def lost_start(self, p: str) -> bool:
+        """Whether partition ``p`` is folded from where it starts now after losing entries that no
+        snapshot covers (then each stream's first ``seq`` there is where its check starts)."""
+        return self.plan.truncation(p) is not None and self.start_of(p)[0] is None
+
     def hash_stage(self, p: str) -> HashStage:
         """The hash stage of partition ``p``'s pass (records only a rebuild that reads to the end).
         A partition that lost entries and is folded from where it starts now is hashed at the
@@ -417,6 +421,8 @@ class RebuildRun:
         plan = self.plan
         t = plan.truncation(p)
         write = not plan.options.bounded
+        if t is not None and chain is not None:
+            t.checked_from = chain.size
         if t is not None and chain is None:
             if t.index is None:
                 return HashStage.open(plan.elog, p, segment_size=plan.segment_size, write=False)
@@ -431,6 +437,7 @@ class RebuildRun:
     def partition(self, p: str) -> None:
         """Fold partition ``p`` here, snapshotting every ``snapshot_every`` entries."""
         hasher, source, base = self.hash_stage(p), self.source(p), self._read
+        self.folder.seqs.lost_start = self.lost_start(p)
         stops = Stops()
         if self.on_progress is not None:
             progress = self.on_progress

@@ -298,8 +298,10 @@ def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leave
 
 
 def _passes(reference: Reference, run: RebuildRun, leaves: bool, on_progress: Callable[[int], None] | None) -> None:
-    """The pass over each partition, tapped."""
-    numbers: dict[str, int] = {}
+    """The pass over each partition, tapped. The streams of the snapshot it starts from (if any)
+    are the log's streams too."""
+    reference.stream_names.extend(sorted(reference.folder.states))
+    numbers = {s: i for i, s in enumerate(reference.stream_names)}
     decoder = reference.folder.decoder
     done = 0
     out = None
@@ -310,6 +312,7 @@ def _passes(reference: Reference, run: RebuildRun, leaves: bool, on_progress: Ca
         for pi, p in enumerate(reference.partitions):
             tap = _Tap(reference, pi, numbers, out)
             hasher, source = run.hash_stage(p), run.source(p)
+            reference.folder.seqs.lost_start = run.lost_start(p)
             stops = Stops()
             if on_progress is not None:
                 stops.every(16384, lambda n, _e, b=done: on_progress(b + n))  # type: ignore[misc]

@@ -224,6 +224,7 @@ def verify_log(elog: EventLog, options: VerifyOptions | None = None, /, *,
         record = prepare_record(opts, part, report)
         mine = probes.get(part, [])
         hasher = truncated_stage(elog, part, record, report)
+        report.history.seqs.lost_start = hasher is not None  # streams' first seqs there follow lost ones
         scan = hash_partition(elog, Span(part), record=record, segment_size=opts.segment_size,
                               probes=[e for e, _, _ in mine], on_progress=_offset(on_progress, done),
                               hasher=hasher, decoder=decoder)

@@ -255,15 +255,22 @@ class SeqGaps:
     highest: dict[str, int] = field(default_factory=dict)
     gaps: list[SeqGap] = field(default_factory=list)
     unverifiable: int = 0
+    lost_start: bool = False
+    """While set, a stream seen for the first time starts its check at its first ``seq``: the part
+    of the log being read is known to have lost its first entries (reported as a truncation)."""
 
     def __call__(self, d: Decoded) -> None:
         highest = self.highest
+        lost_start = self.lost_start
         for j, ev in enumerate(d.events):
             seq = ev.seq
             if seq is None:
                 self.unverifiable += 1
                 continue
             top = highest.get(ev.stream, 0)
+            if not top and lost_start:
+                highest[ev.stream] = seq
+                continue
             if seq > top:
                 if seq > top + 1:
                     self.gaps.append(SeqGap(ev.stream, top + 1, seq, d.message_id(j), d.index(j)))
