@@ -26,17 +26,14 @@ from chainfold.replay.decode import Decoded, SeqGap, SeqGaps
 from chainfold.replay.model import load_model
 from chainfold.store.snapshots import SnapshotStore
 
+from .test_reconcile import gen_events
+
 MODEL = load_model("chainfold.examples.accounts")
 
 
 def gen(n: int, streams: int, seed: int = 3) -> list[Event]:
     """Events with their true per-stream seqs (1, 2, ... in each stream)."""
-    seqs: dict[str, int] = {}
-    out = []
-    for d in accounts.generate(n, streams, seed):
-        seqs[d["stream"]] = seqs.get(d["stream"], 0) + 1
-        out.append(Event(d["id"], d["stream"], seqs[d["stream"]], d["type"], d["time"], d["data"]))
-    return out
+    return gen_events(n, streams, seed)
 
 
 def log_of(events: list[Event | bytes], name: str = "t") -> MemoryLog:
@@ -313,3 +310,25 @@ def test_reconcile_over_seq_gaps_is_unrecoverable_unless_allowed(tmp_path: Path)
     ok = reconcile(log, MODEL, snapshots_root=tmp_path / "x", state=fold(held), state_path=st_path,
                    processed=load_processed(proc), allow_partial_history=True).to_json()
     assert ok["verdict"] == "consistent" and ok["seq_gaps"] == report["seq_gaps"]
+
+
+def test_verify_continues_the_seq_check_from_a_snapshot_that_matches_the_log(tmp_path: Path) -> None:
+    """The cheap path: a snapshot whose chain agrees with the log gives the seq state (and the
+    malformed count) before it, so only the entries after it are decoded; same findings."""
+    evs = gen(600, 5)
+    held: list[Event | bytes] = [e for e in evs if e.id != evs[100].id]  # a gap before the snapshot
+    held.insert(50, b"junk")
+    log = log_of(held[:400])
+    rebuild(log, MODEL, snapshots_root=tmp_path, snapshot_every=0)
+    add(log, [e for e in held[400:] if not isinstance(e, bytes) and e.id != evs[500].id])  # and one after
+    record = tmp_path / "public.default.t"
+    fast = verify(log, record_dir=record, snapshots_root=tmp_path).to_json()
+    slow = verify(log, record_dir=tmp_path / "other").to_json()
+    assert fast["seq_checked_from"]["entries"] == 400 and slow["seq_checked_from"] is None
+    assert fast["seq_gaps"] == slow["seq_gaps"] and len(fast["seq_gaps"]) == 2
+    assert fast["malformed_entries"] == slow["malformed_entries"] == 1
+    # a snapshot that disagrees with the log is no ground for the check: said, and exit 1
+    entries = log._parts[log.partitions()[0]]
+    entries[10] = entries[10]._replace(payload=encode(evs[10]._replace(data={"amount": 7})))
+    bad = verify(log, record_dir=tmp_path / "third", snapshots_root=tmp_path)
+    assert bad.exit_code == 1 and any("is not a check of this log" in n for n in bad.to_json()["notes"])

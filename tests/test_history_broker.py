@@ -22,29 +22,13 @@ from typing import Any
 import pytest
 
 from chainfold.envelope import Event, encode
-from chainfold.examples import accounts
 from chainfold.log.pulsar import PulsarLog
 from chainfold.store.snapshots import topic_dir
 
 from .conftest import unique_topic
+from .test_history import fold, gen
 
 MODEL = "chainfold.examples.accounts"
-
-
-def gen(n: int, streams: int, seed: int = 11) -> list[Event]:
-    seqs: dict[str, int] = {}
-    out = []
-    for d in accounts.generate(n, streams, seed):
-        seqs[d["stream"]] = seqs.get(d["stream"], 0) + 1
-        out.append(Event(d["id"], d["stream"], seqs[d["stream"]], d["type"], d["time"], d["data"]))
-    return out
-
-
-def fold(events: list[Event]) -> dict[str, Any]:
-    states: dict[str, Any] = {}
-    for ev in events:
-        states[ev.stream] = accounts.apply(states.get(ev.stream) or accounts.initial(ev.stream), ev)
-    return {s: accounts.render(v) for s, v in sorted(states.items())}
 
 
 def publish(pulsar_client, topic: str, events: list[Event]) -> list[str]:

@@ -30,7 +30,7 @@ from ..hashing.record import Mismatch, PartitionRecord, name_entry, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
 from ..log import Entry, EventLog
 from ..log.source import Source, Span
-from ..replay.decode import Decoder, Malformed, SeqGaps
+from ..replay.decode import Decoded, Decoder, Malformed, SeqGaps
 from ..replay.pipeline import Stops, run_pass
 from .history import History, Truncation, earliest, locate_truncation, shifted_stage
 
@@ -43,6 +43,20 @@ PROGRESS_EVERY = 16384
 
 Probes = dict[str, list[tuple[int, dict, str]]]
 """``{partition: [(entries, chain state, snapshot path)]}``: what the topic's snapshots recorded."""
+
+
+@dataclass(frozen=True)
+class SeqStart:
+    """A snapshot of a one-partition topic that verify's seq check can start from: at ``entries``,
+    where its chain state is ``chain``, with the seq check's state and the malformed entries it
+    counted before. Sound only if the log there is what the snapshot saw: verify checks the chain
+    state at ``entries`` too (same bytes, same findings)."""
+
+    path: str
+    entries: int
+    chain: dict
+    seqs: dict
+    malformed: int
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,9 @@ class VerifyReport:
     """Peak resident memory (bytes) of each worker process, when verified in parallel."""
     history: History = field(default_factory=History)
     malformed: list[Malformed] = field(default_factory=list)
+    malformed_before: int = 0
+    """Malformed entries before the decoded part (counted by the snapshot the seq check started from)."""
+    seq_from: SeqStart | None = None
 
     @property
     def intact(self) -> bool:
@@ -128,17 +145,20 @@ class VerifyReport:
         out["checkpoints_recorded"] = sum(s.recorded_new for s in self.scans)
         out["snapshots_checked"] = self.snapshots_checked
         out["redeliveries_dropped"] = sum(s.redelivered for s in self.scans)
-        out["malformed_entries"] = len(self.malformed)
+        out["malformed_entries"] = self.malformed_before + len(self.malformed)
         out["malformed_first"] = [m.message_id for m in self.malformed[:10]]
         out.update(self.history.to_json())
+        sf = self.seq_from
+        out["seq_checked_from"] = None if sf is None else {"snapshot": sf.path, "entries": sf.entries}
         out["notes"] = self.notes + self.history.notes()
         if self.workers > 1:
             out["workers"] = self.workers
         return out
 
 
-def snapshot_probes(snapshots_root: Path | None, topic: str) -> Probes:
-    """The chain states the topic's valid snapshots recorded, per partition."""
+def snapshot_probes(snapshots_root: Path | None, topic: str, starts: list[SeqStart] | None = None) -> Probes:
+    """The chain states the topic's valid snapshots recorded, per partition (newest first); the
+    snapshots of a one-partition topic are also added to ``starts`` (if given)."""
     if snapshots_root is None:
         return {}
     from ..store.snapshots import SnapshotStore
@@ -153,6 +173,10 @@ def snapshot_probes(snapshots_root: Path | None, topic: str) -> Probes:
             continue
         for pos in snap.partitions:
             probes.setdefault(pos.partition, []).append((pos.entries, pos.chain, str(info.path)))
+        if starts is not None and len(snap.partitions) == 1:
+            pos = snap.partitions[0]
+            starts.append(SeqStart(str(info.path), pos.entries, dict(pos.chain), snap.seqs,
+                                   int(snap.stats.get("malformed", 0))))
     return probes
 
 
@@ -169,9 +193,26 @@ class _AllNew:
         return None
 
 
-def seq_decoder(seqs: SeqGaps) -> Decoder:
-    """The decode stage as verify runs it: malformed entries listed, ``seq`` checked, nothing deduplicated."""
-    return Decoder(_AllNew(), well_formed=seqs)  # type: ignore[arg-type]
+@dataclass
+class _DecoderFrom(Decoder):
+    """The decode stage from log index ``first`` on (what comes before is known from a snapshot)."""
+
+    first: int = 0
+
+    def feed(self, entries: Sequence[Entry], start: int) -> Decoded:
+        skip = min(len(entries), max(0, self.first - start))
+        if skip:
+            self.index = start + skip
+            if skip == len(entries):
+                return Decoded([], None, range(start, start), entries, [])
+            entries, start = entries[skip:], start + skip
+        return super().feed(entries, start)
+
+
+def seq_decoder(seqs: SeqGaps, first: int = 0) -> Decoder:
+    """The decode stage as verify runs it: malformed entries listed, ``seq`` checked, nothing
+    deduplicated; entries before log index ``first`` are not decoded."""
+    return _DecoderFrom(_AllNew(), well_formed=seqs, first=first)  # type: ignore[arg-type]
 
 
 def hash_partition(elog: EventLog, span: Span, *, record: PartitionRecord | None = None,
@@ -217,14 +258,18 @@ def verify_log(elog: EventLog, options: VerifyOptions | None = None, /, *,
     """
     opts = VerifyOptions(**changes) if options is None else options
     report = VerifyReport(elog.topic, [], history=History(allow_partial=opts.allow_partial_history))
-    probes = snapshot_probes(opts.snapshots_root, elog.topic)
+    starts: list[SeqStart] = []
+    probes = snapshot_probes(opts.snapshots_root, elog.topic, starts)
+    parts = elog.partitions()
     decoder = seq_decoder(report.history.seqs)
     done = 0
-    for part in elog.partitions():
+    for part in parts:
         record = prepare_record(opts, part, report)
         mine = probes.get(part, [])
         hasher = truncated_stage(elog, part, record, report)
         report.history.seqs.lost_start = hasher is not None  # streams' first seqs there follow lost ones
+        if len(parts) == 1 and hasher is None and starts:
+            decoder = start_seq_check(report, starts[0])
         scan = hash_partition(elog, Span(part), record=record, segment_size=opts.segment_size,
                               probes=[e for e, _, _ in mine], on_progress=_offset(on_progress, done),
                               hasher=hasher, decoder=decoder)
@@ -232,6 +277,17 @@ def verify_log(elog: EventLog, options: VerifyOptions | None = None, /, *,
         conclude_partition(report, part, scan, mine)
     report.malformed = decoder.malformed
     return report
+
+
+def start_seq_check(report: VerifyReport, start: SeqStart) -> Decoder:
+    """Continue the seq check from snapshot ``start`` (decoding only the entries after it): the
+    cheap path for a log verified before. :func:`conclude_partition` then checks that the log's
+    chain at the snapshot's position is the snapshot's; if it is not, the log is reported as
+    differing (exit 1) and a note says the seq check before that position rests on nothing."""
+    report.history.seqs = SeqGaps.restore(start.seqs)
+    report.malformed_before = start.malformed
+    report.seq_from = start
+    return seq_decoder(report.history.seqs, start.entries)
 
 
 def truncated_stage(elog: EventLog, part: str, record: PartitionRecord | None,
@@ -277,6 +333,12 @@ def conclude_partition(report: VerifyReport, part: str, scan: PartitionScan,
         report.mismatch_partition = part
         report.comparisons = scan.mismatch.comparisons
     trunc = next((t for t in report.history.truncations if t.partition == part), None)
+    sf = report.seq_from
+    if sf is not None:
+        got = scan.probed.get(sf.entries)
+        if got is None or got["head"] != sf.chain.get("head") or got["segment_frontier"] != sf.chain.get("segment_frontier"):
+            report.notes.append(f"the seq check before entry {sf.entries} was taken from snapshot {sf.path}, "
+                                "whose chain disagrees with the log there: it is not a check of this log")
     for entries, state, path in probes:
         report.snapshots_checked += 1
         got = scan.probed.get(entries)
@@ -350,10 +412,12 @@ def compare_logs(left: EventLog, right: EventLog, *, segment_size: int = DEFAULT
     report = VerifyReport(left.topic, [], against=right.topic)
     if len(lparts) != len(rparts):
         report.notes.append(f"{left.topic} has {len(lparts)} partitions, {right.topic} has {len(rparts)}")
+    decoder = seq_decoder(report.history.seqs)  # the history of the log verified (``left``)
     done = 0
     for i, lp in enumerate(lparts):
         ls = hash_partition(left, Span(lp), segment_size=segment_size, write=False,
-                            on_progress=_offset(on_progress, done))
+                            on_progress=_offset(on_progress, done), decoder=decoder)
+        report.malformed = decoder.malformed
         done += ls.entries
         report.scans.append(ls)
         if report.mismatch is not None:
