@@ -327,8 +327,15 @@ def test_verify_continues_the_seq_check_from_a_snapshot_that_matches_the_log(tmp
     assert fast["seq_checked_from"]["entries"] == 400 and slow["seq_checked_from"] is None
     assert fast["seq_gaps"] == slow["seq_gaps"] and len(fast["seq_gaps"]) == 2
     assert fast["malformed_entries"] == slow["malformed_entries"] == 1
+    # the next verify starts where the last one ended (its state beside the record): nothing to decode
+    n = len(log.entries())
+    again = verify(log, record_dir=tmp_path / "other").to_json()
+    assert again["seq_checked_from"] == {"path": str(tmp_path / "other" / "history.cbor"), "entries": n}
+    assert again["seq_gaps"] == slow["seq_gaps"] and again["malformed_entries"] == 1
     # a snapshot that disagrees with the log is no ground for the check: said, and exit 1
     entries = log._parts[log.partitions()[0]]
     entries[10] = entries[10]._replace(payload=encode(evs[10]._replace(data={"amount": 7})))
     bad = verify(log, record_dir=tmp_path / "third", snapshots_root=tmp_path)
-    assert bad.exit_code == 1 and any("is not a check of this log" in n for n in bad.to_json()["notes"])
+    assert bad.exit_code == 1 and any("every entry was checked instead" in n for n in bad.to_json()["notes"])
+    assert bad.to_json()["seq_checked_from"] is None
+    assert verify(log, record_dir=tmp_path / "other").exit_code == 1  # and the record disagrees too

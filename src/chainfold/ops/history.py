@@ -22,8 +22,13 @@ from it and the report says so) or the user said the log is known to start mid-h
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import cbor2
 
 from ..hashing.chain import ChainBuilder, Checkpoint
 from ..hashing.record import PartitionRecord
@@ -31,8 +36,12 @@ from ..hashing.stage import HashStage, leaf_hashes
 from ..log import Entry, EventLog, Position
 from ..log.source import Source, Span
 from ..replay.decode import SeqGaps
+from ..store.atomic import atomic_write
 
-__all__ = ["Truncation", "History", "locate_truncation", "earliest", "shifted_stage", "REWRITTEN"]
+__all__ = ["Truncation", "History", "locate_truncation", "earliest", "shifted_stage", "REWRITTEN", "SeqStart",
+           "load_seq_start", "save_seq_start", "forget_seq_start"]
+
+log = logging.getLogger("chainfold.ops.history")
 
 REWRITTEN = "rewritten"
 """What :func:`locate_truncation` returns when the log starts later than recorded but what it holds
@@ -212,3 +221,60 @@ def shifted_stage(elog: EventLog, partition: str, trunc: Truncation, *, record: 
         chain.add_leaves(lost, recorded[k].first)
     return HashStage(partition, chain, record=record, recorded=recorded, write=write,
                      segment=(list(lost), [None] * len(lost)))  # type: ignore[list-item]
+
+
+# --- where a seq check can start without decoding what came before ----------------------------------
+
+
+@dataclass(frozen=True)
+class SeqStart:
+    """A point of a one-partition log where the seq check's state is known: after ``entries``
+    entries, where the hash chain's state is ``chain``, the check stood at ``seqs``
+    (:meth:`SeqGaps.state`) with ``malformed`` entries counted before. From a snapshot (``path``),
+    or from what the last verify left beside the record (:func:`save_seq_start`). Sound only if the
+    log there is what was checked then: the caller checks the chain state at ``entries`` too (same
+    bytes, same findings)."""
+
+    path: str
+    entries: int
+    chain: dict
+    seqs: dict
+    malformed: int
+
+
+SEQ_FILE = "history.cbor"
+
+
+def save_seq_start(record_dir: Path, chain: dict, seqs: SeqGaps, malformed: int) -> None:
+    """Leave the seq check's state at the end of the log beside its record (one-partition topics),
+    so the next verify decodes only the entries that came since; crash-safe, checksummed."""
+    body = cbor2.dumps({"entries": chain["size"], "chain": dict(chain), "seqs": seqs.state(), "malformed": malformed},
+                       canonical=True)
+    atomic_write(Path(record_dir) / SEQ_FILE,
+                 cbor2.dumps({"format": 1, "body": body, "sha256": hashlib.sha256(body).digest()}, canonical=True))
+
+
+def forget_seq_start(record_dir: Path | None) -> None:
+    """Remove what :func:`save_seq_start` left (the record is being reset)."""
+    if record_dir is not None:
+        (Path(record_dir) / SEQ_FILE).unlink(missing_ok=True)
+
+
+def load_seq_start(record_dir: Path | None) -> SeqStart | None:
+    """What :func:`save_seq_start` left, or None (missing, or unreadable: then the check starts over)."""
+    if record_dir is None:
+        return None
+    path = Path(record_dir) / SEQ_FILE
+    try:
+        env = cbor2.loads(path.read_bytes())
+        body = env["body"]
+        if env["format"] != 1 or hashlib.sha256(body).digest() != env["sha256"]:
+            raise ValueError("checksum mismatch")
+        d = cbor2.loads(body)
+        SeqGaps.restore(d["seqs"])
+        return SeqStart(str(path), int(d["entries"]), dict(d["chain"]), d["seqs"], int(d["malformed"]))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, the check starts from the log's start
+        log.warning("%s: not used (%s): the seq check starts at the beginning of the log", path, exc)
+        return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from ..log import Entry, EventLog
 from ..log.source import Source, Span
 from ..replay.decode import Decoded, Decoder, Malformed, SeqGaps
 from ..replay.pipeline import Stops, run_pass
-from .history import History, Truncation, earliest, locate_truncation, shifted_stage
+from .history import (History, SeqStart, Truncation, earliest, forget_seq_start, load_seq_start, locate_truncation,
+                      save_seq_start, shifted_stage)
 
 __all__ = ["VerifyOptions", "VerifyReport", "verify_log", "compare_logs", "hash_partition", "snapshot_probes",
            "conclude_partition", "seq_decoder", "truncated_stage"]
@@ -43,20 +44,6 @@ PROGRESS_EVERY = 16384
 
 Probes = dict[str, list[tuple[int, dict, str]]]
 """``{partition: [(entries, chain state, snapshot path)]}``: what the topic's snapshots recorded."""
-
-
-@dataclass(frozen=True)
-class SeqStart:
-    """A snapshot of a one-partition topic that verify's seq check can start from: at ``entries``,
-    where its chain state is ``chain``, with the seq check's state and the malformed entries it
-    counted before. Sound only if the log there is what the snapshot saw: verify checks the chain
-    state at ``entries`` too (same bytes, same findings)."""
-
-    path: str
-    entries: int
-    chain: dict
-    seqs: dict
-    malformed: int
 
 
 @dataclass(frozen=True)
@@ -149,7 +136,7 @@ class VerifyReport:
         out["malformed_first"] = [m.message_id for m in self.malformed[:10]]
         out.update(self.history.to_json())
         sf = self.seq_from
-        out["seq_checked_from"] = None if sf is None else {"snapshot": sf.path, "entries": sf.entries}
+        out["seq_checked_from"] = None if sf is None else {"path": sf.path, "entries": sf.entries}
         out["notes"] = self.notes + self.history.notes()
         if self.workers > 1:
             out["workers"] = self.workers
@@ -250,13 +237,32 @@ def hash_partition(elog: EventLog, span: Span, *, record: PartitionRecord | None
 def verify_log(elog: EventLog, options: VerifyOptions | None = None, /, *,
                on_progress: Callable[[int], None] | None = None, **changes: Any) -> VerifyReport:
     """Hash every partition of ``elog``, comparing with the record in ``options.record_dir`` (and
-    recording what is new while the log agrees), and with the chain states recorded in snapshots.
+    recording what is new while the log agrees), and with the chain states recorded in snapshots;
+    check every stream's ``seq`` and count malformed entries.
 
     ``options`` (:class:`VerifyOptions`) or its fields as keywords. Raises
     :class:`~chainfold.errors.CheckpointCorrupt` (naming the file) when a record cannot be trusted;
     ``reset=True`` discards the record and records the log as it is now.
     """
     opts = VerifyOptions(**changes) if options is None else options
+    report = _verify(elog, opts, on_progress, seq_starts=True)
+    sf = report.seq_from
+    if sf is not None and not _agrees(report.scans[0], sf.entries, sf.chain):
+        # the state the seq check started from is not this log's: check every entry after all
+        again = _verify(elog, replace(opts, reset=False), on_progress, seq_starts=False)
+        again.notes[:0] = [n for n in report.notes if n not in again.notes]
+        return again
+    return report
+
+
+def _agrees(scan: PartitionScan, entries: int, chain: dict) -> bool:
+    got = scan.probed.get(entries)
+    return got is not None and got["head"] == chain.get("head") and got["segment_frontier"] == chain.get(
+        "segment_frontier")
+
+
+def _verify(elog: EventLog, opts: VerifyOptions, on_progress: Callable[[int], None] | None, *,
+            seq_starts: bool) -> VerifyReport:
     report = VerifyReport(elog.topic, [], history=History(allow_partial=opts.allow_partial_history))
     starts: list[SeqStart] = []
     probes = snapshot_probes(opts.snapshots_root, elog.topic, starts)
@@ -268,20 +274,31 @@ def verify_log(elog: EventLog, options: VerifyOptions | None = None, /, *,
         mine = probes.get(part, [])
         hasher = truncated_stage(elog, part, record, report)
         report.history.seqs.lost_start = hasher is not None  # streams' first seqs there follow lost ones
-        if len(parts) == 1 and hasher is None and starts:
-            decoder = start_seq_check(report, starts[0])
+        start = None
+        if seq_starts and len(parts) == 1 and hasher is None:
+            start = _newest([*starts, load_seq_start(opts.record_dir)])
+        if start is not None:
+            decoder = start_seq_check(report, start)
         scan = hash_partition(elog, Span(part), record=record, segment_size=opts.segment_size,
-                              probes=[e for e, _, _ in mine], on_progress=_offset(on_progress, done),
-                              hasher=hasher, decoder=decoder)
+                              probes=[e for e, _, _ in mine] + ([start.entries] if start else []),
+                              on_progress=_offset(on_progress, done), hasher=hasher, decoder=decoder)
         done += scan.read
         conclude_partition(report, part, scan, mine)
     report.malformed = decoder.malformed
+    if len(parts) == 1 and opts.record_dir is not None and report.mismatch is None and not report.history.truncations \
+            and (report.seq_from is None or _agrees(report.scans[0], report.seq_from.entries, report.seq_from.chain)):
+        save_seq_start(opts.record_dir, report.scans[0].chain.state(), report.history.seqs,
+                       report.malformed_before + len(report.malformed))
     return report
 
 
+def _newest(starts: list[SeqStart | None]) -> SeqStart | None:
+    return max((s for s in starts if s is not None), key=lambda s: s.entries, default=None)
+
+
 def start_seq_check(report: VerifyReport, start: SeqStart) -> Decoder:
-    """Continue the seq check from snapshot ``start`` (decoding only the entries after it): the
-    cheap path for a log verified before. :func:`conclude_partition` then checks that the log's
+    """Continue the seq check from ``start`` (a snapshot, or what the last verify left beside the
+    record), decoding only the entries after it: the cheap path for a log read before. :func:`conclude_partition` then checks that the log's
     chain at the snapshot's position is the snapshot's; if it is not, the log is reported as
     differing (exit 1) and a note says the seq check before that position rests on nothing."""
     report.history.seqs = SeqGaps.restore(start.seqs)
@@ -311,6 +328,7 @@ def prepare_record(opts: VerifyOptions, part: str, report: VerifyReport) -> Part
     record = opts.record(part)
     if record is not None and opts.reset:
         record.reset()
+        forget_seq_start(opts.record_dir)
         report.notes.append(f"{part}: recorded checkpoints reset")
     elif record is not None:
         record.load()
@@ -334,11 +352,9 @@ def conclude_partition(report: VerifyReport, part: str, scan: PartitionScan,
         report.comparisons = scan.mismatch.comparisons
     trunc = next((t for t in report.history.truncations if t.partition == part), None)
     sf = report.seq_from
-    if sf is not None:
-        got = scan.probed.get(sf.entries)
-        if got is None or got["head"] != sf.chain.get("head") or got["segment_frontier"] != sf.chain.get("segment_frontier"):
-            report.notes.append(f"the seq check before entry {sf.entries} was taken from snapshot {sf.path}, "
-                                "whose chain disagrees with the log there: it is not a check of this log")
+    if sf is not None and not _agrees(scan, sf.entries, sf.chain):
+        report.notes.append(f"{sf.path} holds the seq check up to entry {sf.entries} of another log (its chain "
+                            "disagrees with this one there): every entry was checked instead")
     for entries, state, path in probes:
         report.snapshots_checked += 1
         got = scan.probed.get(entries)
