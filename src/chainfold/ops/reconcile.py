@@ -379,12 +379,18 @@ def diff_processed(reference: Reference, processed: Processed) -> ProcessedDiff:
     departs: list[tuple[int, str] | None] = [None] * parts
     out_of_order: list[str] = []
     max_pos: dict[int, int] = {}
+    seen = reference.folder.decoder.seen
     for h in reference.handlings():
-        t = handled[h.pi]
-        if departs[h.pi] is None and h.j != t:
-            departs[h.pi] = (t, h.event_id)
-        handled[h.pi] = t + 1
-        if h.first:
+        pi = h.pi
+        if pi is None:  # an event the reference does not hold
+            if parts > 1 or h.event_id in seen:  # type: ignore[operator]  (before a snapshot start: not checked)
+                continue
+            pi = 0  # an id the log does not hold departs from the reference where it was handled
+        t = handled[pi]
+        if departs[pi] is None and h.j != t:
+            departs[pi] = (t, h.event_id)
+        handled[pi] = t + 1
+        if h.first and h.pi is not None:
             if h.j < max_pos.get(h.sno, -1):
                 out_of_order.append(h.event_id)
             else:

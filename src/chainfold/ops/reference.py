@@ -30,7 +30,6 @@ from typing import Any
 from ..hashing.stage import PartitionScan
 from ..log import EventLog
 from ..replay.decode import Decoded
-from ..replay.dedup import DedupIndex
 from ..replay.fold import Folder
 from ..replay.model import Model
 from ..replay.pipeline import Stops, run_pass
@@ -120,11 +119,11 @@ class ReferenceDB:
 
 @dataclass
 class Handling:
-    """One handling of a known event, in handling order: the reference position of its event
-    (partition number ``pi``, position ``j``), its stream number, id, and whether it is the event's
-    first handling."""
+    """One handling, in handling order: the reference position of its event (partition number
+    ``pi``, position ``j``; None when the reference does not hold it), its stream number, id, and
+    whether it is the event's first handling."""
 
-    pi: int
+    pi: int | None
     j: int
     sno: int
     event_id: str
@@ -167,9 +166,9 @@ class Reference:
     def close(self) -> None:
         """Remove the reference's files."""
         self.db.close()
-        seen = self.folder.decoder.seen
-        if isinstance(seen, DedupIndex):
-            seen.close()
+        close = getattr(self.folder.decoder.seen, "close", None)  # a DedupIndex holds files open
+        if close is not None:
+            close()
         self.workdir.cleanup()
 
     def __len__(self) -> int:
@@ -225,10 +224,13 @@ class Reference:
             "ORDER BY p.rowid"))
 
     def handlings(self) -> Iterator[Handling]:
-        """Every handling of a reference event, in handling order."""
-        sql = ("SELECT r.pi, r.j, r.sno, p.id, p.rowid = (SELECT min(q.rowid) FROM proc q WHERE q.id = p.id) "
-               "FROM proc p JOIN ref r ON r.id = p.id ORDER BY p.rowid")
-        return (Handling(*row) for row in self.db.rows(sql))
+        """Every handling, in handling order; one of an event the reference does not hold has
+        ``pi`` None (and ``j``, ``sno`` -1)."""
+        sql = ("SELECT coalesce(r.pi, -1), coalesce(r.j, -1), coalesce(r.sno, -1), p.id, "
+               "p.rowid = (SELECT min(q.rowid) FROM proc q WHERE q.id = p.id) "
+               "FROM proc p LEFT JOIN ref r ON r.id = p.id ORDER BY p.rowid")
+        for pi, j, sno, eid, first in self.db.rows(sql):
+            yield Handling(None if pi < 0 else pi, j, sno, eid, bool(first))
 
     def leaves(self, start: int, count: int) -> list[bytes]:
         """Leaf hashes of reference events ``start .. start+count-1`` (single partition)."""
@@ -284,6 +286,8 @@ def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leave
     tmp = Path(workdir.name)
     folder = run.folder
     if plan.snapshot is None:  # deduplicate in bounded memory (a snapshot brings its own seen ids)
+        from ..replay.dedup import DedupIndex  # (numpy: imported only where it is used)
+
         folder.decoder.seen = DedupIndex.open(tmp / "seen")
     reference = Reference(elog.topic, plan.parts, folder, ReferenceDB(tmp), workdir,
                           History(folder.seqs, plan.truncations, allow_partial_history), notes=list(plan.notes),
