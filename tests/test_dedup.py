@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import tempfile
 import zlib
 from pathlib import Path
@@ -299,14 +300,25 @@ def test_kill_9_during_spills_and_checkpoints_then_resume(tmp_path, seed):
     total, batch = 16000, 40
     rng = np.random.default_rng(seed)
     ids = _ids(total)
-    kills = 0
-    while True:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(total), str(batch)],
+
+    def start(folder: Path) -> subprocess.Popen[str]:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(total), str(batch)],
                                  stdout=subprocess.PIPE, text=True)
         assert child.stdout is not None
-        child.stdout.readline()  # imports done, index open: the random wait is all work (however loaded the machine)
+        child.stdout.readline()  # imports done, index open: what follows is all work
+        return child
+
+    (calm_dir := tmp_path / "calm").mkdir()
+    began = time.monotonic()
+    assert start(calm_dir).wait(timeout=600) == 0
+    calm = time.monotonic() - began  # the waits scale with this machine's speed now
+    tmp_path = tmp_path / "killed"
+    tmp_path.mkdir()
+    kills = 0
+    while True:
+        child = start(tmp_path)
         try:
-            child.wait(timeout=float(rng.uniform(0.5, 2.0)))
+            child.wait(timeout=float(rng.uniform(0.1, 0.6)) * calm)
         except subprocess.TimeoutExpired:
             child.send_signal(signal.SIGKILL)
             child.wait()

@@ -136,3 +136,36 @@ def test_memory_partitioned_topic_reads_partition_by_partition() -> None:
     assert all(len(v) == 1 for v in where.values())
     with pytest.raises(Exception):
         log.read()
+
+
+def test_append_stream_sends_in_order_keeping_only_the_ends(make_log: Callable[..., EventLog]) -> None:
+    log = make_log()
+    evs = _events(25)
+    sent = log.append_stream((encode(ev), ev.stream, ev.time) for ev in evs)
+    entries = list(log.read())
+    assert sent.count == 25 and [decode(e.payload).id for e in entries] == [e.id for e in evs]
+    assert (sent.first, sent.last) == (entries[0].message_id, entries[-1].message_id)
+
+
+def test_follow_sees_entries_appended_later(make_log: Callable[..., EventLog]) -> None:
+    import threading
+
+    log = make_log()
+    log.append(_events(3))
+    reader = log.read(follow=True, limit=8)
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.extend(decode(e.payload).id for e in reader))
+    t.start()
+    import time
+
+    time.sleep(0.5)
+    log.append(_events(5, prefix="later"))
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert got == [f"e{i}" for i in range(3)] + [f"later{i}" for i in range(5)]
+
+
+def test_exists_never_claims_a_topic_is_missing_without_knowing(make_log: Callable[..., EventLog]) -> None:
+    log = make_log()
+    log.append(_events(1))
+    assert log.exists() in (True, None)

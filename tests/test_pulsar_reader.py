@@ -5,6 +5,7 @@ UnknownError), never assumed, so a resumed rebuild cannot silently replay nothin
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import _pulsar
 import pulsar
@@ -16,6 +17,11 @@ from chainfold.log.pulsar import PulsarLog, _PulsarReader
 from .conftest import unique_topic
 
 pytestmark = pytest.mark.broker
+
+
+def _asked(*, unknown_error: bool) -> SimpleNamespace:
+    """A failed "is more coming?" as the reader records it (pulsar.py ``_Question``)."""
+    return SimpleNamespace(asked_at=time.monotonic(), unknown_error=unknown_error)
 
 
 def _reader(plog: PulsarLog) -> _PulsarReader:
@@ -30,7 +36,8 @@ def test_an_empty_topic_reads_as_empty_and_promptly(pulsar_client) -> None:
     r = _reader(plog)
     native = pulsar_client.create_reader(plog.topic, pulsar.MessageId.earliest)
     try:
-        assert r._holds_nothing(_pulsar.UnknownError("no last message id"), native)
+        assert r._holds_nothing(native)  # a fresh reader confirms it
+        assert r._is_empty(_asked(unknown_error=True), native)
     finally:
         native.close()
 
@@ -42,10 +49,10 @@ def test_an_unknown_error_on_a_topic_that_holds_messages_is_not_emptiness(pulsar
     native = pulsar_client.create_reader(plog.topic, pulsar.MessageId.earliest)
     try:
         # the same error pulsar-lite gives for an empty topic: here the fresh reader finds the entry
-        assert not r._holds_nothing(_pulsar.UnknownError("broker trouble"), native)
-        # and no other failure is ever taken for emptiness
-        assert not r._holds_nothing(_pulsar.ConnectError("gone"), native)
-        assert not r._holds_nothing(_pulsar.Timeout("slow"), native)
+        assert not r._holds_nothing(native)
+        assert not r._is_empty(_asked(unknown_error=True), native)
+        # and no other failure (a connection error, a timeout) is ever taken for emptiness
+        assert not r._is_empty(_asked(unknown_error=False), native)
     finally:
         native.close()
     assert [e.event().id for e in plog.read()] == ["e1"]

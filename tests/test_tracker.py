@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import chainfold.tracker as tracker_mod
 from chainfold.envelope import Event, encode
@@ -118,6 +120,24 @@ def test_state_digest_is_canonical() -> None:
     assert a == state_digest("s", {"a": [1, 2.5, "é"], "b": 1})
     assert a != state_digest("t", {"b": 1, "a": [1, 2.5, "é"]})
     assert len(a) == 32 and a != NO_DIGEST
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=8), _json)
+def test_state_digest_is_the_documented_formula(stream: str, state: object) -> None:
+    """The prebuilt encoder gives exactly json.dumps(sort_keys, compact, ensure_ascii=False)."""
+    import hashlib
+
+    text = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    want = hashlib.sha256(b"\x03" + stream.encode("utf-8", "surrogatepass") + b"\x00"
+                          + text.encode("utf-8", "surrogatepass")).digest()
+    assert state_digest(stream, state) == want
 
 
 def test_reopen_cuts_torn_tails_and_continues(tmp_path: Path) -> None:

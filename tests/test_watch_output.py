@@ -61,7 +61,8 @@ def test_every_line_is_one_object_with_kind_time_and_the_documented_keys() -> No
         assert o["kind"] in KINDS and o["time"] == 1_700_000_000_123
         assert SPEC_KEYS[o["kind"]] <= set(o) - {"kind", "time"}
     assert objs[5] == {"kind": "divergence", "time": 1_700_000_000_123, "index": 203, "segment": 0,
-                       "event_id": "evt-200", "message_id": "5:203:-1:-1"}
+                       "event_id": "evt-200", "message_id": "5:203:-1:-1", "worker_position": 200,
+                       "reason": "skipped"}
     assert lines.counts == {"progress": 2, "malformed": 1, "duplicate": 2, "divergence": 1, "error": 1}
 
 

@@ -147,6 +147,8 @@ def _snapshot_at(run: _Run, at: int) -> None:
     from .store.snapshots import SnapshotStore
 
     snaps = run.cfg.snapshots
+    for info in SnapshotStore(snaps, run.cfg.topic).list():  # earlier steps' (they would outrank it)
+        info.path.unlink()
     code, _, _, out = whole_process(run.cli("rebuild", run.cfg.topic, "-m", MODEL, "--full", "--snapshots", snaps,
                                             "--snapshot-every", str(at), "--keep", "2"),
                                     run.dir / "prepare_snapshot.out")

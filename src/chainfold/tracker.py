@@ -96,9 +96,29 @@ def state_digest(stream: str, state: Any) -> bytes:
     ``json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``. A worker and
     ``watch`` that render the same state get the same digest; never :data:`NO_DIGEST`.
     """
-    text = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = _canonical(state)
     return hashlib.sha256(b"\x03" + stream.encode("utf-8", "surrogatepass") + b"\x00"
                           + text.encode("utf-8", "surrogatepass")).digest()
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _canonical_json() -> Any:
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` as one
+    prebuilt C encoder (json.dumps builds an encoder per call: most of a digest's cost), or
+    json.dumps itself where the C accelerator is missing."""
+    from json import encoder
+
+    make = encoder.c_make_encoder
+    if make is None:  # pragma: no cover - CPython always has it
+        return lambda v: json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    enc = make(None, _not_json, encoder.encode_basestring, None, ":", ",", True, False, True)
+    return lambda v: "".join(enc(v, 0))
+
+
+_canonical = _canonical_json()
 
 
 def _mid_text(position: Any) -> str | None:

@@ -34,6 +34,10 @@ state), redeliveries included:
 ``skip:ID1,ID2``, ``skip-every:K``
     the worker drops those events (or every K-th message) silently: acks without handling, as a
     filter bug or a swallowed exception does.
+``double:ID1,ID2``
+    the worker handles those events twice in a row (a handler retried after it had already
+    succeeded): applied twice, tracked twice. The second handling is where it departs from the
+    reference.
 ``mishandle:TYPE:FROM:TO``
     for messages FROM..TO, events of TYPE are applied wrongly (a bad deploy that was later rolled
     back): ``Withdrawn`` as a deposit (a sign error), ``Deposited`` in major instead of minor units,
@@ -44,7 +48,7 @@ Its own bookkeeping, ``worker.json`` in the evidence directory (written with eve
 received so far, runs, crash points, the ids it skipped and mishandled, and places in its handling
 order (the tracker's size then): of the mishandled events (``mishandled_at``, so a test can
 recompute its state independently), of the skipped ones (``skipped_at``: where the skipped event
-should have been) and of each crash (``crashed_at``: the place of the first handling after the
+should have been), of the second handling of a doubled one (``doubled_at``) and of each crash (``crashed_at``: the place of the first handling after the
 restart, a redelivered message handled again).
 
 Run it as ``python -m chainfold.worker --topic T --service-url URL --evidence DIR --state FILE``.
@@ -94,6 +98,7 @@ class Faults:
     skip_ids: frozenset[str] = frozenset()
     skip_every: int | None = None
     mishandle: tuple[tuple[str, int, int], ...] = ()
+    double_ids: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> "Faults":
@@ -102,6 +107,7 @@ class Faults:
         skip_ids: set[str] = set()
         skip_every: int | None = None
         mishandle: list[tuple[str, int, int]] = []
+        double_ids: set[str] = set()
         for spec in specs:
             for item in (s.strip() for s in spec.split(";")):
                 if not item:
@@ -110,11 +116,11 @@ class Faults:
                 try:
                     if kind == "crash-before-ack":
                         crash = _positive(arg)
-                    elif kind == "skip":
+                    elif kind in ("skip", "double"):
                         ids = [x.strip() for x in arg.split(",") if x.strip()]
                         if not ids:
                             raise ValueError("no event ids")
-                        skip_ids.update(ids)
+                        (skip_ids if kind == "skip" else double_ids).update(ids)
                     elif kind == "skip-every":
                         skip_every = _positive(arg)
                     elif kind == "mishandle":
@@ -126,10 +132,10 @@ class Faults:
                             raise ValueError(f"{b} < {a}")
                         mishandle.append((etype, a, b))
                     else:
-                        raise ValueError("unknown fault (crash-before-ack, skip, skip-every, mishandle)")
+                        raise ValueError("unknown fault (crash-before-ack, skip, skip-every, double, mishandle)")
                 except ValueError as exc:
                     raise BadInput(f"--faults {item!r}: {exc}") from None
-        return cls(crash, frozenset(skip_ids), skip_every, tuple(mishandle))
+        return cls(crash, frozenset(skip_ids), skip_every, tuple(mishandle), frozenset(double_ids))
 
     def skips(self, n: int, event_id: str) -> bool:
         return event_id in self.skip_ids or (self.skip_every is not None and n % self.skip_every == 0)
@@ -146,6 +152,8 @@ class Faults:
         if self.skip_every is not None:
             parts.append(f"skip-every:{self.skip_every}")
         parts += [f"mishandle:{t}:{a}:{b}" for t, a, b in self.mishandle]
+        if self.double_ids:
+            parts.append("double:" + ",".join(sorted(self.double_ids)))
         return ";".join(parts) or "none"
 
 
@@ -229,7 +237,8 @@ class AccountsWorker:
                                handling_times=True)
         self.meta_path = self.evidence / META_NAME
         self.meta: dict[str, Any] = {"received": 0, "runs": 0, "crashes": [], "skipped": [], "mishandled": [],
-                                     "mishandled_at": [], "skipped_at": [], "crashed_at": []}
+                                     "mishandled_at": [], "skipped_at": [], "crashed_at": [], "doubled": [],
+                                     "doubled_at": []}
         if self.meta_path.exists():
             self.meta.update(json.loads(self.meta_path.read_text(encoding="utf-8")))
         self.meta["runs"] += 1
@@ -276,6 +285,11 @@ class AccountsWorker:
         # after handling, before the ack
         self.tracker.handled(payload, message_id, ev.id, state=rendered, stream=ev.stream)
         self.run.handled += 1
+        if ev.id in self.faults.double_ids:  # the handler runs again: applied and tracked a second time
+            self.meta["doubled"].append(ev.id)
+            self.meta["doubled_at"].append(self.tracker.size)
+            again = self.states[ev.stream] = accounts.render(accounts.apply(new, ev))
+            self.tracker.handled(payload, message_id, ev.id, state=again, stream=ev.stream)
         return "handled"
 
     def commit(self) -> None:

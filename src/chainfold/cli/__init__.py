@@ -19,5 +19,6 @@ from . import snapshots_cmd as _snapshots  # noqa: F401,E402
 from . import demo_cmd as _demo  # noqa: F401,E402
 from . import bench_cmd as _bench  # noqa: F401,E402
 from . import rewind_cmd as _rewind  # noqa: F401,E402
+from . import watch_cmd as _watch  # noqa: F401,E402
 
 __all__ = ["main", "cli"]

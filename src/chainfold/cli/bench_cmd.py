@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from typing import Any
@@ -70,9 +71,11 @@ def bench(events: int, streams: int, seed: int, workers: int, steps: tuple[str, 
     types, each timed and measured (peak RSS) as a whole process."""
 
     def body() -> int:
-        from ..log.broker import resolve_url
+        from ..log.broker import read_ahead_limit, resolve_url
 
         url = resolve_url(broker)  # the embedded broker stays up for the whole run
+        limit = read_ahead_limit(broker)  # the steps get the URL: keep the embedded broker's read bound
+        os.environ["CHAINFOLD_READ_AHEAD"] = str(limit or 0)
         workdir = keep_dir or tempfile.mkdtemp(prefix="chainfold-bench-")
 
         def progress(msg: str) -> None:

@@ -52,17 +52,21 @@ def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                   help="Pulsar service URL (pulsar://host:6650). Default: the embedded broker.")
     @click.option("--data-dir", default=".chainfold", show_default=True, envvar="CHAINFOLD_DATA_DIR",
                   type=click.Path(file_okay=False), help="Data directory of the embedded broker.")
+    @click.option("--admin-url", envvar="CHAINFOLD_ADMIN_URL", metavar="URL",
+                  help="Apache Pulsar's admin REST URL (http://host:8080): lets commands tell a missing "
+                  "topic from an empty one without creating it.")
     @click.option("--auth-token", envvar="CHAINFOLD_AUTH_TOKEN", metavar="TOKEN", help="Token authentication.")
     @click.option("--tls-trust-certs", type=click.Path(dir_okay=False), help="CA bundle for pulsar+ssl://.")
     @click.option("--tls-allow-insecure", is_flag=True, help="Accept any TLS certificate.")
     @click.option("--tls-cert", type=click.Path(dir_okay=False), help="Client certificate (TLS auth).")
     @click.option("--tls-key", type=click.Path(dir_okay=False), help="Client key (TLS auth).")
     @functools.wraps(fn)
-    def wrapper(*args: Any, service_url: str | None, data_dir: str, auth_token: str | None,
+    def wrapper(*args: Any, service_url: str | None, data_dir: str, admin_url: str | None, auth_token: str | None,
                 tls_trust_certs: str | None, tls_allow_insecure: bool, tls_cert: str | None,
                 tls_key: str | None, **kw: Any) -> Any:
         kw["broker"] = BrokerOptions(
-            service_url=service_url or None, data_dir=data_dir, auth_token=auth_token or None,
+            service_url=service_url or None, data_dir=data_dir, admin_url=admin_url or None,
+            auth_token=auth_token or None,
             tls_trust_certs=tls_trust_certs, tls_allow_insecure=tls_allow_insecure,
             tls_cert=tls_cert, tls_key=tls_key,
         )

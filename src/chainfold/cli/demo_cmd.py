@@ -15,6 +15,7 @@ from rich.padding import Padding
 from rich.text import Text
 
 from ..demo import run_demo
+from ..demo_live import FAULTS, LIVE_EVENTS, run_live_demo
 from .common import broker_options, cli, emit_json, esc, json_option, run, stderr, stdout
 from .reconcile_view import print_reconcile
 
@@ -27,15 +28,25 @@ from .reconcile_view import print_reconcile
 @click.option("--workdir", type=click.Path(file_okay=False), metavar="DIR",
               help="Where the worker's state, evidence, repaired state and snapshots go "
                    "(default: a fresh temporary directory, printed).")
+@click.option("--live", is_flag=True, help=f"Instead: watch catching the worker's fault as it happens (events "
+              f"published at --rate; {LIVE_EVENTS:,} unless --events is given).")
+@click.option("--fault", type=click.Choice(FAULTS), default="mishandle", show_default=True,
+              help="With --live: the worker's fault.")
+@click.option("--rate", type=click.FloatRange(min=1), default=500.0, show_default=True,
+              help="With --live: events published per second.")
 @broker_options
 @json_option
-def demo(events: int, streams: int, seed: int | None, workdir: str | None, broker, as_json: bool) -> None:
+def demo(events: int, streams: int, seed: int | None, workdir: str | None, live: bool, fault: str, rate: float,
+         broker, as_json: bool) -> None:
     """The whole recovery story: publish account events (with malformed and duplicated entries), run
     a real worker that skips, mishandles and crashes before acking, detect what it got wrong with
     reconcile, repair the divergent accounts, and validate the repair against a fresh rebuild.
+    With --live: chainfold watch follows the topic and the worker's evidence while events are
+    published and names the worker's fault within seconds of it.
 
-    Exit 0 when repaired and validated, else 1. With --json, stdout holds only the repair's reconcile
-    report; the story goes to stderr."""
+    Exit 0 when repaired and validated (--live: the fault named exactly within 10 s), else 1. With
+    --json, stdout holds only the report (the repair's reconcile report; --live: the demo's result
+    and watch's divergence line); the story goes to stderr."""
     ctx = click.get_current_context()
 
     def body() -> int:
@@ -48,6 +59,13 @@ def demo(events: int, streams: int, seed: int | None, workdir: str | None, broke
         narrate = _narrator(console)
         narrate(f"chainfold demo: workdir {esc(wd)}, seed {s}"
                 + ("" if opts.service_url else f", embedded broker in {esc(Path(opts.data_dir).absolute())}"))
+        if live:
+            n = events if ctx.get_parameter_source("events") not in (ParameterSource.DEFAULT, None) else LIVE_EVENTS
+            doc = run_live_demo(events=n, streams=streams, rate=rate, fault=fault, seed=s, workdir=wd, broker=opts,
+                                narrate=narrate)
+            if as_json:
+                emit_json(doc)
+            return 0 if doc["demo"]["ok"] else 1
         doc = run_demo(events=events, streams=streams, seed=s, workdir=wd, broker=opts, narrate=narrate)
         if as_json:
             emit_json(doc)

@@ -37,14 +37,11 @@ def error_document(exc: ChainfoldError) -> dict[str, Any]:
                    "reconcile names from a Tracker directory.")
 @click.option("--state-out", required=True, metavar="FILE", type=click.Path(dir_okay=False),
               help="Where the state export (docs/worker-evidence.md) as of the entry before goes; the worker resumes from it.")
-@click.option("--admin-url", envvar="CHAINFOLD_ADMIN_URL", metavar="URL",
-              help="Apache Pulsar's admin/HTTP URL (http://host:8080): names connected consumers and "
-                   "checks that the subscription exists.")
 @snapshots_option
 @broker_options
 @json_option
-def rewind(topic: str, model_ref: str, subscription: str, to: str, state_out: str, admin_url: str | None,
-           snapshots_dir: str, broker, as_json: bool) -> None:
+def rewind(topic: str, model_ref: str, subscription: str, to: str, state_out: str, snapshots_dir: str, broker,
+           as_json: bool) -> None:
     """Put a stopped worker back at entry INDEX of TOPIC: write the state as of entry INDEX-1 to FILE
     (from the newest valid snapshot before it) and move subscription NAME's cursor so that its next
     message is entry INDEX. Refuses (exit 2) while a consumer is connected, where the broker can tell."""
@@ -55,7 +52,8 @@ def rewind(topic: str, model_ref: str, subscription: str, to: str, state_out: st
             target = parse_to(to)
             with open_log(topic, broker) as log, progress(f"rewind {log.topic}") as update:
                 report = rewind_log(log, model, subscription=subscription, to=target, state_out=state_out,
-                                    snapshots_root=Path(snapshots_dir), admin_url=admin_url, on_progress=update)
+                                    snapshots_root=Path(snapshots_dir), admin_url=broker.admin_url,
+                                    on_progress=update)
         except ChainfoldError as exc:
             if as_json:
                 emit_json(error_document(exc))

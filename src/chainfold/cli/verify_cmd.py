@@ -63,7 +63,7 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                                     segment_size=segment_size, reset=reset, allow_partial_history=allow_partial_history)
             if not against:
                 record_dir = topic_dir(Path(snapshots_dir), log.topic)
-                existed = record_dir.exists()
+                existed = _has_record(record_dir)
             with progress(f"verify {log.topic}") as update:
                 if against:
                     if against_service_url:
@@ -88,7 +88,7 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
                 else:
                     report = verify_log(log, options, on_progress=update)
         doc = report.to_json()
-        if record_dir is not None and record_dir.exists() and (not existed or doc.get("checkpoints_recorded")):
+        if record_dir is not None and _has_record(record_dir) and (not existed or doc.get("checkpoints_recorded")):
             doc["recorded_in"] = str(record_dir)
             doc["record_created"] = not existed
         if as_json:
@@ -214,3 +214,8 @@ def _verify_proof(path: str, as_json: bool) -> int:
     else:
         stdout.print(("[green]VALID[/] " if ok else "[bold red]INVALID[/] ") + esc(what))
     return 0 if ok else 1
+
+
+def _has_record(folder: Path) -> bool:
+    """Whether the topic's folder holds a hash record (it may hold only publish's seq index)."""
+    return folder.is_dir() and any(folder.glob("leaves*.bin"))

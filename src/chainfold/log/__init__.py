@@ -16,19 +16,24 @@ Reading contract (every implementation):
   the entry with that id (inclusive): no entry past it is ever yielded, so ``until`` at or before
   ``after`` yields nothing; ``until_time`` stops before the first entry published later than that
   time (ms), ``limit`` after that many entries;
-* reading ends at the end of the log as the broker sees it while reading.
+* reading ends at the end of the log as the broker sees it while reading; with ``follow`` it goes on
+  waiting for entries appended later (until the reader is closed or the iteration stops).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from ..envelope import Event, decode, encode
 from ..errors import BadInput, MalformedEnvelope
+
+if TYPE_CHECKING:
+    from .seqindex import SeqIndex
 
 __all__ = [
     "Position",
@@ -36,10 +41,13 @@ __all__ = [
     "Entry",
     "LogReader",
     "AppendReport",
+    "Sent",
     "EventLog",
+    "decoded",
     "MemoryLog",
     "full_topic_name",
     "partition_index",
+    "require_history",
 ]
 
 
@@ -112,6 +120,14 @@ class Entry(NamedTuple):
             raise MalformedEnvelope(exc.reason, str(self.message_id)) from None
 
 
+class Sent(NamedTuple):
+    """What :meth:`EventLog.append_stream` sent: how many, and the first and last message ids."""
+
+    count: int
+    first: MessageId | None
+    last: MessageId | None
+
+
 @dataclass
 class AppendReport:
     """What :meth:`EventLog.append` did: message ids and seqs of the events sent, in input order,
@@ -137,9 +153,11 @@ class LogReader:
         until: MessageId | None = None,
         until_time: int | None = None,
         limit: int | None = None,
+        follow: bool = False,
     ) -> None:
         if after is not None and start is not None:
             raise BadInput("give either 'after' or 'start', not both")
+        self.follow = follow
         self.after = after
         self.start = start
         self.until = until
@@ -223,6 +241,11 @@ class EventLog(ABC):
     def close(self) -> None:
         """Release connections. Idempotent."""
 
+    def exists(self) -> bool | None:
+        """Whether the topic exists, asked without creating it; None when the log cannot tell (then
+        a topic that reads as empty may also not exist). Commands that read history call it first."""
+        return None
+
     def position(self, text: str) -> Position:
         """The position whose message id text (``str()``) is ``text``, as recorded in checkpoints,
         snapshots and reports; :class:`~chainfold.errors.BadInput` if it is not one."""
@@ -241,21 +264,31 @@ class EventLog(ABC):
         for p in self.partitions():
             yield from self.read(p, **kw)  # type: ignore[arg-type]
 
-    def stream_seqs(self) -> dict[str, int]:
-        """The highest ``seq`` per stream in the log (scans it; malformed entries are skipped)."""
-        seqs: dict[str, int] = {}
-        for entry in self.read_all():
-            try:
-                ev = decode(entry.payload)
-            except MalformedEnvelope:
-                continue
-            if ev.seq is not None and ev.seq > seqs.get(ev.stream, 0):
-                seqs[ev.stream] = ev.seq
-        return seqs
+    def append_stream(self, items: Iterable[tuple[bytes, str | None, int | None]]) -> Sent:
+        """:meth:`append_payloads` for inputs of any length, keeping only the count and the first and
+        last message ids (implementations send as they iterate)."""
+        count, first, last = 0, None, None
+        chunk: list[tuple[bytes, str | None, int | None]] = []
+        for item in itertools.chain(items, [None]):  # type: ignore[list-item]
+            if item is not None:
+                chunk.append(item)
+            if len(chunk) >= 10_000 or (item is None and chunk):
+                ids = self.append_payloads(chunk)
+                count, first, last = count + len(ids), first or ids[0], ids[-1]
+                chunk = []
+        return Sent(count, first, last)
 
-    def append(self, events: Iterable[Event], *, assign_seq: bool = True) -> AppendReport:
+    def stream_seqs(self, index: "SeqIndex | None" = None) -> dict[str, int]:
+        """The highest ``seq`` per stream in the log (malformed entries are skipped): from the seq
+        index and the log's tail when ``index`` is given and matches the log, else a read of it all."""
+        from .seqindex import SeqIndex
+
+        return (index or SeqIndex.none()).current(self).streams
+
+    def append(self, events: Iterable[Event], *, assign_seq: bool = True, index: "SeqIndex | None" = None) -> AppendReport:
         """Append events in order. With ``assign_seq``, each event gets the next ``seq`` of its
-        stream, continuing from what the log already holds (gapless per stream).
+        stream, continuing from what the log already holds (gapless per stream; ``index`` makes
+        finding that cost the log's tail, not all of it).
 
         The message key is the stream and the event timestamp is the event's time. Appending the
         same events twice stores them twice; folds count each event id once.
@@ -263,9 +296,18 @@ class EventLog(ABC):
         events = list(events)
         report = AppendReport()
         if assign_seq:
-            events = stamp_seqs(events, self.stream_seqs(), report)
+            events = stamp_seqs(events, self.stream_seqs(index), report)
         report.message_ids = self.append_payloads((encode(ev), ev.stream, ev.time) for ev in events)
         return report
+
+
+def decoded(entries: Iterable[Entry]) -> Iterator[Event]:
+    """The events of well-formed entries (malformed ones skipped)."""
+    for entry in entries:
+        try:
+            yield decode(entry.payload)
+        except MalformedEnvelope:
+            continue
 
 
 def stamp_seqs(events: list[Event], seqs: dict[str, int], report: AppendReport) -> list[Event]:
@@ -296,6 +338,15 @@ def full_topic_name(topic: str) -> str:
     if not _SHORT_TOPIC.match(topic):
         raise BadInput(f"not a topic name: {topic!r}")
     return "persistent://public/default/" + topic
+
+
+def require_history(topic: str) -> str:
+    """``topic`` (a full name) unchanged if it keeps history; a ``non-persistent://`` topic keeps none
+    (what is published there is gone once delivered), so chainfold refuses it (:class:`BadInput`)."""
+    if topic.startswith("non-persistent://"):
+        raise BadInput(f"{topic} is a non-persistent topic: it keeps no history to read, verify or rebuild "
+                       "(use a persistent:// topic)")
+    return topic
 
 
 def partition_index(partition_topic: str) -> int:

@@ -30,11 +30,13 @@ from urllib.parse import urlparse
 from ..errors import BadInput, BrokerUnavailable
 from ..store.atomic import atomic_write
 
-__all__ = ["BrokerOptions", "EmbeddedBroker", "connect", "check_reachable", "pulsar_logger", "client_logger"]
+__all__ = ["BrokerOptions", "EmbeddedBroker", "connect", "first_lookup", "check_reachable", "read_ahead_limit", "topic_listed",
+           "pulsar_logger", "client_logger"]
 
 log = logging.getLogger("chainfold.log.broker")
 
 ENV_SERVICE_URL = "CHAINFOLD_SERVICE_URL"
+ENV_ADMIN_URL = "CHAINFOLD_ADMIN_URL"
 DEFAULT_DATA_DIR = ".chainfold"
 _CONFIG = """# written by chainfold: the embedded broker for this data directory
 [metrics]
@@ -55,6 +57,12 @@ class BrokerOptions:
     tls_key: str | None = None
     connect_timeout: float = 5.0
     operation_timeout: int = 15
+    admin_url: str | None = None
+    """The broker's admin REST URL (``http://host:8080``), used to tell whether a topic exists
+    without creating it; without one, chainfold cannot tell a missing topic from an empty one."""
+    read_ahead: int = -1
+    """Entries a client may hold ahead of its readers (:class:`~chainfold.log.readgate.ReadGate`):
+    0 unbounded, -1 automatic (bounded on the embedded broker, or ``$CHAINFOLD_READ_AHEAD``)."""
 
     @classmethod
     def from_env(cls, **kw: object) -> "BrokerOptions":
@@ -63,25 +71,32 @@ class BrokerOptions:
             kw["service_url"] = os.environ.get(ENV_SERVICE_URL) or None
         if kw.get("auth_token") is None:
             kw["auth_token"] = os.environ.get("CHAINFOLD_AUTH_TOKEN") or None
+        if kw.get("admin_url") is None:
+            kw["admin_url"] = os.environ.get(ENV_ADMIN_URL) or None
         return cls(**{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
 
 
 def pulsar_logger() -> logging.Logger:
-    """A logger for pulsar-client's native logs, routed through logging to stderr.
+    """The logger to give pulsar-client: routes its native logs through logging to stderr.
 
     pulsar-client writes its logs to stdout by default, which would corrupt ``--json`` output. They
     are silent unless ``CHAINFOLD_PULSAR_LOG`` names a level (e.g. ``INFO``); chainfold reports
-    the failures that matter itself.
+    the failures that matter itself. It is the process's
+    :class:`~chainfold.log.readgate.ReadGate` (pulsar-client keeps the first client's logger for
+    every client of the process), which also bounds gated readers and hears broker errors.
     """
+    from .readgate import the_gate
+
     lg = logging.getLogger("chainfold.pulsar")
     if lg.level == logging.NOTSET:
         lg.setLevel(logging.getLevelName(os.environ.get("CHAINFOLD_PULSAR_LOG", "CRITICAL").upper()))
-    return lg
+    return the_gate(forward=lg)
 
 
 def client_logger():  # -> pulsar.FileLogger | logging.Logger
-    """The logger :func:`connect` gives pulsar-client: :func:`pulsar_logger` when
-    ``CHAINFOLD_PULSAR_LOG`` is set, else a native logger writing errors to the null device.
+    """The logger :func:`connect` gives pulsar-client when reading is not bounded:
+    :func:`pulsar_logger` when ``CHAINFOLD_PULSAR_LOG`` is set, else a native logger writing errors
+    to the null device.
 
     A Python logger makes pulsar-client's I/O thread take the GIL for its log calls, several per
     message received; on a replay that costs more than a third of the read rate. Without
@@ -294,16 +309,57 @@ def resolve_url(opts: BrokerOptions) -> str:
     return broker.acquire()
 
 
-def connect(opts: BrokerOptions):  # -> pulsar.Client
-    """A ``pulsar.Client`` for the options; raises :class:`BrokerUnavailable` within seconds."""
+def topic_listed(admin_url: str, topic: str, *, token: str | None = None, timeout: float = 5.0) -> bool:
+    """Whether Apache Pulsar's admin REST API lists ``topic`` (a full ``persistent://`` name), as a
+    topic or a partitioned topic of its namespace. Listing creates nothing. Raises
+    :class:`BrokerUnavailable` if the API does not answer."""
+    import urllib.error
+    import urllib.request
+
+    scheme, _, rest = topic.partition("://")
+    tenant, namespace, _name = rest.split("/", 2)
+    base = f"{admin_url.rstrip('/')}/admin/v2/{scheme}/{tenant}/{namespace}"
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    listed: set[str] = set()
+    for url in (base, base + "/partitioned"):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
+                listed.update(json.loads(r.read().decode("utf-8")))
+        except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+            raise BrokerUnavailable(f"admin API {admin_url}: cannot list the topics of {tenant}/{namespace}: {exc}") from exc
+    return topic in listed or any(t.startswith(topic + "-partition-") for t in listed)
+
+
+def read_ahead_limit(opts: BrokerOptions) -> int | None:
+    """Entries a client of ``opts`` may hold ahead of its readers; None: unbounded.
+
+    Automatic (``read_ahead=-1``): ``$CHAINFOLD_READ_AHEAD`` if set, else bounded on the embedded
+    broker (pulsar-lite counts flow-control permits per batch, see :mod:`chainfold.log.readgate`) and
+    unbounded with a service URL (Apache Pulsar's receiver queue bounds the client by itself).
+    """
+    from .readgate import DEFAULT_READ_AHEAD
+
+    if opts.read_ahead >= 0:
+        return opts.read_ahead or None
+    raw = os.environ.get("CHAINFOLD_READ_AHEAD", "").strip()
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            raise BadInput(f"CHAINFOLD_READ_AHEAD: not a number of entries: {raw!r}") from None
+        return n if n > 0 else None
+    return None if opts.service_url else DEFAULT_READ_AHEAD
+
+
+def _client_kwargs(opts: BrokerOptions, logger: object) -> dict[str, object]:
     import pulsar
 
-    url = resolve_url(opts)
-    check_reachable(url, opts.connect_timeout)
     kw: dict[str, object] = dict(
         operation_timeout_seconds=opts.operation_timeout,
         connection_timeout_ms=int(opts.connect_timeout * 1000),
-        logger=client_logger(),
+        logger=logger,
         io_threads=1,
     )
     if opts.auth_token:
@@ -314,9 +370,59 @@ def connect(opts: BrokerOptions):  # -> pulsar.Client
         kw["tls_allow_insecure_connection"] = True
     if opts.tls_cert and opts.tls_key:
         kw["authentication"] = pulsar.AuthenticationTLS(opts.tls_cert, opts.tls_key)
+    return kw
+
+
+def _logger_for(opts: BrokerOptions) -> object:
+    """pulsar-client's logger for a client of ``opts``: the read gate, limited, when reading is to
+    be bounded (:func:`read_ahead_limit`); else :func:`client_logger` (the fastest)."""
+    limit = read_ahead_limit(opts)
+    if not limit:
+        return client_logger()
+    gate = pulsar_logger()
+    gate.limit = limit  # type: ignore[attr-defined]
+    return gate
+
+
+def connect(opts: BrokerOptions):  # -> pulsar.Client
+    """A ``pulsar.Client`` for the options; raises :class:`BrokerUnavailable` within seconds if
+    nothing listens at the address."""
+    import pulsar
+
+    url = resolve_url(opts)
+    check_reachable(url, opts.connect_timeout)
     try:
-        return pulsar.Client(url, **kw)
+        return pulsar.Client(url, **_client_kwargs(opts, _logger_for(opts)))
     except Exception as exc:  # pulsar raises its own error types
         raise BrokerUnavailable(f"cannot create a client for {url}: {exc}") from exc
 
 
+def first_lookup(opts: BrokerOptions, url: str, topic: str) -> list[str]:
+    """The partitions of ``topic``, asked through a short-lived client whose every step (connect,
+    handshake, lookup) is bounded by ``opts.connect_timeout``: a broker that accepts the connection
+    but never answers is reported within seconds as :class:`BrokerUnavailable`, naming the address.
+    """
+    import math
+
+    import _pulsar
+    import pulsar
+
+    kw = _client_kwargs(opts, _logger_for(opts))  # the same logger: the first client's stays for all
+    kw["operation_timeout_seconds"] = max(1, math.ceil(opts.connect_timeout))
+    t0 = time.monotonic()
+    try:
+        probe = pulsar.Client(url, **kw)
+    except Exception as exc:
+        raise BrokerUnavailable(f"cannot create a client for {url}: {exc}") from exc
+    try:
+        return list(probe.get_topic_partitions(topic))
+    except (_pulsar.Timeout, _pulsar.ConnectError) as exc:
+        raise BrokerUnavailable(
+            f"broker {url} accepted the connection but did not answer within "
+            f"{time.monotonic() - t0:.1f}s (looking up {topic}: {exc})"
+        ) from exc
+    except Exception as exc:  # pulsar raises its own error types
+        raise BrokerUnavailable(f"broker {url}: looking up {topic} failed: {exc}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            probe.close()

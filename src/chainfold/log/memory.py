@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -21,7 +22,10 @@ class _MemoryReader(LogReader):
         entries = self._entries
         every = self._redeliver_every
         i = 0
-        while i < len(entries):  # sees appends made while reading, like a broker reader
+        while i < len(entries) or self.follow:  # sees appends made while reading, like a broker reader
+            if i >= len(entries):
+                time.sleep(0.01)  # following: wait for another thread's appends
+                continue
             yield entries[i]
             if every and i % every == every - 1:
                 yield entries[i]  # re-delivery, as pulsar-lite does
@@ -48,6 +52,9 @@ class MemoryLog(EventLog):
 
     def partitions(self) -> list[str]:
         return list(self._parts)
+
+    def exists(self) -> bool:
+        return True
 
     def _resolve(self, partition: str | None) -> str:
         if partition is None:

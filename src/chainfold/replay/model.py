@@ -24,8 +24,14 @@ from ..errors import ModelNotFound
 __all__ = ["Model", "load_model", "render_json"]
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_STR = frozenset({str})
+
+
 def render_json(value: Any) -> Any:
     """A JSON-compatible copy of a rendered state (tuples → lists, bytes → hex, keys → str)."""
+    if type(value) is dict and _STR.issuperset(map(type, value)) and _PLAIN.issuperset(map(type, value.values())):
+        return dict(value)  # already JSON: the common flat state, copied without a call per field
     if isinstance(value, dict):
         return {str(k): render_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -30,10 +30,12 @@ class SnapshotSink:
     seen ids are the manifest :meth:`~chainfold.replay.dedup.DedupIndex.checkpoint` returns (the
     decode stage's index must be a writer of the store's dedup folder), and once the snapshot is
     written the pieces no remaining snapshot names are collected; ``stats`` count the malformed and
-    duplicated entries since the start of the log; the fold stage's policy and the events it
-    skipped (since the start of the log: it resumed with the start's) go with them; ``seqs`` (the
-    seq check, if any) is stored so that a rebuild from the snapshot continues it. :attr:`written`
-    lists the paths. The caller makes the hash record durable first (a snapshot is checked against it).
+    duplicated entries since the start of the log (those still in the decoder's lists, plus
+    :attr:`forgotten`: what a long-running replay reported and then dropped from them, so it keeps
+    no list that grows with the log); the fold stage's policy and the events it skipped (since the
+    start of the log: it resumed with the start's) go with them; ``seqs`` (the seq check, if any) is
+    stored so that a rebuild from the snapshot continues it. :attr:`written` lists the paths. The
+    caller makes the hash record durable first (a snapshot is checked against it).
     """
 
     def __init__(self, store: SnapshotStore, fold: FoldStage, decoder: Decoder, partitions: list[str],
@@ -48,6 +50,7 @@ class SnapshotSink:
         self.positions: dict[str, PartitionPosition] = {p.partition: p for p in start.partitions} if start else {}
         self.entries = start.entries if start is not None else 0  # covered by the last snapshot
         self.written: list[str] = []
+        self.forgotten = {"malformed": 0, "duplicates": 0}
 
     def done(self, position: PartitionPosition) -> None:
         """Partition ``position.partition`` was replayed to ``position``."""
@@ -80,8 +83,9 @@ class SnapshotSink:
             states={s: model.dump_state(v) for s, v in self.fold.states.items()},
             dedup=manifest,
             created=int(time.time() * 1000),
-            stats={"malformed": len(self.decoder.malformed) + base.get("malformed", 0),
-                   "duplicates": len(self.decoder.duplicates) + base.get("duplicates", 0)},
+            stats={"malformed": len(self.decoder.malformed) + self.forgotten["malformed"] + base.get("malformed", 0),
+                   "duplicates": len(self.decoder.duplicates) + self.forgotten["duplicates"]
+                   + base.get("duplicates", 0)},
             on_model_error=self.fold.on_error,
             skipped=tuple(self.fold.skipped),
             **({"seqs": self.seqs.state()} if self.seqs is not None else {}),

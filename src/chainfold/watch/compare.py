@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cbor2
 
@@ -44,10 +44,10 @@ _HEAD = struct.Struct(">Q32s32sIH")
 _MAGIC = b"chainfold-watch-comparison\n"
 
 
-@dataclass(frozen=True, slots=True)
-class Expected:
+class Expected(NamedTuple):
     """Reference position: the event a correct worker handles there. ``digest`` is the state
-    digest of its stream after it (:data:`NO_DIGEST`: not compared)."""
+    digest of its stream after it (:data:`NO_DIGEST`: not compared). (A named tuple: watch makes
+    one per event.)"""
 
     index: int
     event_id: str

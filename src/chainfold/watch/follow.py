@@ -136,12 +136,13 @@ class EvidenceFollower:
 
     :meth:`poll` returns an :class:`EvidenceBatch` of what is new (empty while there is nothing, or
     no directory yet), at most ``max_leaves`` positions per call (a caller that lags asks again).
-    ``verify`` (default on) checks each checkpoint against the leaves it covers. Not thread-safe:
+    ``verify`` (default on) checks each checkpoint against the leaves it covers; ``processed=False``
+    leaves the processed log unread (a caller that compares leaves needs no ids). Not thread-safe:
     one caller polls.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, max_leaves: int = 1 << 16,
-                 max_line_bytes: int = 8 << 20, verify: bool = True) -> None:
+                 max_line_bytes: int = 8 << 20, verify: bool = True, processed: bool = True) -> None:
         if max_leaves < 1:
             raise ValueError(f"max_leaves must be >= 1, not {max_leaves!r}")
         self.dir = Path(directory)
@@ -150,6 +151,7 @@ class EvidenceFollower:
         self.states_path = states_path_for(cpath)
         self.max_leaves = max_leaves
         self.max_line_bytes = max_line_bytes
+        self.reads_processed = processed
         self._processed = _Lines(self.dir / "processed.jsonl")
         self._checkpoints = _Lines(cpath)
         self.positions = 0  # handling positions read (leaves)
@@ -187,7 +189,7 @@ class EvidenceFollower:
         if not self.exists:
             return EvidenceBatch(start)
         problems: list[str] = []
-        processed = self._read_processed(problems)
+        processed = self._read_processed(problems) if self.reads_processed else []
         checkpoints = self._read_checkpoints()
         leaves = self._read_leaves(max_leaves or self.max_leaves)
         digests = self._read_digests(start, len(leaves) // _RECORD)
@@ -248,7 +250,7 @@ class EvidenceFollower:
         """Where the follower is (CBOR-encodable), for :meth:`from_state` in a later run."""
         b = self._builder
         return {
-            "version": 1, "positions": self.positions,
+            "version": 1, "positions": self.positions, "reads_processed": self.reads_processed,
             "processed": [self._processed.offset, self._processed.line],
             "checkpoints": [self._checkpoints.offset, self._checkpoints.line],
             "last_checkpoint": None if self.last_checkpoint is None else self.last_checkpoint.to_cbor(),
@@ -262,6 +264,7 @@ class EvidenceFollower:
         """A follower that continues where :meth:`state` was taken (``ValueError`` if it is not one)."""
         if state.get("version") != 1:
             raise ValueError(f"unsupported follower state version {state.get('version')!r}")
+        kw.setdefault("processed", state.get("reads_processed", True))
         f = cls(directory, verify=state["verifying"], **kw)
         f.positions = state["positions"]
         f._processed.offset, f._processed.line = state["processed"]
@@ -297,11 +300,15 @@ class EvidenceFollower:
         self._match()
 
     def _feed(self, b: ChainBuilder, leaves: bytes) -> None:
-        add, computed = b.add_leaf, self._computed
-        for k in range(0, len(leaves), _RECORD):
-            cp = add(leaves[k:k + _RECORD])
+        """The leaves into the builder, up to a segment at a time (a call per segment, not per leaf)."""
+        records = [leaves[k:k + _RECORD] for k in range(0, len(leaves), _RECORD)]
+        i, n, computed = 0, len(records), self._computed
+        while i < n:
+            j = i + min(b.room(), n - i)
+            cp = b.add_leaves(records[i:j])
             if cp is not None:
                 computed.append(cp)
+            i = j
 
     def _segment_size(self) -> int | None:
         if self.last_checkpoint is not None:

@@ -7,14 +7,17 @@ Used by the tests on real brokers, ``benchmarks/watch_live.py`` and a live demo:
   chunks (as a service publishes), with extra payloads (another producer's copies, malformed
   entries) injected at chosen counts;
 * :class:`WorkerRun`: ``python -m chainfold.worker`` as a subprocess with a Tracker in its evidence
-  directory and faults (``skip:ID``, ``mishandle:TYPE:FROM:TO``, ``crash-before-ack:N``: after the
-  crash it is started again, like a supervisor would, and handles the redelivered messages twice);
+  directory and faults (``skip:ID``, ``double:ID``, ``mishandle:TYPE:FROM:TO``,
+  ``crash-before-ack:N``: after the crash it is started again, like a supervisor would, and handles
+  the redelivered messages twice);
   ``commit_seconds`` makes its evidence visible within about that long even when it goes quiet;
 * :func:`fault_positions` and :func:`handling_time_ms`: where in its handling order the worker
   departed from the reference (from its own bookkeeping, ``worker.json``) and when it handled a
   position (the Tracker's ``handling_times`` in the processed log), so
   :func:`detection_latency` = the time of watch's ``divergence`` line minus the handling time of
   the first divergent event;
+* :class:`WatchProcess`: ``chainfold watch`` itself as a subprocess, its JSON lines collected as
+  they come;
 * :class:`ApacheBroker`: kill and restart the Apache Pulsar standalone broker of the integration
   tier (``scripts/pulsar-standalone``) under a running process, keeping its data and ports.
 """
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ from ..examples import accounts
 from ..log.pulsar import PulsarLog
 from ..worker import CRASH_EXIT, META_NAME
 
-__all__ = ["live_events", "Publisher", "WorkerRun", "fault_positions", "first_fault_position",
+__all__ = ["live_events", "Publisher", "WorkerRun", "WatchProcess", "fault_positions", "first_fault_position",
            "handling_time_ms", "detection_latency", "ApacheBroker"]
 
 
@@ -51,7 +56,8 @@ class Publisher(threading.Thread):
 
     ``inject`` maps a count of events published to raw payloads appended right after it (e.g. a
     second copy of an earlier event, a malformed entry). :attr:`published` counts events sent,
-    :attr:`error` holds what stopped it early; :meth:`stop` ends it at the next chunk.
+    :attr:`error` holds what stopped it early; :meth:`stop` ends it at the next chunk;
+    :meth:`pause` and :meth:`resume` hold it between chunks.
     """
 
     def __init__(self, elog: PulsarLog, events: Sequence[Event], *, rate: float, chunk: int = 20,
@@ -69,9 +75,23 @@ class Publisher(threading.Thread):
         self.error: BaseException | None = None
         self.finished_at: float | None = None
         self._halt = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._sending = threading.Lock()
 
     def stop(self) -> None:
         self._halt.set()
+        self._go.set()
+
+    def pause(self) -> None:
+        """Append nothing more until :meth:`resume`; returns once no chunk is being sent (e.g. to
+        restart the broker: a send cut off by a broker going away fails, and the publisher stops)."""
+        self._go.clear()
+        with self._sending:
+            pass
+
+    def resume(self) -> None:
+        self._go.set()
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -80,13 +100,20 @@ class Publisher(threading.Thread):
                 due = t0 + i / self.rate
                 if self._halt.wait(max(0.0, due - time.monotonic())):
                     return
-                part = self.events[i:i + self.chunk]
-                self.elog.append(part, assign_seq=False)
-                self.published += len(part)
-                for at in sorted(k for k in self.inject if i < k <= self.published):
-                    extra = self.inject.pop(at)
-                    self.elog.append_payloads((p, None, None) for p in extra)
-                    self.injected += len(extra)
+                if not self._go.is_set():
+                    paused = time.monotonic()
+                    self._go.wait()
+                    t0 += time.monotonic() - paused  # the rate goes on from where it was
+                if self._halt.is_set():
+                    return
+                with self._sending:  # pause() waits for a chunk under way
+                    part = self.events[i:i + self.chunk]
+                    self.elog.append(part, assign_seq=False)
+                    self.published += len(part)
+                    for at in sorted(k for k in self.inject if i < k <= self.published):
+                        extra = self.inject.pop(at)
+                        self.elog.append_payloads((p, None, None) for p in extra)
+                        self.injected += len(extra)
         except BaseException as exc:  # kept for the caller: a test fails with it
             self.error = exc
         finally:
@@ -173,14 +200,108 @@ class WorkerRun:
         return json.loads(p.read_text()) if p.exists() else {}
 
 
+_METRICS_AT = re.compile(r"metrics at (http://\S+/metrics)")
+
+
+class WatchProcess:
+    """``python -m chainfold watch TOPIC ARGS...`` (the real command) against ``service_url``: its
+    JSON lines collected by a thread as they come (:attr:`lines`), stderr in ``log_path`` (and the
+    metrics URL it prints, :attr:`metrics_url`). Start with :meth:`start`; :meth:`stop` sends
+    SIGTERM and waits, as a supervisor stops it."""
+
+    def __init__(self, topic: str, service_url: str, args: Sequence[str], *, log_path: Path,
+                 cwd: Path | None = None) -> None:
+        self.argv = [sys.executable, "-m", "chainfold", "watch", topic, "--service-url", service_url, *args]
+        self.log_path = log_path
+        self.cwd = cwd
+        self.lines: list[dict[str, Any]] = []
+        self.metrics_url: str | None = None
+        self.proc: subprocess.Popen[str] | None = None
+        self._threads: list[threading.Thread] = []
+        self._cond = threading.Condition()
+
+    def start(self) -> WatchProcess:
+        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True)
+        self._threads = [threading.Thread(target=self._read_lines, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _read_lines(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                obj = {"kind": "not-json", "text": raw}
+            with self._cond:
+                self.lines.append(obj)
+                self._cond.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            for raw in self.proc.stderr:
+                log.write(raw)
+                log.flush()
+                m = _METRICS_AT.search(raw)
+                if m:
+                    with self._cond:
+                        self.metrics_url = m.group(1)
+                        self._cond.notify_all()
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        """The lines of one kind so far."""
+        with self._cond:
+            return [x for x in self.lines if x.get("kind") == kind]
+
+    def wait_for(self, test: Callable[[WatchProcess], Any], timeout: float) -> Any:
+        """Wait until ``test(self)`` is truthy (returned) or the process ended or ``timeout`` passed (None)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = test(self)
+                if got or time.monotonic() >= deadline or (self.proc is not None and self.proc.poll() is not None):
+                    return got or None
+                self._cond.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def last_progress(self) -> dict[str, Any] | None:
+        prog = self.of("progress")
+        return prog[-1] if prog else None
+
+    def wait(self, timeout: float = 120) -> int:
+        """Wait for the process to end (and its output to be read); its exit code."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        for t in self._threads:
+            t.join(timeout=10)
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        """Send ``sig`` (if still running) and wait; the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """End it at once (SIGKILL), e.g. when a test fails."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def fault_positions(evidence: str | os.PathLike[str]) -> dict[str, list[int]]:
     """Where the worker's faults put it off the reference, as places in its handling order (from
-    ``worker.json``): ``skip`` (where a skipped event should have been), ``mishandle``, ``crash``
-    (the place of the first handling after the restart: a redelivered message, handled again)."""
+    ``worker.json``): ``skip`` (where a skipped event should have been), ``mishandle``, ``double``
+    (the second handling of an event handled twice), ``crash`` (the place of the first handling
+    after the restart: a redelivered message, handled again)."""
     p = Path(evidence) / META_NAME
     meta = json.loads(p.read_text()) if p.exists() else {}
     return {"skip": list(meta.get("skipped_at", [])), "mishandle": list(meta.get("mishandled_at", [])),
-            "crash": list(meta.get("crashed_at", []))}
+            "double": list(meta.get("doubled_at", [])), "crash": list(meta.get("crashed_at", []))}
 
 
 def first_fault_position(evidence: str | os.PathLike[str]) -> int | None:

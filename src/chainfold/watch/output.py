@@ -41,8 +41,9 @@ class WatchLines:
     """Writes watch's JSON lines to ``out`` (default stdout); :attr:`counts` per kind.
 
     Each method writes one line and returns the object written. ``clock`` gives the ``time`` key
-    (ms since the epoch). A closed pipe raises ``BrokenPipeError`` to the caller (then nobody reads:
-    watch stops).
+    (ms since the epoch). When ``out`` is a closed pipe (nobody reads any more), writing never
+    raises in the middle of the caller's work: :attr:`broken` becomes true, the lines are dropped,
+    and watch stops at its next tick (cleanly: checkpoints and a snapshot).
     """
 
     def __init__(self, out: TextIO | None = None, *, metrics: WatchMetrics | None = None,
@@ -51,33 +52,43 @@ class WatchLines:
         self.metrics = metrics
         self.clock = clock
         self.counts: Counter[str] = Counter()
+        self.broken = False
         self._lock = threading.Lock()
 
     def _write(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         obj = {"kind": kind, "time": self.clock(), **fields}
         text = json.dumps(obj, ensure_ascii=False) + "\n"
         with self._lock:
-            self.out.write(text)
-            self.out.flush()
             self.counts[kind] += 1
+            if self.broken:
+                return obj
+            try:
+                self.out.write(text)
+                self.out.flush()
+            except (BrokenPipeError, ValueError):  # the reader went away (ValueError: out closed)
+                self.broken = True
         return obj
 
-    def progress(self, *, log_entries: int, worker_entries: int | None, lag: int | None) -> dict[str, Any]:
+    def progress(self, *, log_entries: int, worker_entries: int | None, lag: int | None,
+                 head: str | None = None) -> dict[str, Any]:
         """Entries read from the log, events the worker handled, entries it is behind (``None``:
-        no evidence followed)."""
+        no evidence followed); ``head``: the log's head over those entries (hex), as verify gives it."""
         if self.metrics is not None:
             self.metrics.set_entries_read(log_entries)
             if worker_entries is not None:
                 self.metrics.worker_entries.set(worker_entries)
             if lag is not None:
                 self.metrics.worker_lag.set(lag)
-        return self._write("progress", {"log_entries": log_entries, "worker_entries": worker_entries, "lag": lag})
+        more = {"head": head} if head is not None else {}
+        return self._write("progress", {"log_entries": log_entries, "worker_entries": worker_entries, "lag": lag,
+                                        **more})
 
     def divergence(self, d: LiveDivergence) -> dict[str, Any]:
-        """The first divergence (keys as reconcile's ``first_divergence``)."""
+        """The first divergence: the keys of reconcile's ``first_divergence``, and the place in the
+        worker's handling order (``worker_position``) and what differed there (``reason``)."""
         if self.metrics is not None:
             self.metrics.divergences.inc()
-        return self._write("divergence", d.to_json())
+        return self._write("divergence", {**d.to_json(), "worker_position": d.position, "reason": d.reason})
 
     def malformed(self, message_id: str, reason: str) -> dict[str, Any]:
         if self.metrics is not None:
