@@ -10,6 +10,7 @@ stage's batches (what a snapshot stores depends on them)."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from chainfold.engines.distributed import (Distribution, distributed_rebuild, di
                                            distributed_scanner, distributed_verify)
 from chainfold.engines.spark_io import LedgerSpan, plan_partition
 from chainfold.envelope import Event, encode
-from chainfold.errors import InvalidArgument, ModelError
+from chainfold.errors import HistoryUnrecoverable, InvalidArgument, ModelError
 from chainfold.hashing.chain import ChainBuilder
 from chainfold.hashing.record import PartitionRecord
 from chainfold.hashing.stage import HashStage, Piece, PieceStage, leaf_hashes
@@ -30,13 +31,14 @@ from chainfold.log import Entry, MemoryLog
 from chainfold.log.source import Source, Span
 from chainfold.merkle import CompactRange
 from chainfold.ops.rebuild import rebuild
-from chainfold.ops.reconcile import Processed, reconcile
+from chainfold.ops.reconcile import load_processed, reconcile
 from chainfold.ops.verify import VerifyOptions, compare_logs, verify_log
 from chainfold.replay.dedup import DedupIndex
 from chainfold.replay.model import load_model
 from chainfold.store.snapshots import topic_dir
 
 from .distributed_cases import MODEL, POISON_MODEL, assert_same_store, events, messy, normalized
+from .test_reconcile import gen_events
 
 # --- the in-memory log on the in-process cluster ---------------------------------------------------
 
@@ -350,7 +352,9 @@ def test_reconcile_of_a_divergent_worker_gives_the_local_report(tmp_path: Path, 
     ids.insert(7, evs[2].id)
     ids.insert(50, "an-id-from-elsewhere")
     ids[100], ids[101] = ids[101], ids[100]
-    processed = Processed("processed.jsonl", ids, list(range(1, len(ids) + 1)), [None] * len(ids))
+    path = tmp_path / "processed.jsonl"
+    path.write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    processed = load_processed(str(path))
     out = []
     for side in ("local", "dist"):
         hooks = distributed_reconcile_engine(dist_of(elog)) if side == "dist" else {}
@@ -432,3 +436,79 @@ def test_groups_of_the_fold_shuffle_hold_many_streams() -> None:
     groups = {group_of(f"acct-{i:04d}", 3) for i in range(100)}
     assert groups == {0, 1, 2}
     assert list(itertools.islice((group_of("x", 5) for _ in range(3)), 3)) == [group_of("x", 5)] * 3
+
+
+# --- history (seq gaps, lost entries) -----------------------------------------------------------------
+
+
+def _gappy(elog: MemoryLog, n: int, seed: int) -> None:
+    """Events with true per-stream seqs, some never published (gaps), some re-sent (lower seqs,
+    duplicates), some from a foreign producer (no seq), a malformed entry."""
+    evs = gen_events(n, 7, seed)
+    rows = []
+    for i, e in enumerate(evs):
+        if i % 97 == 13:
+            continue  # lost before anyone read it: a gap in its stream
+        rows.append(e)
+        if i % 89 == 5:
+            rows.append(evs[i // 2])  # an earlier event re-sent
+        if i % 71 == 3:
+            rows.append(e._replace(id=f"foreign-{seed}-{i}", seq=None))
+    elog.append_payloads([(encode(e), e.stream, e.time) for e in rows] + [(b"\xff junk", "s0", None)])
+
+
+@pytest.mark.parametrize("partitions", [0, 2])
+@pytest.mark.parametrize("allow", [False, True])
+def test_seq_gaps_in_rebuild_and_verify_give_the_local_reports(tmp_path: Path, partitions: int, allow: bool) -> None:
+    """seq gaps, re-sent and foreign events: the rebuild reports (and the snapshots' seq state), then
+    verify twice (the second resumes the seq check where the first left it) equal the local ones."""
+    elog = MemoryLog("gaps", partitions=partitions)
+    _gappy(elog, 1500, seed=1)
+    for run in range(2):
+        a, b = both_rebuilds(elog, tmp_path, snapshot_every=400, allow_partial_history=allow)
+        assert a.to_json()["seq_gaps"] and a.to_json()["seq_unverifiable"]
+        assert (a.history.problem() is None) == allow
+        assert_same_rebuild(a, b, tmp_path, elog.topic)
+        for _ in range(2):
+            out = []
+            for side in ("local", "dist"):
+                opts = VerifyOptions(record_dir=topic_dir(tmp_path / side, elog.topic), snapshots_root=tmp_path / side,
+                                     segment_size=64, allow_partial_history=allow)
+                report = verify_log(elog, opts) if side == "local" else distributed_verify(dist_of(elog), elog, opts)
+                out.append((normalized(report.to_json(), (tmp_path / "local", tmp_path / "dist")), report.exit_code))
+            assert out[0] == out[1] and out[0][0]["seq_gaps"]
+            assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
+        _gappy(elog, 300, seed=2 + run)
+
+
+def test_lost_entries_give_the_local_reports(tmp_path: Path) -> None:
+    """A partition that lost its first entries (the local engine's pass on both sides): rebuild
+    from a covering snapshot, --full refused the same way, verify at shifted positions."""
+    elog = MemoryLog("lost")
+    elog.append_payloads([(encode(e), e.stream, e.time) for e in gen_events(1200, 5, 4)])
+    both_rebuilds(elog, tmp_path, snapshot_every=500, segment_size=64)
+    for side in ("local", "dist"):
+        opts = VerifyOptions(record_dir=topic_dir(tmp_path / side, elog.topic), segment_size=64)
+        verify_log(elog, opts)
+    del elog._parts[elog.partitions()[0]][:300]
+    elog.append_payloads([(encode(e), e.stream, e.time) for e in gen_events(200, 5, 5)])
+    a, b = both_rebuilds(elog, tmp_path, snapshot_every=500, segment_size=64)
+    assert a.to_json()["truncated"]
+    assert_same_rebuild(a, b, tmp_path, elog.topic)
+    errors = []
+    for side in ("local", "dist"):
+        with pytest.raises(HistoryUnrecoverable) as exc:
+            if side == "local":
+                rebuild(elog, load_model(MODEL), snapshots_root=tmp_path / side, full=True, segment_size=64)
+            else:
+                distributed_rebuild(dist_of(elog), elog, MODEL, snapshots_root=tmp_path / side, full=True,
+                                    segment_size=64)
+        errors.append((str(exc.value), exc.value.details))
+    assert errors[0] == errors[1]
+    out = []
+    for side in ("local", "dist"):
+        opts = VerifyOptions(record_dir=topic_dir(tmp_path / side, elog.topic), snapshots_root=tmp_path / side,
+                             segment_size=64)
+        report = verify_log(elog, opts) if side == "local" else distributed_verify(dist_of(elog), elog, opts)
+        out.append((normalized(report.to_json(), (tmp_path / "local", tmp_path / "dist")), report.exit_code))
+    assert out[0] == out[1] and out[0][0]["truncated"]

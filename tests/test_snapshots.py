@@ -187,6 +187,7 @@ def test_round_trip_is_exact(store: SnapshotStore, sample) -> None:
     body = cbor2.loads(env["body"])
     assert cbor2.dumps(body, canonical=True) == env["body"]
     assert body["dedup"] == manifest and "seen" not in body and body["entries"] == 402
+    assert body["seqs"] == snap.seqs and set(body["seqs"]) == {"highest", "gaps", "unverifiable"}
     assert body["partitions"][0] == {"partition": positions[0].partition, "entries": positions[0].entries,
                                      "message_id": positions[0].message_id, "chain": positions[0].chain}
     leaves = [merkle.leaf_hash(cbor2.dumps([s, body["states"][s]], canonical=True)) for s in sorted(body["states"])]

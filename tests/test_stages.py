@@ -228,5 +228,5 @@ def test_the_seq_hook_sees_every_well_formed_entry_before_dedup() -> None:
     d = Decoder(well_formed=gaps)
     out = d.feed(log.entries(), 0)
     mids = [str(e.message_id) for e in log.entries()]
-    assert gaps.gaps == [SeqGap("a", 3, 4, mids[2]), SeqGap("b", 1, 3, mids[3])]  # the re-sent e2 is no gap
+    assert gaps.gaps == [SeqGap("a", 3, 4, mids[2], 2), SeqGap("b", 1, 3, mids[3], 3)]  # the re-sent e2 is no gap
     assert gaps.unverifiable == 1 and [e.id for e in out.events] == ["e1", "e2", "e4", "x1", "n"]

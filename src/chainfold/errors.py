@@ -276,9 +276,20 @@ class BrokerUnavailable(ChainfoldError):
 
 
 class HistoryUnrecoverable(ChainfoldError):
-    """The log no longer holds entries that are needed, and no valid snapshot covers the gap."""
+    """The log no longer holds entries that are needed, and no valid snapshot covers the gap.
+
+    ``message_id``: the first entry the log still holds (of the first partition that lost
+    entries), when known; ``partition``; ``details``: the history part of a report
+    (``history``, ``truncated``, ``seq_gaps``) for a ``--json`` error object."""
 
     exit_code = 3
+
+    def __init__(self, message: str, *, message_id: str | None = None, partition: str | None = None,
+                 details: dict | None = None) -> None:
+        self.message_id = message_id
+        self.partition = partition
+        self.details = details or {}
+        super().__init__(message)
 
 
 class LogShorterThanPlanned(HistoryUnrecoverable):
@@ -287,11 +298,9 @@ class LogShorterThanPlanned(HistoryUnrecoverable):
     (truncated or rewritten log). ``last`` is the last position read, ``index`` the range's number."""
 
     def __init__(self, partition: str, index: int, reach: object, last: object) -> None:
-        self.partition = partition
+        super().__init__(
+            f"{partition}: range {index} ended at {last} before the planned {reach}: "
+            "the log changed after it was planned", partition=partition)
         self.index = index
         self.reach = reach
         self.last = last
-        super().__init__(
-            f"{partition}: range {index} ended at {last} before the planned {reach}: "
-            "the log changed after it was planned"
-        )

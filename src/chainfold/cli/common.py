@@ -23,7 +23,7 @@ from ..replay.fold import ON_MODEL_ERROR
 
 __all__ = ["cli", "main", "broker_options", "json_option", "snapshots_option", "engine_options", "Engine",
            "on_model_error_option", "with_skipped", "print_skipped", "output_dir_exists", "emit_json", "stderr",
-           "stdout", "run", "esc", "error_json"]
+           "stdout", "run", "esc", "error_json", "allow_partial_option", "print_history", "history_failed"]
 
 # emoji=False: message ids like 6:3:-1:-1 hold ":-1:", which rich would turn into an emoji. Text
 # that comes from users or the log (ids, stream names, paths, reasons) still needs ``esc`` before it
@@ -160,6 +160,46 @@ def output_dir_exists(option: str, path: str | None) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise MissingDirectory(option, path, os.path.dirname(path) or parent)
+allow_partial_option = click.option(
+    "--allow-partial-history", is_flag=True,
+    help="The log is known to start mid-history: lost entries (retention) and seq gaps are reported but do "
+         "not fail the command (docs/cli.md#history).")
+
+
+def history_failed(doc: dict[str, Any]) -> bool:
+    """Whether a report's history part makes the command fail (exit 3): lost entries no snapshot
+    covers, or seq gaps, unless the log is known to start mid-history."""
+    if doc.get("allow_partial_history"):
+        return False
+    if doc.get("history") == "truncated":
+        return any(not t.get("covered_by_snapshot") for t in doc.get("truncated") or [])
+    return doc.get("history") == "gaps"
+
+
+def print_history(doc: dict[str, Any]) -> None:
+    """The history part of a report for people (docs/cli.md#history): what is gone, the seq gaps."""
+    state = doc.get("history")
+    if state in (None, "complete"):
+        return
+    colour = "bold red" if history_failed(doc) else "yellow"
+    stdout.print(f"[{colour}]history {state}[/]")
+    for t in doc.get("truncated") or []:
+        segs, at, checked = t.get("unverifiable_segments"), t.get("first_available_index"), t.get("checked_from")
+        stdout.print(f"  {esc(t['partition'])}: entries before message id {esc(t['first_available'])} are gone "
+                     f"(retention or truncation; entry 0 was {esc(t['recorded_first'])} when recorded)")
+        if segs:
+            stdout.print(f"    recorded segments {segs[0]}..{segs[1]}"
+                         + (f" (entries 0..{at - 1:,})" if at else "") + " can no longer be verified against the log")
+        if checked is not None:
+            stdout.print(f"    the log was checked against the record at the recorded positions from entry {checked:,}")
+        if t.get("covered_by_snapshot"):
+            stdout.print(f"    snapshot {esc(t['covered_by_snapshot'])} covers the loss: the work was done from it")
+    gaps = doc.get("seq_gaps") or []
+    for g in gaps[:10]:
+        stdout.print(f"  seq gap: stream {esc(g['stream'])} jumps to seq {g['found_seq']} where {g['expected_seq']} "
+                     f"was due, at message {esc(g['message_id'])}")
+    if len(gaps) > 10:
+        stdout.print(f"  ... and {len(gaps) - 10:,} more seq gap(s) (see --json)")
 
 
 def emit_json(obj: Any) -> None:
@@ -174,12 +214,16 @@ _EVIDENCE = (("path", "file"), ("line", "line"), ("stream", "stream"), ("event_i
 
 def error_json(exc: ChainfoldError) -> dict[str, Any]:
     """The one JSON object a failing ``--json`` command writes: ``{"error": message}`` plus what
-    locates the problem (``file``, ``line``, ``stream``, ``event_id``, ``message_id``) where known."""
+    locates the problem (``file``, ``line``, ``stream``, ``event_id``, ``message_id``) where known,
+    and the error's ``details`` (e.g. the history part of a report)."""
     out: dict[str, Any] = {"error": str(exc), "exit_code": exc.exit_code}
     for attr, key in _EVIDENCE:
         value = getattr(exc, attr, None)
         if value is not None:
             out[key] = value
+    details = getattr(exc, "details", None)
+    if isinstance(details, dict):
+        out.update({k: v for k, v in details.items() if k not in out})
     return out
 
 

@@ -14,8 +14,9 @@ from ..replay.model import load_model
 from ..replay.notes import model_notes
 from ..log.pulsar import open_log
 from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, rebuild as rebuild_log
-from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, on_model_error_option,
-                     output_dir_exists, print_skipped, run, snapshots_option, stderr, stdout, with_skipped)
+from .common import (Engine, allow_partial_option, broker_options, cli, emit_json, engine_options, esc, json_option,
+                     on_model_error_option, output_dir_exists, print_history, print_skipped, run, snapshots_option,
+                     stderr, stdout, with_skipped)
 from .progress import progress
 from .publish import _parse_until
 
@@ -46,15 +47,17 @@ def write_state_export(path: str, states: dict) -> None:
                    "final snapshot is taken).")
 @engine_options
 @on_model_error_option
+@allow_partial_option
 @snapshots_option
 @broker_options
 @json_option
 def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str | None, snapshot_every: int,
-            keep: int, no_snapshots: bool, workers: int, engine: Engine, on_model_error: str, snapshots_dir: str,
-            broker, as_json: bool) -> None:
+            keep: int, no_snapshots: bool, workers: int, engine: Engine, on_model_error: str,
+            allow_partial_history: bool, snapshots_dir: str, broker, as_json: bool) -> None:
     """Rebuild every stream's state by folding TOPIC from the newest valid snapshot (or from the
     start with --full). Duplicated event ids fold once; malformed entries are reported, not folded.
-    Exit 1 when events were skipped (--on-model-error skip-event or skip-stream)."""
+    Exit 1 when events were skipped (--on-model-error skip-event or skip-stream); exit 3 when
+    history is gone from the log (docs/cli.md#history): then no state export is written."""
 
     def body() -> int:
         output_dir_exists("--out", out)
@@ -62,7 +65,8 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
         until_id, until_time = _parse_until(until)
         options = RebuildOptions(snapshots_root=Path(snapshots_dir), full=full, until=until_id, until_time=until_time,
                                  snapshot_every=snapshot_every if not no_snapshots else 0, keep=keep,
-                                 write_snapshots=not no_snapshots, on_model_error=on_model_error)  # type: ignore[arg-type]
+                                 write_snapshots=not no_snapshots, on_model_error=on_model_error,  # type: ignore[arg-type]
+                                 allow_partial_history=allow_partial_history)
         engine.refuse_workers(workers)
         if engine.spark:
             from ..engines.distributed import distributed_rebuild
@@ -80,10 +84,13 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
         else:
             with open_log(topic, broker) as log, progress(f"rebuild {log.topic}") as update:
                 result = rebuild_log(log, model, options, on_progress=update)
-        if out:
+        problem = result.history.problem()
+        if out and problem is None:
             write_state_export(out, result.folder.rendered())
         doc = result.to_json()
         doc["notes"] = list(doc.get("notes") or []) + model_notes(model, result.folder.states)
+        if problem is not None:
+            doc = {"error": problem + ("; no state export written" if out else ""), "exit_code": 3, **doc}
         if as_json:
             emit_json(doc)
         elif out != "-":
@@ -94,6 +101,9 @@ def rebuild(topic: str, model_ref: str, full: bool, out: str | None, until: str 
             if doc["skipped"]:
                 stderr.print(f"[bold red]{len(doc['skipped']):,} event(s) skipped[/] (--on-model-error "
                              f"{doc['on_model_error']}): see --json")
+        if problem is not None:
+            stderr.print(f"[bold red]error:[/] {esc(doc['error'])}")
+            return 3
         return with_skipped(0, doc["skipped"])
 
     run(body, as_json=as_json)
@@ -119,6 +129,7 @@ def print_rebuild(doc: dict) -> None:
     print_skipped(doc["skipped"])
     lg = doc["log"]
     stdout.print(f"log: {lg['events']:,} entries, {lg['segments']:,} segments, head {lg['head']}")
+    print_history(doc)
     for w in doc["snapshots_written"][-1:]:
         stdout.print(f"snapshot written: {esc(w)}")
     for n in doc["notes"]:

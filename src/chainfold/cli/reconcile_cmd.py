@@ -13,7 +13,8 @@ from ..replay.model import load_model
 from ..log.pulsar import open_log
 from ..ops.corrections import producer_name_for, publish_corrections as publish, write_corrections
 from ..ops.reconcile import load_processed, load_state_export, load_tracker, reconcile as reconcile_log
-from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, on_model_error_option,
+from .common import (Engine, allow_partial_option, broker_options, cli, emit_json, engine_options, esc, json_option,
+                     on_model_error_option,
                      output_dir_exists, run, snapshots_option, stderr, with_skipped)
 from .progress import progress
 from .reconcile_view import print_reconcile
@@ -42,16 +43,18 @@ from .rebuild_cmd import write_state_export
               help="Also write the report as one self-contained HTML page (docs/cli.md#the-html-report).")
 @engine_options
 @on_model_error_option
+@allow_partial_option
 @snapshots_option
 @broker_options
 @json_option
 def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str | None, checkpoints_path: str | None,
               repair_out: str | None, corrections_out: str | None, publish_corrections: str | None,
-              evidence_out: str | None, html_out: str | None, engine: Engine, on_model_error: str, snapshots_dir: str,
-              broker, as_json: bool) -> None:
+              evidence_out: str | None, html_out: str | None, engine: Engine, on_model_error: str,
+              allow_partial_history: bool, snapshots_dir: str, broker, as_json: bool) -> None:
     """Find what the worker that folded TOPIC missed, doubled, reordered or got wrong, from its state
     export and its processed log and/or tracker checkpoints. Exit 0 consistent (or repaired),
-    1 divergent (or events skipped by --on-model-error), 2 bad input, 3 unrecoverable."""
+    1 divergent (or events skipped by --on-model-error), 2 bad input, 3 unrecoverable (history gone
+    from the log, docs/cli.md#history)."""
 
     def body() -> int:
         for option, path in (("--repair", repair_out), ("--corrections", corrections_out),
@@ -76,10 +79,11 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
                 with progress(f"reconcile {log.topic}") as update:
                     report = reconcile_log(log, model, snapshots_root=Path(snapshots_dir), state=state,
                                            state_path=state_path, processed=processed, tracker=tracker,
-                                           repair=bool(repair_out), on_progress=update,
+                                           repair=bool(repair_out), allow_partial_history=allow_partial_history,
+                                           on_progress=update,
                                            on_model_error=on_model_error, **hooks)  # type: ignore[arg-type]
             except HistoryUnrecoverable as exc:
-                doc = unrecoverable_report(log.topic, str(exc), processed, tracker)
+                doc = unrecoverable_report(log.topic, str(exc), processed, tracker, exc)
                 if html_out:
                     write_html_report(html_out, doc)
                 if not as_json:
@@ -115,6 +119,8 @@ def reconcile(topic: str, model_ref: str, state_path: str, processed_path: str |
             emit_json(doc)
         else:
             print_reconcile(doc)
+        if doc["verdict"] == "unrecoverable" and doc.get("error"):
+            stderr.print(f"[bold red]error:[/] {esc(doc['error'])}")
         code = {"consistent": 0, "repaired": 0, "divergent": 1, "unrecoverable": 3}[doc["verdict"]]
         return with_skipped(code, doc["skipped"])
 
@@ -128,14 +134,15 @@ def write_html_report(path: str, doc: dict) -> None:
     atomic_write(Path(path), render_report(doc).encode("utf-8"))
 
 
-def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
+def unrecoverable_report(topic: str, reason: str, processed, tracker, exc: HistoryUnrecoverable | None = None) -> dict:
     """The reconcile report (docs/cli.md#reconcile) when the log no longer holds the history the
-    worker's evidence covers."""
+    worker's evidence covers (and no snapshot covers the loss)."""
+    details = exc.details if exc is not None else {}
     return {
         "verdict": "unrecoverable",
         "topic": topic,
         "log": {"events": None, "segments": None, "head": None},
-        "processed": {"events": len(processed.ids) if processed else (tracker.size if tracker else None)},
+        "processed": {"events": len(processed) if processed is not None else (tracker.size if tracker else None)},
         "first_divergence": None,
         "missing": [],
         "duplicates": [],
@@ -146,7 +153,9 @@ def unrecoverable_report(topic: str, reason: str, processed, tracker) -> dict:
         "unknown_ids": [],
         "unknown_streams": [],
         "skipped": [],
+        **details,
         "error": reason,
+        **({"message_id": exc.message_id} if exc is not None and exc.message_id else {}),
     }
 
 

@@ -9,7 +9,7 @@ from rich import box
 from rich.table import Table
 
 from ..statediff import field_diffs, format_change
-from .common import esc, stdout
+from .common import esc, print_history, stdout
 
 __all__ = ["print_reconcile", "STREAMS_SHOWN", "FIELDS_SHOWN"]
 
@@ -140,6 +140,7 @@ def print_reconcile(doc: dict[str, Any]) -> None:
         if ev:
             _say(f"fresh evidence for the repaired worker → {esc(ev['dir'])} ({ev['events']:,} events); "
                  f"resume the worker after message {esc(ev['resume_after'])}")
+    print_history(doc)
     if doc.get("html"):
         _say(f"report for a browser: {esc(doc['html'])}")
     for n in doc.get("notes", []):

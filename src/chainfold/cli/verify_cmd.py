@@ -16,8 +16,8 @@ from ..log.pulsar import open_log
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE
 from ..ops.verify import VerifyOptions, compare_logs, verify_log
 from ..envelope import json_error
-from .common import (Engine, broker_options, cli, emit_json, engine_options, esc, json_option, run, snapshots_option,
-                     stderr, stdout)
+from .common import (Engine, allow_partial_option, broker_options, cli, emit_json, engine_options, esc, json_option,
+                     print_history, run, snapshots_option, stderr, stdout)
 from .progress import progress
 
 
@@ -41,14 +41,17 @@ segment_option = click.option("--segment-size", type=int, default=DEFAULT_SEGMEN
               help="Worker processes: one per partition, or ranges of the recorded segments of one topic.")
 @engine_options
 @segment_option
+@allow_partial_option
 @snapshots_option
 @broker_options
 @json_option
 def verify(topic: str, against: str | None, against_service_url: str | None, reset: bool, workers: int,
-           engine: Engine, segment_size: int, snapshots_dir: str, broker, as_json: bool) -> None:
+           engine: Engine, segment_size: int, allow_partial_history: bool, snapshots_dir: str, broker,
+           as_json: bool) -> None:
     """Recompute the hashes over TOPIC and compare them with the checkpoints recorded on earlier reads
     and with the snapshots' recorded chains (or with another log, --against). Names the first entry
-    that differs. Exit 0 intact, 1 mismatch.
+    that differs; checks every stream's seq for gaps and counts malformed entries. Exit 0 intact,
+    1 mismatch, 3 history gone (entries lost or seq gaps, docs/cli.md#history).
 
     Without --against, verify records what it read (checkpoints and leaf hashes) in TOPIC's folder
     under --snapshots, creating it when there is something to record, and says so: that record is
@@ -63,7 +66,7 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
         with open_log(topic, broker) as log, (engine.distribution(log, broker) if engine.spark
                                               else contextlib.nullcontext()) as dist:
             options = VerifyOptions(record_dir=topic_dir(Path(snapshots_dir), log.topic), snapshots_root=Path(snapshots_dir),
-                                    segment_size=segment_size, reset=reset)
+                                    segment_size=segment_size, reset=reset, allow_partial_history=allow_partial_history)
             if not against:
                 record_dir = topic_dir(Path(snapshots_dir), log.topic)
                 existed = _has_record(record_dir)
@@ -109,7 +112,9 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
             emit_json(doc)
         else:
             _print_verify(doc)
-        return 0 if report.intact else 1
+        if doc.get("error"):
+            stderr.print(f"[bold red]error:[/] {esc(doc['error'])}")
+        return report.exit_code
 
     run(body, as_json=as_json)
 
@@ -117,7 +122,10 @@ def verify(topic: str, against: str | None, against_service_url: str | None, res
 def _print_verify(doc: dict) -> None:
     lg = doc["log"]
     colour = "green" if doc["verdict"] == "intact" else "bold red"
-    stdout.print(f"[{colour}]{doc['verdict'].upper()}[/] {esc(doc['topic'])}"
+    verdict = doc["verdict"].upper()
+    if doc["verdict"] != "intact" and not doc["first_mismatch"] and doc.get("history", "complete") != "complete":
+        verdict = f"HISTORY {doc['history'].upper()}"  # the hashes agree; events are gone from the log
+    stdout.print(f"[{colour}]{verdict}[/] {esc(doc['topic'])}"
                  + (f" against {esc(doc['against'])}" if doc.get("against") else ""))
     stdout.print(f"  {lg['events']:,} entries in {lg['segments']:,} segments, head {lg['head']}")
     if lg.get("root"):
@@ -137,6 +145,11 @@ def _print_verify(doc: dict) -> None:
         stdout.print(f"  recorded the log's hashes in {esc(rec)} (later verifies compare the log with them)")
     if doc.get("snapshots_checked"):
         stdout.print(f"  checked {doc['snapshots_checked']} snapshot position(s)")
+    if doc.get("malformed_entries"):
+        first = doc.get("malformed_first") or []
+        stdout.print(f"  [yellow]{doc['malformed_entries']:,} malformed entr(ies)[/]: not events, never folded"
+                     + (f" (the first at message {esc(first[0])}; `chainfold read` shows why)" if first else ""))
+    print_history(doc)
     for n in doc.get("notes", []):
         stdout.print(f"  note: {esc(n)}")
 

@@ -43,31 +43,28 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..errors import ModelError, WorkerFailed
 from ..hashing.chain import Checkpoint
-from ..hashing.record import PartitionRecord, open_record
-from ..hashing.stage import DEFAULT_SEGMENT_SIZE, PartitionScan, PieceStage
+from ..hashing.record import PartitionRecord
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, PieceStage
 from ..log import EventLog, Position
-from ..log.source import DEFAULT_BATCH
-from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild
-from ..ops.verify import VerifyOptions, VerifyReport, conclude_partition, prepare_record, snapshot_probes
+from ..log.source import DEFAULT_BATCH, Span
+from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild, run_plan
+from ..ops.verify import VerifyOptions, VerifyReport, hash_partition, verify_log
 from ..replay.decode import Decoder, Duplicate, Malformed
 from ..replay.fold import OnModelError, Skipped
 from ..replay.model import Model, load_model
-from ..replay.seen import SeenIds, SeenSet
-from ..store.snapshots import PartitionPosition, SnapshotStore, topic_dir
+from ..replay.seen import SeenIds
+from ..store.snapshots import PartitionPosition
 from .cluster import Cluster, Chunks
 from .spark_io import Point, ReadRange, clip_ranges
 from .tasks import (GPOS_SHIFT, Assembly, Chunk, ChunkSummary, StreamResult, assemble, dedup_pairs, fold_items,
-                    fold_streams, gpos, prior_candidates, read_chunk)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..ops.reconcile import Reference
+                    fold_streams, gpos, prior_candidates, read_chunk, SeqItems)
 
 __all__ = ["Planner", "Distribution", "distributed_rebuild", "distributed_verify", "distributed_scan",
-           "distributed_reference", "distributed_reconcile_engine", "distributed_scanner", "DistributedRebuild", "executor_ref"]
+           "distributed_reconcile_engine", "distributed_scanner", "DistributedRebuild", "executor_ref"]
 
 log = logging.getLogger("chainfold.engines.distributed")
 
@@ -430,6 +427,8 @@ class DistributedRebuild:
                     self.tap(_pi, item[0], item[1], item[2], item[3] if len(item) > 3 else None)
 
             feeder = _SeenFeeder(decoder, part.start, stops[part.pi], answered)
+            seqs = run.folder.seqs
+            seqs.lost_start = run.lost_start(part.name)
             for _ in part.ranges:
                 a = next(items)
                 expected.update(i for i, _, _ in a.duplicates)
@@ -439,13 +438,14 @@ class DistributedRebuild:
                     events = list(zip(a.indexes, a.ids, a.streams, a.id_leaves))  # type: ignore[arg-type]
                 else:
                     events = list(zip(a.indexes, a.ids, a.streams))  # type: ignore[arg-type]
-                ids, bad, dups = _Queue(events), _Queue(a.malformed), _Queue(a.duplicates)
+                ids, bad, dups, seq_items = _Queue(events), _Queue(a.malformed), _Queue(a.duplicates), _Queue(a.seqs)
                 for piece in a.pieces:
                     if piece.begin >= end:
                         break
                     stage.feed_piece(piece)
                     for item in ids.upto(piece.end):
                         feeder.add(item)
+                    seqs(SeqItems(seq_items.upto(piece.end)))  # type: ignore[arg-type]
                     decoder.malformed.extend(Malformed(i, m, r) for i, m, r in bad.upto(piece.end))
                     decoder.duplicates.extend(Duplicate(i, m, e) for i, m, e in dups.upto(piece.end))
                     while cut_no < len(outcome.cuts) and outcome.cuts[cut_no] == gpos(part.pi, piece.end) \
@@ -530,6 +530,11 @@ def distributed_rebuild(dist: Distribution, elog: EventLog, model_ref: str, opti
     model (every executor loads it by that name)."""
     opts = RebuildOptions.of(options, **changes)
     plan = plan_rebuild(elog, load_model(model_ref), opts)
+    if plan.truncations:
+        # lost history: the local engine's pass (hashing at shifted positions, the seq check
+        # starting mid-history) gives the report; the cluster is not used
+        log.info("%s lost entries before its first: rebuilt by the local engine", elog.topic)
+        return run_plan(plan, on_progress)
     return DistributedRebuild(dist, plan, executor_ref(model_ref), on_progress=on_progress).run()
 
 
@@ -548,17 +553,21 @@ def executor_ref(model_ref: str) -> str:
 def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[str], *,
                      records: dict[str, PartitionRecord | None], segment_size: int = DEFAULT_SEGMENT_SIZE,
                      write: bool = True, probes: dict[str, Sequence[int]] | None = None,
-                     on_progress: Callable[[int], None] | None = None) -> list[PartitionScan]:
+                     on_progress: Callable[[int], None] | None = None,
+                     decoder: Decoder | None = None) -> list[PartitionScan]:
     """Hash ``partitions`` of ``elog`` from the start on the cluster: what
     :func:`~chainfold.ops.verify.hash_partition` gives for each (checked against, and with
-    ``write`` recorded into, ``records``; chain states captured at the ``probes`` sizes)."""
+    ``write`` recorded into, ``records``; chain states captured at the ``probes`` sizes). With
+    ``decoder`` (verify's :func:`~chainfold.ops.verify.seq_decoder`), the entries are decoded in
+    the tasks and the driver feeds it in log order: malformed entries, and every well-formed one
+    to its ``seq`` check (from its ``first`` index on)."""
     stages = {p: PieceStage.open(elog, p, record=records.get(p), segment_size=segment_size, write=write)
               for p in partitions}
     recorded = {p: stages[p].scan.recorded for p in partitions}
     parts = _plan_parts(dist, partitions, {}, recorded)
     if not any(p.ranges for p in parts):
         return [stages[p].finish(_Totals(0, None, 0)) for p in partitions]
-    read = _Read(dist, parts, decode=False)
+    read = _Read(dist, parts, decode=decoder is not None)
     try:
         wanted = {p.pi: sorted({s for s in (probes or {}).get(p.name, ()) if 0 < s <= p.read}) for p in parts}
         layout = dist.cluster.share({p.pi: (stages[p.name].chain.segment_size, wanted[p.pi], _carry_from(stages[p.name]))
@@ -577,6 +586,8 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
                     stage.feed_piece(piece)
                     if piece.end in marks:
                         stage.scan.probed[piece.end] = stage.chain.state()
+                if decoder is not None:
+                    _decode_seqs(decoder, a)
                 done += a.end - a.begin
                 if on_progress is not None:
                     on_progress(done)
@@ -588,83 +599,55 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
         read.release()
 
 
+def _decode_seqs(decoder: Decoder, a: Assembly) -> None:
+    """What verify's decode stage records of chunk ``a`` (entries before its ``first`` skipped)."""
+    first = getattr(decoder, "first", 0)
+    decoder.malformed.extend(Malformed(i, m, r) for i, m, r in a.malformed if i >= first)
+    if decoder.well_formed is not None:
+        decoder.well_formed(SeqItems([it for it in a.seqs if it[0] >= first]))  # type: ignore[arg-type]
+
+
 def distributed_scanner(dists: dict[str, Distribution]) -> Callable[..., PartitionScan]:
     """The ``scan`` of :func:`chainfold.ops.verify.compare_logs` on a cluster: each topic hashed by
     its :class:`Distribution` (``dists``, by full topic name), nothing recorded."""
 
     def scan(elog: EventLog, partition: str, *, segment_size: int = DEFAULT_SEGMENT_SIZE,
-             on_progress: Callable[[int], None] | None = None) -> PartitionScan:
+             on_progress: Callable[[int], None] | None = None, decoder: Decoder | None = None) -> PartitionScan:
         return distributed_scan(dists[elog.topic], elog, [partition], records={partition: None},
-                                segment_size=segment_size, write=False, on_progress=on_progress)[0]
+                                segment_size=segment_size, write=False, on_progress=on_progress, decoder=decoder)[0]
 
     return scan
 
 
 def distributed_verify(dist: Distribution, elog: EventLog, options: VerifyOptions | None = None, /, *,
                        on_progress: Callable[[int], None] | None = None, **changes: Any) -> VerifyReport:
-    """:func:`chainfold.ops.verify.verify_log` on a cluster: the same report."""
+    """:func:`chainfold.ops.verify.verify_log` on a cluster: the same report. Each partition is
+    hashed and decoded by the cluster; one that lost recorded entries (hashed at shifted positions)
+    goes through the local engine's pass."""
     opts = VerifyOptions(**changes) if options is None else options
-    report = VerifyReport(elog.topic, [])
-    probes = snapshot_probes(opts.snapshots_root, elog.topic)
-    parts = elog.partitions()
-    records = {p: prepare_record(opts, p, report) for p in parts}
-    scans = distributed_scan(dist, elog, parts, records=records, segment_size=opts.segment_size,
-                             probes={p: [e for e, _, _ in probes.get(p, [])] for p in parts}, on_progress=on_progress)
-    for p, scan in zip(parts, scans):
-        conclude_partition(report, p, scan, probes.get(p, []))
-    return report
+
+    def hash_part(elog: EventLog, part: str, *, record: PartitionRecord | None, segment_size: int,
+                  probes: Sequence[int], on_progress: Callable[[int], None] | None, hasher: HashStage | None,
+                  decoder: Decoder | None) -> PartitionScan:
+        if hasher is not None:
+            log.info("%s lost entries before its first: verified by the local engine", part)
+            return hash_partition(elog, Span(part), record=record, segment_size=segment_size, probes=probes,
+                                  on_progress=on_progress, hasher=hasher, decoder=decoder)
+        return distributed_scan(dist, elog, [part], records={part: record}, segment_size=segment_size,
+                                probes={part: probes}, on_progress=on_progress, decoder=decoder)[0]
+
+    return verify_log(elog, opts, on_progress=on_progress, hash_part=hash_part)
 
 
 # --- reconcile -------------------------------------------------------------------------------------
 
 
-def distributed_reference(dist: Distribution, elog: EventLog, model: Model, snapshots_root: Path, *,
-                          leaves: bool = False, on_progress: Callable[[int], None] | None = None,
-                          on_error: OnModelError = "stop") -> Reference:
-    """:func:`chainfold.ops.reconcile.build_reference` on a cluster: the same reference (the log's
-    first-seen events in log order, the expected states, the scans checked against the record)."""
-    from ..ops.reconcile import PartitionReference, Reference, check_start, note_record
-
-    tdir = topic_dir(snapshots_root, elog.topic)
-    parts = elog.partitions()
-    records = {p: PartitionRecord(tdir, p) for p in parts}
-    recorded = {p: open_record(records[p])[0] for p in parts}
-    seg = next((r[0].segment_size for r in recorded.values() if r), DEFAULT_SEGMENT_SIZE)
-    options = RebuildOptions(snapshots_root=snapshots_root, full=True, write_snapshots=False, on_model_error=on_error)
-    plan = RebuildPlan(elog, model, options, parts, records, recorded, seg,
-                       SnapshotStore(snapshots_root, elog.topic, keep=options.keep))
-    names: list[str] = []
-    numbers: dict[str, int] = {}
-    refs = [PartitionReference(p, names, numbers, leaves) for p in parts]
-    holder: list[Reference] = []
-
-    def partition_done(pi: int, scan: PartitionScan) -> None:
-        reference = holder[0]
-        decoder = reference.folder.decoder
-        reference.malformed_in += [pi] * (len(decoder.malformed) - len(reference.malformed_in))
-        reference.duplicates_in += [pi] * (len(decoder.duplicates) - len(reference.duplicates_in))
-        reference.refs.append(refs[pi])
-        reference.scans.append(scan)
-        note_record(reference, parts[pi], scan)
-        check_start(elog, parts[pi], scan, refs[pi])
-
-    replay = DistributedRebuild(dist, plan, executor_ref(model.name), on_progress=on_progress,
-                                tap=lambda pi, index, eid, stream, leaf: refs[pi].append(index, eid, stream, leaf),
-                                tap_leaves=leaves, on_partition=partition_done, seen=SeenSet())
-    holder.append(Reference(elog.topic, [], [], replay.run_.folder, names))
-    replay.run()
-    reference = holder[0]
-    reference.locate()
-    return reference
-
-
 def distributed_reconcile_engine(dist: Distribution) -> dict[str, Any]:
-    """The ``build`` and ``rebuild`` of :func:`chainfold.ops.reconcile.reconcile` on ``dist``."""
-
-    def build(elog: EventLog, model: Model, snapshots_root: Path, **kw: Any) -> Reference:
-        return distributed_reference(dist, elog, model, snapshots_root, **kw)
+    """The engine's part of :func:`chainfold.ops.reconcile.reconcile` on ``dist``: the repair's
+    replay (``rebuild``). The reference (:func:`chainfold.ops.reference.build_reference`: on disk,
+    from a covering snapshot, with the history checks) is built by the local engine's pass."""
 
     def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None, /, **kw: Any) -> RebuildResult:
         return distributed_rebuild(dist, elog, model.name, options, **kw)
 
-    return {"build": build, "rebuild": rebuild}
+    return {"rebuild": rebuild}

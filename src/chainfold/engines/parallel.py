@@ -49,9 +49,10 @@ from ..hashing.stage import HashStage, PartitionScan, positions_at
 from ..log import Entry, EventLog
 from ..log.source import Source, Span
 from ..ops.rebuild import RebuildOptions, RebuildResult, RebuildRun, plan_rebuild, rebuild
-from ..ops.verify import (VerifyOptions, VerifyReport, conclude_partition, hash_partition, prepare_record,
+from ..ops.history import History, Truncation, earliest, locate_truncation
+from ..ops.verify import (VerifyOptions, VerifyReport, conclude_partition, hash_partition, prepare_record, seq_decoder,
                           snapshot_probes, verify_log)
-from ..replay.decode import Routed, Shard, unresolved_index
+from ..replay.decode import Routed, SeqGaps, Shard, unresolved_index
 from ..replay.fold import Folder, OnModelError
 from ..replay.model import load_model
 from ..replay.pipeline import Stops, run_pass
@@ -121,7 +122,7 @@ class _FoldTask:
         chain = ChainBuilder.from_state(pos.chain) if pos.entries else None
         after = elog.position(pos.message_id) if pos.message_id else None
         folder = Folder(model, states, self.index.open(), streams=opts.streams, shard=sh,
-                        on_error=opts.on_model_error)
+                        on_error=opts.on_model_error, seqs=SeqGaps.restore(snap.seqs).fork())
         folder.fold.resume((k for k in snap.skipped if mine(k.stream)), keep=False)  # the caller lists them
         return folder, chain, after
 
@@ -191,6 +192,8 @@ def parallel_rebuild(source: EventLog | LogSource, model: str, options: RebuildO
             return result
 
         try:
+            if any(run.lost_start(p) for p in run.plan.parts):
+                return serially("the log lost entries no snapshot covers (folded from where it starts now)")
             if len(run.plan.parts) == 1 and split == "fanout":
                 return _fan_out(run, elog, model, workers, serially)
             return _fold_in_tasks(run, source, model, workers, serially)
@@ -244,6 +247,7 @@ def _fold_in_tasks(run: RebuildRun, source: LogSource, model: str, workers: int,
         folder.malformed.extend(sorted((m for _, o in mine for m in o.malformed), key=lambda m: m.index))
         folder.duplicates.extend(sorted((d for _, o in mine for d in o.duplicates), key=lambda d: d.index))
         folder.skipped.extend(sorted((k for _, o in mine for k in o.skipped), key=lambda k: k.index))
+        folder.seqs.join([o.seqs for _, o in mine if o.seqs is not None])
         folder.index = max(o.index for _, o in mine)
         scan = next(o.scan for t, o in mine if t.hasher)
         run.scanned(p, scan)
@@ -318,15 +322,17 @@ class _Router:
 def _fold_worker(conn: Any, model_ref: str, shard: tuple[int, int], streams: frozenset[str] | None,
                  on_error: OnModelError) -> None:
     """A fold worker of a fanned-out rebuild: the starting states of its shard, where to keep its
-    event ids and the snapshot's skipped events of its shard, then routed batches, then the end;
-    answers with its :class:`~chainfold.engines.pool.Outcome` (the events it skipped itself)."""
+    event ids, the snapshot's skipped events of its shard and its streams' highest seqs, then routed
+    batches, then the end; answers with its :class:`~chainfold.engines.pool.Outcome` (the events it
+    skipped itself, its seq check)."""
     out = Outcome(shard[0])
     try:
         model = load_model(model_ref)
-        dumped, spec, skipped = pickle.loads(conn.recv_bytes())
+        dumped, spec, skipped, highest = pickle.loads(conn.recv_bytes())
         states = {s: model.load_state(v) for s, v in dumped.items()}
         before = dict(states)
-        folder = Folder(model, states, spec.open(), streams=streams, shard=shard, on_error=on_error)
+        folder = Folder(model, states, spec.open(), streams=streams, shard=shard, on_error=on_error,
+                        seqs=SeqGaps(highest))
         folder.fold.resume(skipped, keep=False)
         try:
             while (msg := conn.recv_bytes()) != _END:
@@ -367,7 +373,8 @@ def _fold_workers(run: RebuildRun, model_ref: str, specs: list[_IndexSpec]):  # 
         for i, conn in enumerate(conns):
             dumped = {s: model.dump_state(v) for s, v in folder.states.items() if shard.of(s) == i}
             skipped = [k for k in folder.skipped if shard.of(k.stream) == i]
-            conn.send_bytes(pickle.dumps((dumped, specs[i], skipped), protocol=5))
+            highest = {s: v for s, v in folder.seqs.highest.items() if shard.of(s) == i}
+            conn.send_bytes(pickle.dumps((dumped, specs[i], skipped, highest), protocol=5))
         yield conns
     finally:
         for conn in conns:
@@ -446,9 +453,13 @@ def _merge_routed(run: RebuildRun, elog: EventLog, scan: PartitionScan, outcomes
     folder, model = run.folder, run.plan.model
     names = _names(elog, scan, [m.message_id for o in outcomes for m in o.malformed]
                    + [d.message_id for o in outcomes for d in o.duplicates]
-                   + [k.message_id for o in outcomes for k in o.skipped])
+                   + [k.message_id for o in outcomes for k in o.skipped]
+                   + [g.message_id for o in outcomes if o.seqs is not None for g in o.seqs.gaps])
     for o in outcomes:
         _absorb(folder, o, model.load_state)
+        if o.seqs is not None:
+            o.seqs.gaps = [dataclasses.replace(g, message_id=names.get(g.message_id, g.message_id)) for g in o.seqs.gaps]
+    folder.seqs.join([o.seqs for o in outcomes if o.seqs is not None])
     folder.malformed.extend(sorted((dataclasses.replace(m, message_id=names.get(m.message_id, m.message_id))
                                     for o in outcomes for m in o.malformed), key=lambda m: m.index))
     folder.duplicates.extend(sorted((dataclasses.replace(d, message_id=names.get(d.message_id, d.message_id))
@@ -487,10 +498,14 @@ class _VerifyTask:
 
     def _hash(self, elog: EventLog, out: Outcome) -> None:
         span, chain = self._span(elog)
+        out.seqs = SeqGaps()  # this range's check, started empty: combined in log order (SeqGaps.then)
+        decoder = seq_decoder(out.seqs)
         out.scan = hash_partition(elog, span, record=self.options.record(self.partition), chain=chain,
                                   segment_size=self.segment_size, write=self.recorded is None,
-                                  probes=self.probes, on_progress=lambda n: publish_progress(self.task, n))
+                                  probes=self.probes, on_progress=lambda n: publish_progress(self.task, n),
+                                  decoder=decoder)
         out.read = out.scan.read
+        out.malformed = decoder.malformed
 
 
 def _merge_scans(part: str, scans: list[PartitionScan]) -> PartitionScan:
@@ -510,11 +525,26 @@ def _merge_scans(part: str, scans: list[PartitionScan]) -> PartitionScan:
     return merged
 
 
-def _scans(outcomes: list[Outcome]) -> list[PartitionScan]:
+def _scans(outcomes: list[Outcome], report: VerifyReport) -> list[PartitionScan]:
+    """The tasks' scans, in order; their seq checks and malformed entries go into ``report``."""
     for o in outcomes:
         if o.error is not None:
             raise o.error
+    for o in outcomes:
+        if o.seqs is not None:
+            report.history.seqs.then(o.seqs)
+        report.malformed.extend(o.malformed)
     return [o.scan for o in outcomes]
+
+
+def _truncated(elog: EventLog, opts: VerifyOptions, parts: list[str]) -> str | None:
+    """The first partition that lost recorded entries (verified serially), or None."""
+    for p in parts:
+        record = opts.record(p)
+        recorded = record.load() if record is not None and not opts.reset else []
+        if isinstance(locate_truncation(elog, p, recorded, record, earliest(elog, p)), Truncation):
+            return p
+    return None
 
 
 def parallel_verify(source: EventLog | LogSource, options: VerifyOptions | None = None, /, *, workers: int,
@@ -528,7 +558,12 @@ def parallel_verify(source: EventLog | LogSource, options: VerifyOptions | None 
         if workers <= 1:
             return verify_log(elog, opts, on_progress=on_progress)
         parts = elog.partitions()
-        report = VerifyReport(elog.topic, [])
+        lost = _truncated(elog, opts, parts)
+        if lost is not None:
+            serial = verify_log(elog, opts, on_progress=on_progress)
+            serial.notes.append(f"verified serially: {lost} lost recorded entries")
+            return serial
+        report = VerifyReport(elog.topic, [], history=History(allow_partial=opts.allow_partial_history))
         probes = snapshot_probes(opts.snapshots_root, elog.topic)
         recorded = {}
         for part in parts:
@@ -538,7 +573,7 @@ def parallel_verify(source: EventLog | LogSource, options: VerifyOptions | None 
             tasks = [_VerifyTask(i, source, opts, p, opts.segment_size, [e for e, _, _ in probes.get(p, [])], None)
                      for i, p in enumerate(parts)]
             outcomes = run_tasks(tasks, workers, on_progress, sum)
-            for p, scan in zip(parts, _scans(outcomes)):
+            for p, scan in zip(parts, _scans(outcomes, report)):
                 conclude_partition(report, p, scan, probes.get(p, []))
             report.workers = min(workers, len(tasks))
             report.worker_peak_rss = peaks(outcomes)
@@ -568,7 +603,7 @@ def _verify_ranges(elog: EventLog, source: LogSource, opts: VerifyOptions, repor
         tasks.append(_VerifyTask(i, source, opts, part, S, [e for e, _, _ in mine if lo < e <= hi or e == lo == 0],
                                  full, bounds[i], bounds[i + 1]))
     outcomes = run_tasks(tasks, n_ranges, on_progress, sum)
-    scans = _scans(outcomes)
+    scans = _scans(outcomes, report)
     odd = next((f"range {i} read {s.read} entries, {(t.end - t.first) * S} recorded"
                 for i, (s, t) in enumerate(zip(scans, tasks)) if s.mismatch is not None or s.read != (t.end - t.first) * S),
                None)
@@ -577,10 +612,14 @@ def _verify_ranges(elog: EventLog, source: LogSource, opts: VerifyOptions, repor
         return verify_log(elog, opts, on_progress=on_progress)
     # The entries after the recorded segments: hashed, checked and recorded here.
     done = len(full) * S
+    decoder = seq_decoder(report.history.seqs)  # continues the ranges' combined check
+    decoder.index = done
     tail = hash_partition(elog, Span(part, after=elog.position(full[-1].last)),  # type: ignore[arg-type]
                           record=opts.record(part), chain=ChainBuilder.after_segments(full), segment_size=S,
                           probes=[e for e, _, _ in mine if e > done],
-                          on_progress=(lambda n: on_progress(done + n)) if on_progress is not None else None)
+                          on_progress=(lambda n: on_progress(done + n)) if on_progress is not None else None,
+                          decoder=decoder)
+    report.malformed.extend(decoder.malformed)
     conclude_partition(report, part, _merge_scans(part, scans + [tail]), mine)
     report.workers = n_ranges
     report.worker_peak_rss = peaks(outcomes)

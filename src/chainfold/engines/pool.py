@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import ChainfoldError, InvalidArgument, ModelError, WorkerFailed
 from ..log import EventLog
 from ..log.broker import BrokerOptions
-from ..replay.decode import Decoder, Duplicate, Malformed
+from ..replay.decode import Decoder, Duplicate, Malformed, SeqGaps
 from ..replay.fold import Folder, Skipped
 
 __all__ = ["LogSource", "PulsarSource", "as_source", "peak_rss", "Outcome", "run_tasks", "publish_progress",
@@ -125,6 +125,7 @@ class Outcome:
     index: int = 0
     misrouted: int = 0
     read: int = 0
+    seqs: SeqGaps | None = None  # the seq check of the streams this task folded (or the range it hashed)
     error: ChainfoldError | None = None
     error_index: int = 0
 
@@ -140,6 +141,7 @@ class Outcome:
         self.applied = folder.applied
         self.index = decoder.index
         self.misrouted = decoder.misrouted
+        self.seqs = folder.seqs
 
     def failed(self, exc: ChainfoldError) -> None:
         """Record the task's error (the first one), with the log index of a model error."""

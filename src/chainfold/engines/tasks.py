@@ -14,9 +14,10 @@ data is (a Spark executor; the in-process cluster of the tests), each a plain fu
   first entry in log order (first entry wins) and the later ones (duplicates).
 * :func:`fold_items` and :func:`fold_streams`: every well-formed event keyed by stream and ordered
   by log position, folded one stream at a time by the fold stage
-  (:class:`~chainfold.replay.fold.FoldStage`, same policies), with the per-stream ``seq`` check
-  (:class:`~chainfold.replay.decode.SeqGaps`) over every well-formed entry, duplicates included, as
-  the local decode stage's hook sees them (:class:`StreamResult`).
+  (:class:`~chainfold.replay.fold.FoldStage`, same policies) (:class:`StreamResult`). The per-stream
+  ``seq`` check (:class:`~chainfold.replay.decode.SeqGaps`) runs on the driver over what
+  :func:`assemble` sends of every well-formed entry, duplicates included, in log order (as the local
+  decode stage's hook sees them): its state at each snapshot is the local engine's.
 
 A log position across partitions (``gpos``) is ``partition number << 40 | index in the partition``:
 ordered as the local engine replays a partitioned topic (partition after partition).
@@ -37,13 +38,13 @@ from ..envelope import Event, decode
 from ..errors import MalformedEnvelope, ModelError
 from ..hashing.stage import Piece
 from ..log import EventLog, partition_index
-from ..replay.decode import Decoded, SeqGap, SeqGaps
+from ..replay.decode import Decoded
 from ..replay.fold import FoldStage, OnModelError, Skipped
 from ..replay.model import Model, load_model
 from ..replay.pieces import id_keys
 from .spark_io import ReadRange, open_range
 
-__all__ = ["GPOS_SHIFT", "gpos", "Chunk", "read_chunk", "Assembly", "assemble", "dedup_pairs", "prior_candidates",
+__all__ = ["GPOS_SHIFT", "gpos", "Chunk", "read_chunk", "Assembly", "assemble", "SeqItems", "dedup_pairs", "prior_candidates",
            "fold_items",
            "StreamResult", "fold_streams", "portable_error"]
 
@@ -61,14 +62,16 @@ def gpos(pi: int, index: int) -> int:
 
 
 class Events(NamedTuple):
-    """The well-formed events of a chunk, column by column: offsets in the chunk, ids, streams and
-    payloads (columns pickle several times faster than a list of event objects, and a payload is
-    decoded again where it is folded: cheaper than pickling the decoded event there and back)."""
+    """The well-formed events of a chunk, column by column: offsets in the chunk, ids, streams,
+    payloads and ``seq`` (None: the producer sent none) (columns pickle several times faster than a
+    list of event objects, and a payload is decoded again where it is folded: cheaper than pickling
+    the decoded event there and back)."""
 
     offsets: array
     ids: list[str]
     streams: list[str]
     payloads: list[bytes]
+    seqs: list[int | None]
 
     def used(self, used: int) -> int:
         """How many of the events are among the chunk's first ``used`` entries."""
@@ -136,7 +139,7 @@ def read_chunk(open_log: Callable[[], EventLog], rng: ReadRange, pi: int, ri: in
     hashes: list[bytes] = []
     mids = array("q")
     malformed: list[tuple[int, str]] = []
-    events = Events(array("l"), [], [], []) if decode_events else None
+    events = Events(array("l"), [], [], [], []) if decode_events else None
     late = None
     n = 0
     with open_range(open_log, rng) as reader:
@@ -155,7 +158,7 @@ def read_chunk(open_log: Callable[[], EventLog], rng: ReadRange, pi: int, ri: in
 
 
 def _decode_into(events: Events, malformed: list[tuple[int, str]], batch: Sequence[Any], start: int) -> None:
-    offsets, ids, streams, payloads = events
+    offsets, ids, streams, payloads, seqs = events
     for k, e in enumerate(batch, start):
         payload = e.payload
         try:
@@ -167,6 +170,7 @@ def _decode_into(events: Events, malformed: list[tuple[int, str]], batch: Sequen
         ids.append(ev.id)
         streams.append(ev.stream)
         payloads.append(payload)
+        seqs.append(ev.seq)
 
 
 # --- what the driver assembles ---------------------------------------------------------------------
@@ -176,7 +180,10 @@ def _decode_into(events: Events, malformed: list[tuple[int, str]], batch: Sequen
 class Assembly:
     """What the driver needs of one chunk, in log order: its pieces (hashes); its well-formed
     events' indexes, ids and streams (and leaf hashes) when asked for; its malformed entries as
-    ``(index, message id, reason)`` and its duplicates as ``(index, message id, event id)``."""
+    ``(index, message id, reason)`` and its duplicates as ``(index, message id, event id)``;
+    ``seqs``: every well-formed event (duplicates included) as ``(index, stream, seq, message id)``
+    for the driver's ``seq`` check (:class:`SeqItems`), the message id only where the event may be
+    a gap (its ``seq`` more than one above the highest of its stream earlier in the chunk)."""
 
     pi: int
     ri: int
@@ -189,6 +196,7 @@ class Assembly:
     id_leaves: list[bytes] | None
     malformed: list[tuple[int, str, str]]
     duplicates: list[tuple[int, str, str]]
+    seqs: list[tuple[int, str, int | None, str | None]] = field(default_factory=list)
 
 
 def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Sequence[int], carry_from: int, *,
@@ -224,7 +232,52 @@ def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Seque
     if duplicates and ev is not None:
         base = gpos(chunk.pi, begin)
         dups = [(begin + k, chunk.mid(k), eid) for k, eid in zip(ev.offsets[:n], ev.ids) if base + k in duplicates]
-    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_idx, out_ids, out_streams, out_leaves, malformed, dups)
+    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_idx, out_ids, out_streams, out_leaves, malformed, dups,
+                    _seq_items(chunk, begin, n))
+
+
+def _seq_items(chunk: Chunk, begin: int, n: int) -> list[tuple[int, str, int | None, str | None]]:
+    """The chunk's first ``n`` well-formed events as ``(index, stream, seq, message id)``: a gap
+    the driver finds is at an event whose ``seq`` is above the highest of its stream before it
+    plus one, so above the chunk's own plus one: only those carry their message id."""
+    ev = chunk.events
+    if ev is None:
+        return []
+    top: dict[str, int] = {}
+    out = []
+    for k, stream, seq in zip(ev.offsets[:n], ev.streams, ev.seqs):
+        mid = None
+        if seq is not None:
+            t = top.get(stream, 0)
+            if seq > t:
+                if seq > t + 1:
+                    mid = chunk.mid(k)
+                top[stream] = seq
+        out.append((begin + k, stream, seq, mid))
+    return out
+
+
+class _SeqEvent(NamedTuple):
+    stream: str
+    seq: int | None
+
+
+class SeqItems:
+    """A run of :attr:`Assembly.seqs` as the :class:`~chainfold.replay.decode.SeqGaps` hook reads
+    a decoded batch (``events``, ``message_id(j)``, ``index(j)``)."""
+
+    def __init__(self, items: Sequence[tuple[int, str, int | None, str | None]]) -> None:
+        self.items = items
+        self.events = [_SeqEvent(s, q) for _, s, q, _ in items]
+
+    def message_id(self, j: int) -> str:
+        mid = self.items[j][3]
+        if mid is None:
+            raise AssertionError(f"no message id sent for the event at entry {self.items[j][0]}: a bug")
+        return mid
+
+    def index(self, j: int) -> int:
+        return self.items[j][0]
 
 
 # --- dedup -----------------------------------------------------------------------------------------
@@ -281,7 +334,8 @@ class StreamResult:
     False when it has none: every event skipped, or a stream not folded), its state at each stop
     where events of it came before (``cut_states``: ``(stop number, dumped state)``), where its first
     event was applied (``first_applied``, a gpos), how many were applied, the events skipped and the
-    error that stopped it (with gpos), its ``seq`` gaps (with gpos) and events without ``seq``."""
+    error that stopped it (with gpos). (The ``seq`` check runs on the driver, in log order:
+    :attr:`Assembly.seqs`.)"""
 
     stream: str
     present: bool = False
@@ -291,8 +345,6 @@ class StreamResult:
     applied: int = 0
     skipped: list[tuple[int, Skipped]] = field(default_factory=list)
     error: tuple[int, ModelError] | None = None
-    gaps: list[tuple[int, SeqGap]] = field(default_factory=list)
-    unverifiable: int = 0
 
 
 _MODELS: dict[str, Model] = {}
@@ -359,10 +411,6 @@ def _fold_one(stream: str, items: list[tuple[int, Any]], model: Model, on_error:
         items = items[1:]
     items = [(g, (decode(payload), mid, dup)) for g, (payload, mid, dup) in items]
     where = {mid: g for g, (_, mid, _) in items}
-    seq = SeqGaps()
-    seq(_decoded([x[0] for _, x in items], [g & _LOW for g, _ in items], [x[1] for _, x in items]))
-    out.gaps = [(where[gap.message_id], gap) for gap in seq.gaps]
-    out.unverifiable = seq.unverifiable
     fold = FoldStage(model, states, streams=streams, on_error=on_error)
     fold.resume(resumed, keep=False)
     kept = [(g, x) for g, x in items if not x[2]]

@@ -123,7 +123,7 @@ def name_entry(index: int, segment: int, entries: Sequence[Entry], first_index: 
     """The mismatch at ``index``, naming its entry when ``entries`` (starting at log index
     ``first_index``) hold it."""
     j = index - first_index
-    if 0 <= j < len(entries):
+    if 0 <= j < len(entries) and entries[j] is not None:  # None: a lost entry known by its recorded leaf
         e = entries[j]
         return Mismatch(index, segment, str(e.message_id), _event_id(e.payload), reason, comparisons)
     return Mismatch(index, segment, None, None, reason, comparisons)

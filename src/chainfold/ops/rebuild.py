@@ -14,7 +14,10 @@ its own policy (any other rejects it with the reason).
 
 When the log no longer holds its beginning (retention, a lost ledger), a valid snapshot at or after
 the loss is used and the report says that earlier history could not be re-verified; without one the
-rebuild fails with :class:`~chainfold.errors.HistoryUnrecoverable`, naming the gap.
+rebuild fails with :class:`~chainfold.errors.HistoryUnrecoverable`, naming the gap (unless
+``allow_partial_history``: then the log is folded from where it starts now). Every stream's ``seq``
+is checked for gaps on the way (:mod:`chainfold.ops.history`); the result's ``history`` says what
+was found, and :meth:`History.problem` whether the rebuild must not count as done.
 
 The work is in three steps any engine reuses: :func:`plan_rebuild` (records, lost history, the
 snapshot to start from), a :class:`RebuildRun` (the stages, folding partition by partition, the
@@ -38,6 +41,7 @@ from ..hashing.record import PartitionRecord, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
 from ..log import Entry, EventLog, MessageId, Position
 from ..log.source import Source, Span
+from ..replay.decode import SeqGaps
 from ..replay.fold import Folder, OnModelError, check_policy
 from ..replay.model import Model
 from ..replay.dedup import DEFAULT_MEMORY_BYTES, DedupIndex
@@ -45,8 +49,9 @@ from ..replay.pipeline import Stops, run_pass
 from ..replay.seen import SeenIds
 from ..store.sink import SnapshotSink
 from ..store.snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
+from .history import REWRITTEN, History, Truncation, earliest as _earliest, locate_truncation, shifted_stage
 
-__all__ = ["RebuildOptions", "RebuildResult", "RebuildPlan", "RebuildRun", "plan_rebuild", "rebuild",
+__all__ = ["RebuildOptions", "RebuildResult", "RebuildPlan", "RebuildRun", "plan_rebuild", "rebuild", "run_plan",
            "DEFAULT_SNAPSHOT_EVERY"]
 
 log = logging.getLogger("chainfold.ops.rebuild")
@@ -68,6 +73,10 @@ class RebuildOptions:
     divergence). ``on_model_error`` is what a model error does (``stop``, ``skip-event``,
     ``skip-stream``; see the module doc). ``dedup_memory`` bounds the bytes of event ids the dedup
     index keeps in memory (per process) before it spills them beside the snapshots.
+    divergence). ``allow_partial_history``: the log is known to start mid-history (a truncation no
+    snapshot covers is folded from where the log starts now; seq gaps are accepted).
+    ``prefer_full``: from the start of the log unless it lost entries, then from the newest valid
+    snapshot that covers the loss (reconcile's reference).
     """
 
     snapshots_root: Path
@@ -82,6 +91,8 @@ class RebuildOptions:
     max_snapshot_entries: int | None = None
     on_model_error: OnModelError = "stop"
     dedup_memory: int = DEFAULT_MEMORY_BYTES
+    allow_partial_history: bool = False
+    prefer_full: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "snapshots_root", Path(self.snapshots_root))
@@ -151,6 +162,11 @@ class RebuildResult:
     def from_snapshot(self) -> int | None:
         return self.snapshot.entries if self.snapshot is not None else None
 
+    @property
+    def history(self) -> History:
+        """What the rebuild found about the log's history (truncations, seq gaps)."""
+        return History(self.folder.seqs, self.plan.truncations, self.plan.options.allow_partial_history)
+
     def to_json(self) -> dict[str, Any]:
         f = self.folder
         return {
@@ -177,7 +193,8 @@ class RebuildResult:
                                   for s in self.scans if s.mismatch), None),
             "snapshots_written": self.written,
             "redeliveries_dropped": sum(s.redelivered for s in self.scans),
-            "notes": self.notes,
+            **self.history.to_json(),
+            "notes": self.notes + self.history.notes(),
             "seconds": round(self.seconds, 3),
             **({"workers": self.workers} if self.workers > 1 else {}),
         }
@@ -211,39 +228,12 @@ def _read(elog: EventLog, span: Span) -> list[Entry]:
     return [e for batch in Source(elog, span) for e in batch]
 
 
-def _earliest(elog: EventLog, part: str) -> Position | None:
-    first = _read(elog, Span(part, limit=1))
-    return first[0].message_id if first else None
-
-
 def _holds(elog: EventLog, part: str, pos: Position, leaf: bytes | None) -> bool:
     """Does the log still hold the entry at ``pos`` (with the payload whose leaf hash is ``leaf``)?"""
     found = _read(elog, Span(part, start=pos, limit=1))
     if not found or found[0].message_id != pos:
         return False
     return leaf is None or leaf_hashes(found) == [leaf]
-
-
-def _remaining_agrees(elog: EventLog, part: str, recorded: list[Checkpoint], earliest: Position | None) -> bool | None:
-    """Does what the log still holds agree with what was recorded for it?
-
-    Checks the first recorded full segment that starts at or after the log's earliest entry: the
-    log must still hold it with the recorded root. None when no recorded segment lets us tell.
-    """
-    if earliest is None:
-        return None
-    for cp in recorded:
-        if cp.first is None:
-            continue
-        first = elog.position(cp.first)
-        if first < earliest:
-            continue
-        count = cp.size - cp.segment * cp.segment_size  # a provisional checkpoint covers a prefix
-        entries = _read(elog, Span(part, start=first, limit=count))
-        if entries and entries[0].message_id != first:
-            return False
-        return len(entries) == count and merkle.root(leaf_hashes(entries)) == cp.root
-    return None
 
 
 @dataclass
@@ -265,7 +255,12 @@ class RebuildPlan:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     passed_over: set[str] = field(default_factory=set)
     """Rejected snapshots that are past where this replay must start: expected, not faults."""
+    truncations: list[Truncation] = field(default_factory=list)
+    """Partitions that lost recorded entries (and the snapshot that covers each, if one does)."""
     started: float = field(default_factory=time.monotonic)
+
+    def truncation(self, partition: str) -> Truncation | None:
+        return next((t for t in self.truncations if t.partition == partition), None)
 
 
 def plan_rebuild(elog: EventLog, model: Model, options: RebuildOptions) -> RebuildPlan:
@@ -284,7 +279,7 @@ def plan_rebuild(elog: EventLog, model: Model, options: RebuildOptions) -> Rebui
                        SnapshotStore(options.snapshots_root, elog.topic, keep=options.keep), notes)
     earliest = {p: _earliest(elog, p) for p in parts}
     gaps, rewritten = _lost_history(plan, earliest)
-    if not options.full and options.until_time is None:
+    if not options.full and options.until_time is None and (gaps or not options.prefer_full):
         _choose_snapshot(plan, earliest, rewritten)
     for path, reason in plan.rejected:
         # passed over by request (a replay that must start before a given entry, --until) is
@@ -301,23 +296,19 @@ def plan_rebuild(elog: EventLog, model: Model, options: RebuildOptions) -> Rebui
 
 def _lost_history(plan: RebuildPlan, earliest: dict[str, Position | None]) -> tuple[dict[str, str], set[str]]:
     """Partitions whose log now starts after where the record says it started: lost history
-    (``gaps``: why) or, when what the log holds disagrees with the record, rewritten."""
+    (``gaps``: why; the :class:`Truncation` goes into ``plan.truncations``) or, when what the log
+    holds disagrees with the record, rewritten."""
     gaps: dict[str, str] = {}
     rewritten: set[str] = set()
     for p in plan.parts:
-        rec = plan.recorded[p]
-        if not rec or rec[0].first is None:
-            continue
-        first = plan.elog.position(rec[0].first)
-        e = earliest[p]
-        if e is not None and not first < e:
-            continue
-        if _remaining_agrees(plan.elog, p, rec, e) is False:
+        t = locate_truncation(plan.elog, p, plan.recorded[p], plan.records[p], earliest[p])
+        if t == REWRITTEN:
             # not lost history: the log now holds other entries than the ones recorded
             rewritten.add(p)
             plan.notes.append(f"{p}: the log no longer matches its recorded checkpoints (rewritten?)")
-        else:
-            gaps[p] = f"{p}: the log now starts at {e} but entry 0 was {first} when recorded"
+        elif isinstance(t, Truncation):
+            plan.truncations.append(t)
+            gaps[p] = f"{p}: the log now starts at {t.first_available} but entry 0 was {t.recorded_first} when recorded"
     return gaps, rewritten
 
 
@@ -376,18 +367,32 @@ def _unusable(plan: RebuildPlan, cand: Snapshot, earliest: dict[str, Position | 
 
 def _check_gaps(plan: RebuildPlan, gaps: dict[str, str], earliest: dict[str, Position | None]) -> None:
     """History is gone: fine when the chosen snapshot covers every gap (a note says what could not
-    be re-verified), else :class:`~chainfold.errors.HistoryUnrecoverable`."""
+    be re-verified; each :class:`Truncation` names the snapshot), or when the log is known to start
+    mid-history (``allow_partial_history``: folded from where it starts now); else
+    :class:`~chainfold.errors.HistoryUnrecoverable`, naming the first entry the log holds."""
     chosen = plan.snapshot
-
-    def covers(pos: PartitionPosition) -> bool:
-        e = earliest[pos.partition]
-        return pos.partition not in gaps or (
-            pos.message_id is not None and e is not None and e <= plan.elog.position(pos.message_id))
-
-    if chosen is None or not all(covers(pos) for pos in chosen.partitions):
-        raise HistoryUnrecoverable("history is gone and no valid snapshot covers the gap: " + "; ".join(gaps.values()))
-    plan.notes.append("entries before the snapshot are gone from the log: earlier history could not be "
-                      "re-verified (" + "; ".join(gaps.values()) + ")")
+    for t in plan.truncations:
+        pos = chosen.position(t.partition) if chosen is not None else None
+        if pos is None or pos.message_id is None:
+            continue
+        e = earliest[t.partition]
+        if (pos.entries >= t.index) if t.index is not None else (e is not None and e <= plan.elog.position(pos.message_id)):
+            t.covered_by = plan.snapshot_path
+    history = History(SeqGaps(), plan.truncations, plan.options.allow_partial_history)
+    if history.covered:
+        plan.notes.append("entries before the snapshot are gone from the log: earlier history could not be "
+                          "re-verified (" + "; ".join(gaps.values()) + ")")
+        return
+    problem = history.problem()
+    if problem is not None:
+        first = next(t for t in plan.truncations if t.covered_by is None)
+        raise HistoryUnrecoverable(problem, message_id=first.first_available, partition=first.partition,
+                                   details=history.to_json())
+    if chosen is not None and not all(t.covered_by for t in plan.truncations):
+        # a snapshot from before the loss cannot be continued across it: fold from where the log starts
+        plan.rejected.append((plan.snapshot_path or "", "the log lost entries after its position"))
+        plan.snapshot, plan.snapshot_path = None, None
+    plan.notes.append("folded from where the log starts now (" + "; ".join(gaps.values()) + ")")
 
 
 class RebuildRun:
@@ -419,13 +424,13 @@ class RebuildRun:
             raise InvalidArgument("a rebuild run given its own index of seen ids starts from no snapshot and takes none")
         self.seen, writes = (seen, False) if seen is not None else self._index(snap.dedup if snap is not None else None)
         folder = Folder(model, states, self.seen, index=snap.entries if snap is not None else 0, streams=opts.streams,
-                        on_error=opts.on_model_error)
+                        on_error=opts.on_model_error, seqs=SeqGaps.restore(snap.seqs) if snap is not None else None)
         if snap is not None:
             folder.fold.resume(k for k in snap.skipped if opts.streams is None or k.stream in opts.streams)
         self.folder = folder
         self.result = RebuildResult(plan, folder)
-        self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap) \
-            if writes else None
+        self.sink = SnapshotSink(plan.store, folder.fold, folder.decoder, plan.parts, plan.segment_size, snap,
+                                 seqs=folder.seqs) if writes else None
         self.start = {pos.partition: pos for pos in snap.partitions} if snap is not None else {}
         self._read = 0
 
@@ -452,12 +457,29 @@ class RebuildRun:
         after = self.plan.elog.position(pos.message_id) if pos is not None and pos.message_id else None
         return chain, after
 
+    def lost_start(self, p: str) -> bool:
+        """Whether partition ``p`` is folded from where it starts now after losing entries that no
+        snapshot covers (then each stream's first ``seq`` there is where its check starts)."""
+        return self.plan.truncation(p) is not None and self.start_of(p)[0] is None
+
     def hash_stage(self, p: str, stage: type[HashStage] = HashStage) -> HashStage:
         """The hash stage of partition ``p``'s pass (records only a rebuild that reads to the end);
-        ``stage`` may be a subclass (the distributed engine's :class:`~chainfold.hashing.stage.PieceStage`)."""
+        ``stage`` may be a subclass (the distributed engine's :class:`~chainfold.hashing.stage.PieceStage`),
+        used where ``p`` lost no entries. A partition that lost entries and is folded from where it
+        starts now is hashed at the recorded positions of what it still holds (or, when the record
+        cannot place them, not compared with the record at all)."""
         chain, _ = self.start_of(p)
-        return stage.open(self.plan.elog, p, record=self.plan.records[p], chain=chain,
-                          segment_size=self.plan.segment_size, write=not self.plan.options.bounded)
+        plan = self.plan
+        t = plan.truncation(p)
+        write = not plan.options.bounded
+        if t is not None and chain is not None:
+            t.checked_from = chain.size
+        if t is not None and chain is None:
+            if t.index is None:
+                return HashStage.open(plan.elog, p, segment_size=plan.segment_size, write=False)
+            return shifted_stage(plan.elog, p, t, record=plan.records[p], recorded=plan.recorded[p], write=write)
+        return stage.open(plan.elog, p, record=plan.records[p], chain=chain, segment_size=plan.segment_size,
+                          write=write)
 
     def source(self, p: str) -> Source:
         opts = self.plan.options
@@ -466,6 +488,7 @@ class RebuildRun:
     def partition(self, p: str) -> None:
         """Fold partition ``p`` here, snapshotting every ``snapshot_every`` entries."""
         hasher, source, base = self.hash_stage(p), self.source(p), self._read
+        self.folder.seqs.lost_start = self.lost_start(p)
         stops = Stops()
         if self.on_progress is not None:
             progress = self.on_progress
@@ -523,7 +546,11 @@ def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None,
     ``options`` (:class:`RebuildOptions`), or its fields as keywords (``snapshots_root=...,
     full=True``); ``on_progress(entries read)`` is called as the rebuild goes.
     """
-    plan = plan_rebuild(elog, model, RebuildOptions.of(options, **changes))
+    return run_plan(plan_rebuild(elog, model, RebuildOptions.of(options, **changes)), on_progress)
+
+
+def run_plan(plan: RebuildPlan, on_progress: Callable[[int], None] | None = None) -> RebuildResult:
+    """The local engine's replay of ``plan``, partition after partition (:func:`rebuild`'s pass)."""
     run = RebuildRun(plan, on_progress)
     try:
         for p in plan.parts:

@@ -23,30 +23,26 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
-from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..envelope import json_error
-from ..errors import BadInput, HistoryUnrecoverable, MalformedInputLine, RootMismatch
+from ..errors import BadInput, MalformedInputLine, RootMismatch
 from ..hashing.chain import ChainBuilder, Checkpoint, bisect_heads, first_difference_in_segment
 from ..hashing.checkpoints import CheckpointFile
-from ..hashing.record import PartitionRecord
-from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, positions_at, topic_head
+from ..hashing.stage import DEFAULT_SEGMENT_SIZE, PartitionScan, positions_at, topic_head
 from ..jsonl import iter_json_lines
 from ..log import EventLog, MessageId
-from ..log.source import Source, Span
-from ..replay.decode import Decoded
-from ..replay.fold import Folder, OnModelError
+from ..replay.fold import OnModelError
 from ..replay.model import Model, render_json
-from ..replay.pipeline import Stops, run_pass
 from ..statediff import state_delta
-from ..store.snapshots import topic_dir
 from .corrections import make_corrections
 from .positions import report_positions
+from .reference import Reference, build_reference
 from ..tracker import leaves_path_for
 
 __all__ = [
@@ -59,6 +55,8 @@ __all__ = [
     "Evidence",
     "Reference",
     "build_reference",
+    "compare",
+    "unknown_ids",
     "check_evidence",
     "diff_processed",
     "diff_tracker",
@@ -70,46 +68,71 @@ __all__ = [
 
 log = logging.getLogger("chainfold.ops.reconcile")
 
-_LOW = (1 << 40) - 1
-
-
 # --- inputs ------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Processed:
-    """A processed log (docs/worker-evidence.md): event ids in handling order, with their line numbers."""
+    """A processed log (docs/worker-evidence.md), validated whole but not held: its lines are read
+    again when compared (:meth:`rows`), so memory does not grow with it. ``path`` names it in
+    messages; ``events`` counts its lines (handlings). Standard input is kept in a temporary file."""
 
     path: str
-    ids: list[str]
-    lines: list[int]
-    message_ids: list[str | None]
+    file: str
+    events: int
+    spool: Any = None  # the temporary file holding standard input, removed with this object
+
+    def rows(self) -> Iterator[tuple[str, int, str | None]]:
+        """``(event id, line, message id or None)`` per handling, in handling order."""
+        with open(self.file, encoding="utf-8") as f:
+            for lineno, text in enumerate(f, 1):
+                if text.strip():
+                    obj = json.loads(text)
+                    yield obj["id"], lineno, obj.get("message_id")
+
+    @property
+    def ids(self) -> list[str]:
+        """Every handled id, in order (a list as long as the file: for small logs and tests)."""
+        return [eid for eid, _, _ in self.rows()]
+
+    def __len__(self) -> int:
+        return self.events
+
+
+def _check_line(name: str, lineno: int, obj: Any) -> None:
+    if not isinstance(obj, dict):
+        raise MalformedInputLine(name, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    eid = obj.get("id")
+    if not isinstance(eid, str) or not eid:
+        raise MalformedInputLine(name, lineno, "'id' must be a non-empty string")
+    mid = obj.get("message_id")
+    if mid is not None:
+        if not isinstance(mid, str):
+            raise MalformedInputLine(name, lineno, "'message_id' must be a string")
+        try:
+            MessageId.parse(mid)
+        except BadInput:
+            raise MalformedInputLine(name, lineno, f"'message_id' {mid!r} is not ledger:entry:partition:batch") from None
 
 
 def load_processed(path: str) -> Processed:
-    """Read a processed log; a line that is not ``{"id": str, "message_id"?: str}`` is refused."""
-    ids: list[str] = []
-    lines: list[int] = []
-    mids: list[str | None] = []
+    """Check a processed log whole (one pass, O(1) memory); a line that is not ``{"id": str,
+    "message_id"?: str}`` is refused (:class:`MalformedInputLine`). ``-`` reads standard input
+    (kept in a temporary file for the comparison)."""
     name = "<stdin>" if path == "-" else path
+    spool = None
+    if path == "-":
+        spool = tempfile.NamedTemporaryFile("w+", encoding="utf-8", prefix="chainfold-processed-", suffix=".jsonl")
+    n = written = 0
     for lineno, obj in iter_json_lines(path):
-        if not isinstance(obj, dict):
-            raise MalformedInputLine(name, lineno, f"expected a JSON object, got {type(obj).__name__}")
-        eid = obj.get("id")
-        if not isinstance(eid, str) or not eid:
-            raise MalformedInputLine(name, lineno, "'id' must be a non-empty string")
-        mid = obj.get("message_id")
-        if mid is not None:
-            if not isinstance(mid, str):
-                raise MalformedInputLine(name, lineno, "'message_id' must be a string")
-            try:
-                MessageId.parse(mid)
-            except BadInput:
-                raise MalformedInputLine(name, lineno, f"'message_id' {mid!r} is not ledger:entry:partition:batch") from None
-        ids.append(eid)
-        lines.append(lineno)
-        mids.append(mid)
-    return Processed(name, ids, lines, mids)
+        _check_line(name, lineno, obj)
+        n += 1
+        if spool is not None:  # line for line, blank ones too: reports name the input's line numbers
+            spool.write("\n" * (lineno - 1 - written) + json.dumps(obj) + "\n")
+            written = lineno
+    if spool is not None:
+        spool.flush()
+    return Processed(name, spool.name if spool is not None else path, n, spool)
 
 
 def load_state_export(path: str) -> dict[str, Any]:
@@ -218,140 +241,7 @@ class ReconcileReport:
         return out
 
 
-# --- the reference -----------------------------------------------------------------------------------
-
-
-class PartitionReference:
-    """The reference sequence of one partition, in log order, kept compact (about 30 bytes per
-    event besides the id strings): log positions in a typed array, streams numbered, leaf hashes
-    only when tracker evidence needs them. Message ids are not kept: the one a report names is read
-    again (:func:`~chainfold.hashing.stage.positions_at`)."""
-
-    def __init__(self, partition: str, stream_names: list[str], stream_numbers: dict[str, int], leaves: bool) -> None:
-        self.partition = partition
-        self.index = array("q")
-        self.ids: list[str] = []
-        self.stream_no = array("l")
-        self.leaves: list[bytes] | None = [] if leaves else None
-        self._names = stream_names
-        self._numbers = stream_numbers
-
-    def stream(self, j: int) -> str:
-        return self._names[self.stream_no[j]]
-
-    def add(self, d: Decoded, leaves: list[bytes] | None) -> None:
-        """The decode stage's tap: every event it passes on is the reference's next one (``leaves``:
-        the hash stage's leaf hashes of the batch)."""
-        numbers, names = self._numbers, self._names
-        for j, ev in enumerate(d.events):
-            self.index.append(d.index(j))
-            self.ids.append(ev.id)
-            sno = numbers.get(ev.stream)
-            if sno is None:
-                sno = numbers[ev.stream] = len(names)
-                names.append(ev.stream)
-            self.stream_no.append(sno)
-        if self.leaves is not None and leaves is not None and d.events:
-            start = d.index(0) - d.offset(0)  # the log index of the batch's first entry
-            self.leaves.extend(leaves[d.index(j) - start] for j in range(len(d.events)))
-
-    def append(self, index: int, event_id: str, stream: str, leaf: bytes | None) -> None:
-        """One more reference event (what :meth:`add` does per event, for engines that fold elsewhere)."""
-        self.index.append(index)
-        self.ids.append(event_id)
-        sno = self._numbers.get(stream)
-        if sno is None:
-            sno = self._numbers[stream] = len(self._names)
-            self._names.append(stream)
-        self.stream_no.append(sno)
-        if self.leaves is not None and leaf is not None:
-            self.leaves.append(leaf)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class Reference:
-    """What a correct worker handles (docs/worker-evidence.md): per partition, the reference sequence and the pass
-    over it (hashes, checked against and recorded into the log's record); the expected states."""
-
-    topic: str
-    refs: list[PartitionReference]
-    scans: list[PartitionScan]
-    folder: Folder
-    stream_names: list[str]
-    notes: list[str] = field(default_factory=list)
-    where: dict[str, int] = field(default_factory=dict)
-    """event id → position in its partition's reference, plus the partition number << 40."""
-    malformed_in: list[int] = field(default_factory=list)
-    """The partition number of each of ``folder.malformed`` (and ``duplicates_in`` of its duplicates)."""
-    duplicates_in: list[int] = field(default_factory=list)
-
-    def locate(self) -> None:
-        for pi, ref in enumerate(self.refs):
-            base = pi << 40
-            self.where.update(zip(ref.ids, range(base, base + len(ref.ids))))
-
-
-_LOW = (1 << 40) - 1
-
-
-def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leaves: bool = False,
-                    on_progress: Callable[[int], None] | None = None, on_error: OnModelError = "stop") -> Reference:
-    """One pass over the whole log (source → hash → decode → fold, the decode stage tapped for the
-    reference; a model error handled by ``on_error``). :class:`HistoryUnrecoverable` when the log
-    no longer holds its recorded start."""
-    tdir = topic_dir(snapshots_root, elog.topic)
-    names: list[str] = []
-    numbers: dict[str, int] = {}
-    reference = Reference(elog.topic, [], [], Folder(model, on_error=on_error), names)
-    done = 0
-    for p in elog.partitions():
-        ref = PartitionReference(p, names, numbers, leaves)
-        hasher = HashStage.open(elog, p, record=PartitionRecord(tdir, p))
-        source = Source(elog, Span(p))
-        stops = Stops()
-        if on_progress is not None:
-            stops.every(16384, lambda n, _e, b=done: on_progress(b + n))  # type: ignore[misc]
-        try:
-            run_pass(source, start=0, hasher=hasher, decoder=reference.folder.decoder, fold=reference.folder.fold,
-                     tap=ref.add, stops=stops)
-        finally:
-            hasher.flush()
-        scan = hasher.finish(source)
-        done += scan.entries
-        decoder = reference.folder.decoder
-        reference.malformed_in += [len(reference.refs)] * (len(decoder.malformed) - len(reference.malformed_in))
-        reference.duplicates_in += [len(reference.refs)] * (len(decoder.duplicates) - len(reference.duplicates_in))
-        reference.refs.append(ref)
-        reference.scans.append(scan)
-        note_record(reference, p, scan)
-        check_start(elog, p, scan, ref)
-    reference.locate()
-    return reference
-
-
-def note_record(reference: Reference, p: str, scan: PartitionScan) -> None:
-    """Notes on the record of partition ``p`` (corrupt, or disagreeing with the log)."""
-    if scan.record_error:
-        reference.notes.append(scan.record_error + "; not trusted")
-    if scan.mismatch is not None:
-        reference.notes.append(f"{p}: the log differs from its recorded checkpoints at entry {scan.mismatch.index}: "
-                               f"{scan.mismatch.reason}")
-
-
-def check_start(elog: EventLog, p: str, scan: PartitionScan, ref: PartitionReference) -> None:
-    """The reference must start where the record says the log started."""
-    recorded = scan.recorded
-    if not (recorded and recorded[0].first is not None and scan.entries and len(ref)):
-        return
-    first = [e for batch in Source(elog, Span(p, limit=1)) for e in batch]
-    if first and elog.position(recorded[0].first) < first[0].message_id:
-        raise HistoryUnrecoverable(
-            f"{p}: the log now starts at {first[0].message_id} but started at {recorded[0].first} when recorded: "
-            "the reference for the worker's history is gone"
-        )
+# --- the reference: ops/reference.py --------------------------------------------------------------
 
 
 @dataclass
@@ -381,8 +271,7 @@ def check_evidence(reference: Reference, evidence: Evidence) -> Unknown:
     out = Unknown()
     processed = evidence.processed
     if processed is not None:
-        where = reference.where
-        out.ids = list(dict.fromkeys(eid for eid in processed.ids if eid not in where))
+        out.ids = list(dict.fromkeys(eid for _, eid in unknown_ids(reference, processed)))
     log_streams = set(reference.stream_names)
     out.streams = sorted(s for s in evidence.state if s not in log_streams)
     return out
@@ -400,9 +289,9 @@ class Divergence:
 
 
 def _divergence(reference: Reference, pi: int, j: int, extra: str | None = None) -> Divergence:
-    ref = reference.refs[pi]
-    if j < len(ref.ids):
-        return Divergence(pi, j, ref.index[j], ref.ids[j])
+    at = reference.event(pi, j)
+    if at is not None:
+        return Divergence(pi, j, at[1], at[0])
     return Divergence(pi, j, reference.scans[pi].entries, extra)
 
 
@@ -410,13 +299,43 @@ def _divergence_json(elog: EventLog, reference: Reference, d: Divergence) -> dic
     scan = reference.scans[d.pi]
     S = scan.chain.segment_size
     mid = None
-    if d.j < len(reference.refs[d.pi].ids):
+    if d.j < reference.counts[d.pi]:
         mid = positions_at(elog, scan, [d.index]).get(d.index)
     out: dict[str, Any] = {"index": d.index, "segment": d.index // S, "event_id": d.event_id,
                            "message_id": None if mid is None else str(mid)}
-    if len(reference.refs) > 1:
-        out["partition"] = reference.refs[d.pi].partition
+    if len(reference.partitions) > 1:
+        out["partition"] = reference.partitions[d.pi]
     return out
+
+
+def load_handling(reference: Reference, processed: Processed) -> None:
+    """Put the processed log beside the reference (once per reference)."""
+    reference.load_handling((eid, line) for eid, line, _ in processed.rows())
+
+
+def unknown_ids(reference: Reference, processed: Processed) -> list[tuple[int, str]]:
+    """``(line, event id)`` of the handlings of ids the log does not hold (in handling order). Ids
+    of events before the reference's start (in a snapshot's seen ids, when the log lost its first
+    entries) are not unknown: they are counted in :func:`handled_before_start`."""
+    load_handling(reference, processed)
+    seen = reference.folder.decoder.seen
+    return [(line, eid) for line, eid in reference.not_in_reference() if eid not in seen]  # type: ignore[operator]
+
+
+def handled_before_start(reference: Reference, processed: Processed) -> dict[str, Any] | None:
+    """What of the worker's handling can no longer be checked, when the reference starts at a
+    snapshot (the log lost what was before it): the handlings of events the snapshot had folded."""
+    if reference.from_snapshot is None:
+        return None
+    load_handling(reference, processed)
+    seen = reference.folder.decoder.seen
+    n, first, last = 0, None, None
+    for line, eid in reference.not_in_reference():
+        if eid in seen:  # type: ignore[operator]
+            n += 1
+            first = line if first is None else first
+            last = line
+    return {"handled": n, "lines": None if first is None else [first, last]}
 
 
 @dataclass
@@ -432,40 +351,40 @@ class ProcessedDiff:
 def diff_processed(reference: Reference, processed: Processed) -> ProcessedDiff:
     """The first divergence (per partition, the first place the handling departs from the
     reference), the events never handled, those handled twice, and those whose first handling came
-    after a later event (in log order) of the same stream."""
-    where, refs = reference.where, reference.refs
-    handled: dict[str, int] = {}
-    for eid in processed.ids:
-        handled[eid] = handled.get(eid, 0) + 1
-    missing = [eid for ref in refs for eid in ref.ids if eid not in handled]
-    first = None
-    per_part: list[list[str]] = [[] for _ in refs]
-    for eid in processed.ids:
-        w = where.get(eid)
-        if w is not None:
-            per_part[w >> 40].append(eid)
-        elif len(refs) == 1:  # an id the log does not hold departs from the reference where it was handled
-            per_part[0].append(eid)
-    for pi, (ref, w) in enumerate(zip(refs, per_part)):
-        ids, j, n = ref.ids, 0, min(len(w), len(ref.ids))
-        while j < n and w[j] == ids[j]:
-            j += 1
-        if first is None and (j < len(w) or j < len(ids)):
-            first = _divergence(reference, pi, j, w[j] if j < len(w) else None)
+    after a later event (in log order) of the same stream. One walk over the handlings in order
+    (a join on disk), keeping counters per partition and per stream."""
+    load_handling(reference, processed)
+    missing = list(reference.missing())
+    parts = len(reference.partitions)
+    handled = [0] * parts  # handlings of each partition's events so far: the position compared next
+    departs: list[tuple[int, str] | None] = [None] * parts
     out_of_order: list[str] = []
     max_pos: dict[int, int] = {}
-    firsts: set[str] = set()
-    for eid in processed.ids:
-        if eid in firsts or eid not in where:
-            continue
-        firsts.add(eid)
-        w = where[eid]
-        stream = refs[w >> 40].stream_no[w & _LOW]
-        if (w & _LOW) < max_pos.get(stream, -1):
-            out_of_order.append(eid)
-        else:
-            max_pos[stream] = w & _LOW
-    return ProcessedDiff(first, missing, {e for e, c in handled.items() if c > 1}, out_of_order)
+    seen = reference.folder.decoder.seen
+    for h in reference.handlings():
+        pi = h.pi
+        if pi is None:  # an event the reference does not hold
+            if parts > 1 or h.event_id in seen:  # type: ignore[operator]  (before a snapshot start: not checked)
+                continue
+            pi = 0  # an id the log does not hold departs from the reference where it was handled
+        t = handled[pi]
+        if departs[pi] is None and h.j != t:
+            departs[pi] = (t, h.event_id)
+        handled[pi] = t + 1
+        if h.first and h.pi is not None:
+            if h.j < max_pos.get(h.sno, -1):
+                out_of_order.append(h.event_id)
+            else:
+                max_pos[h.sno] = h.j
+    first = None
+    for pi in range(parts):
+        at = departs[pi]
+        if at is None and handled[pi] != reference.counts[pi]:
+            at = (handled[pi], None)  # the handling stopped short of the reference
+        if at is not None:
+            first = _divergence(reference, pi, at[0], at[1])
+            break
+    return ProcessedDiff(first, missing, set(reference.handled_twice()), out_of_order)
 
 
 @dataclass
@@ -477,21 +396,33 @@ class TrackerDiff:
     notes: list[str]
 
 
+def _reference_checkpoints(reference: Reference, S: int) -> list[Checkpoint]:
+    """The checkpoints (segment size ``S``) over the reference's leaf hashes, read from disk a
+    segment at a time."""
+    b = ChainBuilder(S)
+    cps = []
+    for k in range(0, len(reference), S):
+        cp = b.add_leaves(reference.leaves(k, S))
+        if cp is not None:
+            cps.append(cp)
+    if b.pending() is not None:
+        cps.append(b.pending())  # type: ignore[arg-type]
+    return cps
+
+
 def diff_tracker(reference: Reference, tracker: TrackerEvidence) -> TrackerDiff:
     """Bisection over the heads of the reference's checkpoints and the tracker's
     (:func:`~chainfold.hashing.chain.bisect_heads`), then, with the tracker's leaf hashes, the
     exact entry (:func:`~chainfold.hashing.chain.first_difference_in_segment`); without them, the
-    segment's start. Single-partition logs only."""
-    if len(reference.refs) > 1:
+    segment's start. Single-partition logs, with a reference from the start of the log, only."""
+    if len(reference.partitions) > 1:
         return TrackerDiff(None, {}, ["tracker checkpoints are compared with a single-partition log only; "
                                       "this topic is partitioned"])
-    ref = reference.refs[0]
+    if reference.from_snapshot is not None:
+        return TrackerDiff(None, {}, ["tracker checkpoints cover the worker's handling from the start of the log, "
+                                      "which the log no longer holds: they cannot be compared"])
     S = tracker.checkpoints[0].segment_size if tracker.checkpoints else DEFAULT_SEGMENT_SIZE
-    leaves = ref.leaves or []
-    b = ChainBuilder(S)
-    ref_cps = [cp for k in range(0, len(leaves), S) if (cp := b.add_leaves(leaves[k:k + S])) is not None]
-    if b.pending() is not None:
-        ref_cps.append(b.pending())  # type: ignore[arg-type]
+    ref_cps = _reference_checkpoints(reference, S)
     wcps = tracker.checkpoints
     k, comparisons = bisect_heads(ref_cps, wcps)
     info: dict[str, Any] = {"checkpoints": len(wcps), "events": tracker.size, "comparisons": comparisons,
@@ -504,7 +435,8 @@ def diff_tracker(reference: Reference, tracker: TrackerEvidence) -> TrackerDiff:
         wl = tracker.leaves(k * S, wcps[k].size - k * S)
         if wl is not None:
             try:
-                j, more = first_difference_in_segment(ref_cps[k], wcps[k], leaves[k * S: ref_cps[k].size], wl)
+                j, more = first_difference_in_segment(ref_cps[k], wcps[k], reference.leaves(k * S, ref_cps[k].size - k * S),
+                                                      wl)
                 exact, info["comparisons"] = True, comparisons + more
             except RootMismatch as exc:
                 notes.append(f"{tracker.path}: tracker leaves do not match its checkpoints ({exc})")
@@ -565,16 +497,10 @@ def diff_states(reference: Reference, state: dict[str, Any]) -> list[dict[str, A
 
 def positions(reference: Reference, report: ReconcileReport) -> dict[str, Any]:
     """Where the entries the report lists sit in the log (for reports that draw it)."""
-    where, refs, folder = reference.where, reference.refs, reference.folder
-
-    def locate(eid: str) -> tuple[int, int] | None:
-        w = where.get(eid)
-        return None if w is None else (w >> 40, refs[w >> 40].index[w & _LOW])
-
-    scans = reference.scans
+    scans, folder = reference.scans, reference.folder
     return report_positions(
-        partitions=[r.partition for r in refs], entries=[sc.entries for sc in scans],
-        segment_size=scans[0].chain.segment_size if scans else DEFAULT_SEGMENT_SIZE, locate=locate,
+        partitions=list(reference.partitions), entries=[sc.entries for sc in scans],
+        segment_size=scans[0].chain.segment_size if scans else DEFAULT_SEGMENT_SIZE, locate=reference.locate,
         missing=report.missing, duplicates=report.duplicates, out_of_order=report.out_of_order,
         malformed=list(zip(reference.malformed_in, folder.malformed)),
         stored_again=list(zip(reference.duplicates_in, folder.duplicates)))
@@ -598,14 +524,14 @@ def repair_states(elog: EventLog, model: Model, snapshots_root: Path, reference:
             # application changed nothing, an id the log does not hold that changed nothing)
             notes.append("the worker's handling diverged but every stream's state is right: nothing to replay")
             report.verdict = "repaired"
-            report.details["validated"] = {"streams": len(reference.folder.states),
-                                           "against": "fresh rebuild from the start of the log"}
+            report.details["validated"] = {"streams": len(reference.folder.states), "against": _against(reference)}
         return
     expected = reference.folder.rendered()
     streams = frozenset(d["stream"] for d in divergent)
-    limit = first["index"] if first is not None and len(reference.refs) == 1 else None
+    limit = first["index"] if first is not None and len(reference.partitions) == 1 else None
     rb = rebuild(elog, model, snapshots_root=snapshots_root, streams=streams, max_snapshot_entries=limit,
-                 write_snapshots=False, on_model_error=reference.folder.fold.on_error)
+                 write_snapshots=False, on_model_error=reference.folder.fold.on_error,
+                 allow_partial_history=reference.history.allow_partial)
     replayed_states = rb.folder.rendered()
     report.replayed = {"from_snapshot": rb.from_snapshot, "events": sum(s.read for s in rb.scans)}
     if rb.rejected:
@@ -624,7 +550,14 @@ def repair_states(elog: EventLog, model: Model, snapshots_root: Path, reference:
     report.repaired_states = dict(sorted(repaired.items()))
     report.corrections = make_corrections(elog.topic, divergent)
     report.verdict = "repaired"
-    report.details["validated"] = {"streams": len(streams), "against": "fresh rebuild from the start of the log"}
+    report.details["validated"] = {"streams": len(streams), "against": _against(reference)}
+
+
+def _against(reference: Reference) -> str:
+    """What a repair was validated against: the reference's fold."""
+    if reference.snapshot_path is None:
+        return "fresh rebuild from the start of the log"
+    return f"fresh rebuild from snapshot {reference.snapshot_path} (the log lost what was before it)"
 
 
 def reconcile(
@@ -637,9 +570,9 @@ def reconcile(
     processed: Processed | None = None,
     tracker: TrackerEvidence | None = None,
     repair: bool = False,
+    allow_partial_history: bool = False,
     on_progress: Callable[[int], None] | None = None,
     on_model_error: OnModelError = "stop",
-    build: Callable[..., Reference] = build_reference,
     rebuild: Callable[..., Any] | None = None,
 ) -> ReconcileReport:
     """Compare a worker's evidence with the log; with ``repair``, compute the corrected states.
@@ -647,34 +580,43 @@ def reconcile(
     What the worker got wrong is a finding, never an error: event ids and streams the log never had
     are listed (``unknown_ids``, ``unknown_streams``) and make the verdict "divergent". A model
     error is handled by ``on_model_error`` (``stop`` raises :class:`~chainfold.errors.ModelError`;
-    the skip policies list the events in ``skipped``). :class:`HistoryUnrecoverable` when the log no
-    longer holds its start. ``build`` (the reference: :func:`build_reference`) and ``rebuild`` (the
-    repair's replay) are the engine's: the distributed engine passes its own.
+    the skip policies list the events in ``skipped``). :class:`HistoryUnrecoverable` when the log
+    lost entries and no valid snapshot covers the loss (unless ``allow_partial_history``). A log
+    with seq gaps gives the verdict ``unrecoverable`` (with every finding) unless
+    ``allow_partial_history``. ``rebuild`` is the engine's replay for the repair (the distributed
+    engine passes its own; the reference is built here, by :func:`~chainfold.ops.reference.build_reference`).
     """
     t0 = time.monotonic()
     evidence = Evidence(state, state_path, processed, tracker)
-    reference = build(elog, model, snapshots_root, leaves=tracker is not None, on_progress=on_progress,
-                      on_error=on_model_error)
+    with build_reference(elog, model, snapshots_root, leaves=tracker is not None,
+                         allow_partial_history=allow_partial_history, on_progress=on_progress,
+                         on_error=on_model_error) as reference:
+        report = compare(elog, reference, evidence)
+        if repair and report.verdict != "unrecoverable":
+            repair_states(elog, model, snapshots_root, reference, report, state, rebuild=rebuild)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def compare(elog: EventLog, reference: Reference, evidence: Evidence) -> ReconcileReport:
+    """The report: the evidence against the reference (see :func:`reconcile`)."""
     unknown = check_evidence(reference, evidence)
     handling = diff_handling(reference, evidence)
-    divergent = diff_states(reference, state)
+    divergent = diff_states(reference, evidence.state)
     folder = reference.folder
-    order = {eid: reference.where[eid] for eid in handling.duplicated | {d.event_id for d in folder.duplicates}
-             if eid in reference.where}
     first = handling.first
     wrong = first is not None or divergent or unknown.ids or unknown.streams
     report = ReconcileReport(
         elog.topic, "divergent" if wrong else "consistent", reference.scans, _processed_count(evidence),
         None if first is None else _divergence_json(elog, reference, first), handling.missing,
-        sorted(order, key=lambda e: order[e]), handling.out_of_order, [m.message_id for m in folder.malformed],
-        divergent, {"from_snapshot": None, "events": sum(s.read for s in reference.scans)},
+        reference.in_log_order(handling.duplicated | {d.event_id for d in folder.duplicates}), handling.out_of_order,
+        [m.message_id for m in folder.malformed], divergent,
+        {"from_snapshot": reference.from_snapshot, "events": sum(s.read for s in reference.scans)},
         unknown.ids, unknown.streams, [k.to_json() for k in folder.skipped], reference.notes,
         details=handling.details,
     )
+    _history(reference, report, evidence.processed)
     report.details["positions"] = positions(reference, report)
-    if repair:
-        repair_states(elog, model, snapshots_root, reference, report, state, rebuild=rebuild)
-    report.seconds = time.monotonic() - t0
     return report
 
 
@@ -682,7 +624,30 @@ def _processed_count(evidence: Evidence) -> int | None:
     """Events the worker handled: its processed log's lines, else its tracker's count; None (unknown)
     when it gave neither (a state export alone says nothing about how many it handled)."""
     if evidence.processed is not None:
-        return len(evidence.processed.ids)
+        return len(evidence.processed)
     if evidence.tracker is not None:
         return evidence.tracker.size
     return None
+
+
+def _history(reference: Reference, report: ReconcileReport, processed: Processed | None) -> None:
+    """The history part of the report: seq gaps, lost entries, and what of the worker's handling
+    can no longer be checked when the reference starts at a snapshot."""
+    history = reference.history
+    report.details.update(history.to_json())
+    report.notes.extend(history.notes())
+    if reference.from_snapshot is not None:
+        unchecked: dict[str, Any] = {"snapshot": reference.snapshot_path, "entries": reference.from_snapshot,
+                                     "handled": None, "lines": None}
+        if processed is not None:
+            unchecked.update(handled_before_start(reference, processed) or {})
+        report.details["history_unchecked"] = unchecked
+        report.notes.append(
+            f"the log lost its first entries: the reference starts at snapshot {reference.snapshot_path} "
+            f"({reference.from_snapshot:,} entries); the worker's handling before it cannot be checked"
+            + (f" ({unchecked['handled']:,} handling(s), lines {unchecked['lines'][0]}..{unchecked['lines'][1]})"
+               if unchecked.get("lines") else ""))
+    problem = history.problem()
+    if problem is not None:
+        report.verdict = "unrecoverable"
+        report.details["error"] = problem

@@ -15,9 +15,9 @@ to a worker process without their message ids, named ``@index`` until the sender
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..envelope import Event, decode
 from ..errors import MalformedEnvelope
@@ -228,12 +228,17 @@ class Decoder:
 @dataclass(frozen=True, slots=True)
 class SeqGap:
     """Events missing from the log itself: stream ``stream`` jumps to ``found_seq`` where
-    ``expected_seq`` was due (docs/cli.md, history)."""
+    ``expected_seq`` was due, at log index ``index`` (docs/cli.md, history)."""
 
     stream: str
     expected_seq: int
     found_seq: int
     message_id: str
+    index: int = -1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "expected_seq": self.expected_seq, "found_seq": self.found_seq,
+                "message_id": self.message_id}
 
 
 @dataclass
@@ -241,21 +246,96 @@ class SeqGaps:
     """The per-stream ``seq`` check, as a :attr:`Decoder.well_formed` hook: over a stream's
     well-formed entries in log order, a first ``seq`` above 1 or one more than 1 above the highest
     seen before it is a gap (a repeated or lower one, as a re-sent copy carries, is not); entries
-    without ``seq`` cannot be checked and are counted. Memory: one int per stream."""
+    without ``seq`` cannot be checked and are counted. Memory: one int per stream (and the gaps).
+
+    A check can resume where another stopped (:meth:`state`, :meth:`restore`: what a snapshot
+    stores), and checks of consecutive ranges of a log, each started empty, combine into the check
+    of the whole (:meth:`then`)."""
 
     highest: dict[str, int] = field(default_factory=dict)
     gaps: list[SeqGap] = field(default_factory=list)
     unverifiable: int = 0
+    lost_start: bool = False
+    """While set, a stream seen for the first time starts its check at its first ``seq``: the part
+    of the log being read is known to have lost its first entries (reported as a truncation)."""
 
     def __call__(self, d: Decoded) -> None:
         highest = self.highest
+        lost_start = self.lost_start
         for j, ev in enumerate(d.events):
             seq = ev.seq
             if seq is None:
                 self.unverifiable += 1
                 continue
             top = highest.get(ev.stream, 0)
-            if seq > top + 1:
-                self.gaps.append(SeqGap(ev.stream, top + 1, seq, d.message_id(j)))
-            if seq > top:
+            if not top and lost_start:
                 highest[ev.stream] = seq
+                continue
+            if seq > top:
+                if seq > top + 1:
+                    self.gaps.append(SeqGap(ev.stream, top + 1, seq, d.message_id(j), d.index(j)))
+                highest[ev.stream] = seq
+
+    def state(self) -> dict[str, Any]:
+        """What a snapshot stores to resume the check (plain values, CBOR- and JSON-able)."""
+        return {"highest": dict(self.highest), "unverifiable": self.unverifiable,
+                "gaps": [[g.stream, g.expected_seq, g.found_seq, g.message_id, g.index] for g in self.gaps]}
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any] | None) -> SeqGaps:
+        """The check as :meth:`state` left it (``None``: a fresh one). ``ValueError`` when
+        ``state`` does not have that shape."""
+        if state is None:
+            return cls()
+        try:
+            highest, unverifiable, gaps = state["highest"], state["unverifiable"], state["gaps"]
+        except (KeyError, TypeError):
+            raise ValueError("seq state must have highest, unverifiable and gaps") from None
+        if not (isinstance(highest, dict) and all(type(k) is str and type(v) is int and v >= 1
+                                                   for k, v in highest.items())):
+            raise ValueError("seq state: highest must map streams to seqs")
+        if type(unverifiable) is not int or unverifiable < 0 or not isinstance(gaps, list):
+            raise ValueError("seq state: bad unverifiable count or gaps")
+        out = []
+        for g in gaps:
+            if not (isinstance(g, list) and len(g) == 5 and type(g[0]) is str and type(g[1]) is int
+                    and type(g[2]) is int and type(g[3]) is str and type(g[4]) is int):
+                raise ValueError(f"seq state: bad gap {g!r}")
+            out.append(SeqGap(*g))
+        return cls(dict(highest), out, unverifiable)
+
+    def fork(self) -> SeqGaps:
+        """A check that continues this one for some of the streams (a shard or a partition folded
+        in another process): the highest seqs, no gaps yet; brought back with :meth:`join`."""
+        return SeqGaps(dict(self.highest))
+
+    def join(self, forks: Sequence[SeqGaps], key: Callable[[SeqGap], Any] | None = None) -> None:
+        """Take back the :meth:`fork` checks of disjoint sets of streams: their highest seqs,
+        their gaps (sorted by ``key``, default the log index) and their unchecked events."""
+        new: list[SeqGap] = []
+        for f in forks:
+            for s, top in f.highest.items():
+                if top > self.highest.get(s, 0):
+                    self.highest[s] = top
+            new.extend(f.gaps)
+            self.unverifiable += f.unverifiable
+        new.sort(key=key or (lambda g: g.index))
+        self.gaps.extend(new)
+
+    def then(self, later: SeqGaps) -> None:
+        """Continue this check with ``later``, the check of the entries that follow, started
+        empty (a range checked in another process): its gaps are kept where they are gaps after
+        what this check saw, with the seq then due. Exact: a gap after this check's entries is a
+        gap of the range alone too (its highest before is never higher)."""
+        before = self.highest
+        for g in later.gaps:
+            top = max(before.get(g.stream, 0), g.expected_seq - 1)
+            if g.found_seq > top + 1:
+                self.gaps.append(g if top + 1 == g.expected_seq else
+                                 SeqGap(g.stream, top + 1, g.found_seq, g.message_id, g.index))
+        merged = dict(before)
+        for s, top in later.highest.items():
+            if top > merged.get(s, 0):
+                merged[s] = top
+        self.highest = merged
+        self.unverifiable += later.unverifiable

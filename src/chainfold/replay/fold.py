@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from ..errors import InvalidArgument, ModelError
 from ..log import Entry
-from .decode import Decoded, Decoder, Duplicate, Malformed, Routed, Shard
+from .decode import Decoded, Decoder, Duplicate, Malformed, Routed, SeqGaps, Shard
 from .model import Model
 from .seen import SeenIds, SeenSet
 
@@ -185,14 +185,18 @@ class Folder:
     folded. ``states`` and ``seen`` may come from a snapshot; ``streams`` restricts folding to those
     streams; ``shard=(i, n)`` decodes and folds shard ``i`` of ``n`` only (see
     :class:`~chainfold.replay.decode.Decoder`). ``index`` is the log position of the next entry fed.
+    ``seqs`` checks every stream's ``seq`` for gaps as the events pass (a fresh
+    :class:`~chainfold.replay.decode.SeqGaps` by default; a snapshot's to continue its check).
     """
 
     def __init__(self, model: Model, states: dict[str, Any] | None = None, seen: SeenIds | Iterable[str] = (), *,
                  index: int = 0, streams: frozenset[str] | None = None, shard: tuple[int, int] | None = None,
-                 on_error: OnModelError = "stop") -> None:
+                 on_error: OnModelError = "stop", seqs: SeqGaps | None = None) -> None:
         self.model = model
+        self.seqs = seqs if seqs is not None else SeqGaps()
         self.decoder = Decoder(seen if isinstance(seen, SeenIds) else SeenSet(seen),
-                               shard=Shard(*shard) if shard is not None else None, index=index)
+                               shard=Shard(*shard) if shard is not None else None, index=index,
+                               well_formed=self.seqs)
         self.fold = FoldStage(model, states, streams=streams, on_error=on_error)
 
     @property

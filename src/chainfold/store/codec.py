@@ -46,14 +46,15 @@ __all__ = ["FORMAT", "FORMAT_1_REFUSED", "BODY_KEYS", "Undecodable", "encode", "
            "gc_paused"]
 
 FORMAT = 2
-"""Version of the snapshot file format written and read."""
+"""Version of the snapshot file format written and read (2: the dedup manifest instead of every id,
+``seqs`` the seq check's state, the poison policy and skipped events)."""
 
 FORMAT_1_REFUSED = "format 1, written by an older chainfold: rebuild --full once"
 """Why a format-1 snapshot (every id in every file) is not used."""
 
 BODY_KEYS = frozenset({
     "topic", "partitions", "model_name", "model_fingerprint", "segment_size", "states", "dedup",
-    "created", "stats", "streams_root", "entries", "on_model_error", "skipped",
+    "created", "stats", "streams_root", "entries", "on_model_error", "skipped", "seqs",
 })
 _ENVELOPE_KEYS = frozenset({"format", "body", "sha256"})
 NOT_SNAPSHOT = "truncated or not a snapshot file"

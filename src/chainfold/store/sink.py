@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from ..hashing.chain import ChainBuilder
-from ..replay.decode import Decoder
+from ..replay.decode import Decoder, SeqGaps
 from ..replay.fold import FoldStage
 from .snapshots import PartitionPosition, Snapshot, SnapshotStore
 
@@ -33,15 +33,17 @@ class SnapshotSink:
     duplicated entries since the start of the log (those still in the decoder's lists, plus
     :attr:`forgotten`: what a long-running replay reported and then dropped from them, so it keeps
     no list that grows with the log); the fold stage's policy and the events it skipped (since the
-    start of the log: it resumed with the start's) go with them. :attr:`written` lists the paths.
-    The caller makes the hash record durable first (a snapshot is checked against it).
+    start of the log: it resumed with the start's) go with them; ``seqs`` (the seq check, if any) is
+    stored so that a rebuild from the snapshot continues it. :attr:`written` lists the paths. The
+    caller makes the hash record durable first (a snapshot is checked against it).
     """
 
     def __init__(self, store: SnapshotStore, fold: FoldStage, decoder: Decoder, partitions: list[str],
-                 segment_size: int, start: Snapshot | None = None) -> None:
+                 segment_size: int, start: Snapshot | None = None, *, seqs: SeqGaps | None = None) -> None:
         self.store = store
         self.fold = fold
         self.decoder = decoder
+        self.seqs = seqs
         self.partitions = partitions
         self.segment_size = segment_size
         self.start = start
@@ -86,6 +88,7 @@ class SnapshotSink:
                    + base.get("duplicates", 0)},
             on_model_error=self.fold.on_error,
             skipped=tuple(self.fold.skipped),
+            **({"seqs": self.seqs.state()} if self.seqs is not None else {}),
         )
         path = self.store.write(snap)
         collect = getattr(seen, "collect_garbage", None)

@@ -41,6 +41,7 @@ from ..log import full_topic_name
 from ..merkle import HASH_SIZE
 from ..replay.dedup import manifest_digests
 from ..replay.fold import ON_MODEL_ERROR, Skipped
+from ..replay.decode import SeqGaps
 from ..replay.model import Model, render_json
 from . import codec
 from .codec import FORMAT, Undecodable, streams_root
@@ -188,6 +189,10 @@ class Snapshot:
     stats: dict[str, Any] = field(default_factory=dict)
     on_model_error: str = "stop"
     skipped: tuple[Skipped, ...] = ()
+    seqs: dict[str, Any] = field(default_factory=lambda: SeqGaps().state())
+    """The seq check where the snapshot stands (:meth:`SeqGaps.state`): each stream's highest
+    ``seq``, the gaps found before, the events without ``seq``; a rebuild from the snapshot
+    continues the check from there (docs/cli.md#history)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -227,6 +232,10 @@ class Snapshot:
         set_(self, "skipped", tuple(self.skipped))
         if not all(isinstance(k, Skipped) for k in self.skipped):
             raise InvalidArgument("skipped must be Skipped values")
+        try:
+            SeqGaps.restore(self.seqs)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
 
     @classmethod
     def capture(
@@ -287,6 +296,7 @@ class Snapshot:
             "dedup": self.dedup,
             "created": self.created,
             "stats": self.stats,
+            "seqs": self.seqs,
             "entries": self.entries,
             "on_model_error": self.on_model_error,
             "skipped": [k.record() for k in self.skipped],
@@ -371,12 +381,13 @@ def _snapshot_of(fields: dict[str, Any]) -> Snapshot:
             stats=fields["stats"],
             on_model_error=fields["on_model_error"],
             skipped=skipped,
+            seqs=fields["seqs"],
         )
         if snap.topic != fields["topic"]:
             raise ValueError(f"topic {fields['topic']!r} is not a full topic name")
         if fields["entries"] != snap.entries:
             raise ValueError(f"entries {fields['entries']!r} is not the sum over partitions ({snap.entries})")
-    except (ValueError, TypeError, BadInput) as exc:
+    except (ValueError, TypeError, BadInput, InvalidArgument) as exc:
         raise Undecodable(f"bad snapshot body: {exc}", fields) from None
     return snap
 
@@ -663,4 +674,14 @@ def _summary(fields: dict[str, Any]) -> dict[str, Any]:
         "stats": render_json(fields.get("stats")),
         "on_model_error": fields.get("on_model_error"),
         "skipped": len(skipped) if isinstance(skipped := fields.get("skipped"), list) else None,
+        "seq": _seq_summary(fields.get("seqs")),
     }
+
+
+def _seq_summary(seqs: Any) -> dict[str, Any] | None:
+    """Streams with a known highest seq, gaps and events without seq recorded in a body."""
+    try:
+        s = SeqGaps.restore(seqs)
+    except ValueError:
+        return None
+    return {"streams": len(s.highest), "gaps": len(s.gaps), "unverifiable": s.unverifiable}
