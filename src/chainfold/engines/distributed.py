@@ -56,7 +56,6 @@ from ..ops.verify import VerifyOptions, VerifyReport, hash_partition, verify_log
 from ..replay.decode import Decoder, Duplicate, Malformed
 from ..replay.fold import OnModelError, Skipped
 from ..replay.model import Model, load_model
-from ..replay.seen import SeenIds
 from ..store.snapshots import PartitionPosition
 from .cluster import Cluster, Chunks
 from .spark_io import Point, ReadRange, clip_ranges
@@ -192,14 +191,14 @@ def _plan_parts(dist: Distribution, parts: Sequence[str], starts: dict[str, tupl
     return out
 
 
-def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bool, id_leaves: bool) -> Assembly:
+def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bool) -> Assembly:
     """The task that assembles one chunk (see :func:`~chainfold.engines.tasks.assemble`): where it
     begins from ``where``, its partition's segment size, stops and first unrecorded index from
     ``layout``, the duplicates' positions from ``duplicates`` (shared values)."""
     begin, used = where.value[(chunk.pi, chunk.ri)]
     segment_size, cuts, carry_from = layout.value[chunk.pi]
     return assemble(chunk, begin, used, segment_size, cuts, carry_from, duplicates=duplicates.value if duplicates else (),
-                    ids=ids, id_leaves=id_leaves)
+                    ids=ids)
 
 
 def _in_run(fn: Callable[..., Any], where: Any) -> Callable[[Chunk], Any]:
@@ -286,32 +285,21 @@ class _Outcome:
         return [sk for _, sk in self.skipped[: bisect.bisect_left(self._skipped_at, g)]]
 
 
-Tap = Callable[[int, int, str, str, "bytes | None"], None]
-"""``tap(partition number, index, event id, stream, leaf hash or None)``: each event folded, in log order."""
-
-
 class DistributedRebuild:
     """One replay of ``plan`` on a cluster (see the module doc): :meth:`run` returns the local
     engine's :class:`~chainfold.ops.rebuild.RebuildResult`, or raises its :class:`ModelError`.
     ``model_ref`` is the name executors load the model by (``plan.model`` is the driver's); a
-    model error is handled by the plan's ``on_model_error``. ``tap`` hears every event folded
-    (with its leaf hash when ``tap_leaves``), ``on_partition`` every partition's end (its number
-    and scan); ``seen`` is given to the :class:`~chainfold.ops.rebuild.RebuildRun` (reconcile's
-    reference keeps its ids in memory)."""
+    model error is handled by the plan's ``on_model_error``."""
 
     def __init__(self, dist: Distribution, plan: RebuildPlan, model_ref: str, *,
-                 on_progress: Callable[[int], None] | None = None, tap: Tap | None = None, tap_leaves: bool = False,
-                 on_partition: Callable[[int, PartitionScan], None] | None = None, seen: SeenIds | None = None) -> None:
+                 on_progress: Callable[[int], None] | None = None) -> None:
         self.dist = dist
         self.model_ref = model_ref
         self.model: Model = plan.model
         self.on_error: OnModelError = plan.options.on_model_error
         self.plan = plan
-        self.run_ = RebuildRun(plan, on_progress, seen=seen)
+        self.run_ = RebuildRun(plan, on_progress)
         self.on_progress = on_progress
-        self.tap = tap
-        self.tap_leaves = tap_leaves
-        self.on_partition = on_partition
 
     @property
     def options(self) -> RebuildOptions:
@@ -391,9 +379,9 @@ class DistributedRebuild:
             ends[part.pi] = min(_batch_end(part.start, stops[part.pi], g & _LOW), part.end)
         layout = cluster.share({p.pi: (stages[p.pi].chain.segment_size, sorted(set(stops[p.pi]) | {ends[p.pi]}),
                                        _carry_from(stages[p.pi])) for p in read.parts})
-        need_ids = self.run_.sink is not None or snap is not None or self.tap is not None
+        need_ids = self.run_.sink is not None or snap is not None
         items = read.chunks.stream(functools.partial(_assembly_of, where=where, layout=layout, duplicates=losers,
-                                                     ids=need_ids, id_leaves=self.tap_leaves))
+                                                     ids=need_ids))
         self._assemble(read, items, stages, stops, ends, outcome)
         result = self.run_.finish()
         phases.done("assembly")
@@ -419,12 +407,10 @@ class DistributedRebuild:
             snap_until = error[0] & _LOW if failing else end  # type: ignore[index]
             expected: set[int] = set()
 
-            def answered(item: tuple[Any, ...], first: bool, _expected: set[int] = expected, _pi: int = part.pi) -> None:
+            def answered(item: tuple[Any, ...], first: bool, _expected: set[int] = expected) -> None:
                 if first == (item[0] in _expected):
                     raise WorkerFailed(f"the distributed dedup and the seen ids disagree on event {item[1]!r} at "
                                        f"entry {item[0]}: a bug; rerun with --engine local")
-                if first and self.tap is not None:
-                    self.tap(_pi, item[0], item[1], item[2], item[3] if len(item) > 3 else None)
 
             feeder = _SeenFeeder(decoder, part.start, stops[part.pi], answered)
             seqs = run.folder.seqs
@@ -432,12 +418,7 @@ class DistributedRebuild:
             for _ in part.ranges:
                 a = next(items)
                 expected.update(i for i, _, _ in a.duplicates)
-                if a.ids is None:
-                    events: Sequence[tuple[Any, ...]] = []
-                elif a.id_leaves is not None:
-                    events = list(zip(a.indexes, a.ids, a.streams, a.id_leaves))  # type: ignore[arg-type]
-                else:
-                    events = list(zip(a.indexes, a.ids, a.streams))  # type: ignore[arg-type]
+                events: Sequence[tuple[Any, ...]] = [] if a.ids is None else list(zip(a.indexes, a.ids))  # type: ignore[arg-type]
                 ids, bad, dups, seq_items = _Queue(events), _Queue(a.malformed), _Queue(a.duplicates), _Queue(a.seqs)
                 for piece in a.pieces:
                     if piece.begin >= end:
@@ -468,8 +449,6 @@ class DistributedRebuild:
             last = self.plan.elog.position(part.last) if part.last is not None else None
             scan = stage.finish(_Totals(part.read, last, part.redelivered), read_to_end=not self.options.bounded)
             run.scanned(part.name, scan)
-            if self.on_partition is not None:
-                self.on_partition(part.pi, scan)
         self._final_states(outcome, started, resumed)
 
     def _final_states(self, outcome: _Outcome, started: dict[str, Any], resumed: list[Skipped]) -> None:
@@ -573,7 +552,7 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
         layout = dist.cluster.share({p.pi: (stages[p.name].chain.segment_size, wanted[p.pi], _carry_from(stages[p.name]))
                                      for p in parts})
         items = read.chunks.stream(functools.partial(_assembly_of, where=dist.cluster.share(read.where), layout=layout,
-                                                     duplicates=None, ids=False, id_leaves=False))
+                                                     duplicates=None, ids=False))
         scans, done = [], 0
         for part in parts:
             stage = stages[part.name]

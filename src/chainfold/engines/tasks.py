@@ -103,9 +103,6 @@ class Chunk:
         m = self.mids
         return f"{m[3 * offset]}:{m[3 * offset + 1]}:{partition_index(self.partition)}:{m[3 * offset + 2]}"
 
-    def leaf(self, offset: int) -> bytes:
-        return self.leaves[32 * offset : 32 * offset + 32]
-
     def summary(self) -> ChunkSummary:
         used = self.count if self.late is None else self.late
         return ChunkSummary(self.pi, self.ri, self.count, self.late, self.mid(used - 1) if used else None,
@@ -179,7 +176,7 @@ def _decode_into(events: Events, malformed: list[tuple[int, str]], batch: Sequen
 @dataclass
 class Assembly:
     """What the driver needs of one chunk, in log order: its pieces (hashes); its well-formed
-    events' indexes, ids and streams (and leaf hashes) when asked for; its malformed entries as
+    events' indexes and ids when asked for; its malformed entries as
     ``(index, message id, reason)`` and its duplicates as ``(index, message id, event id)``;
     ``seqs``: every well-formed event (duplicates included) as ``(index, stream, seq, message id)``
     for the driver's ``seq`` check (:class:`SeqItems`), the message id only where the event may be
@@ -192,15 +189,13 @@ class Assembly:
     pieces: list[Piece]
     indexes: array | None
     ids: list[str] | None
-    streams: list[str] | None
-    id_leaves: list[bytes] | None
     malformed: list[tuple[int, str, str]]
     duplicates: list[tuple[int, str, str]]
     seqs: list[tuple[int, str, int | None, str | None]] = field(default_factory=list)
 
 
 def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Sequence[int], carry_from: int, *,
-             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False, id_leaves: bool = False) -> Assembly:
+             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False) -> Assembly:
     """The chunk's first ``used`` entries, which are entries ``begin ..`` of its partition: pieces
     cut at segment bounds and at ``cuts`` (indexes, sorted), carrying their leaf hashes from index
     ``carry_from`` on (whole segments: ``carry_from`` is a multiple of the segment size); the events
@@ -221,18 +216,16 @@ def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Seque
         a = b
     ev = chunk.events
     n = ev.used(used) if ev is not None else 0
-    out_idx = out_ids = out_streams = out_leaves = None
+    out_idx = out_ids = None
     if ids and ev is not None:
         out_idx = array("q", (begin + k for k in ev.offsets[:n]))
-        out_ids, out_streams = ev.ids[:n], ev.streams[:n]
-        if id_leaves:
-            out_leaves = [chunk.leaf(k) for k in ev.offsets[:n]]
+        out_ids = ev.ids[:n]
     malformed = [(begin + k, chunk.mid(k), reason) for k, reason in chunk.malformed if k < used]
     dups = []
     if duplicates and ev is not None:
         base = gpos(chunk.pi, begin)
         dups = [(begin + k, chunk.mid(k), eid) for k, eid in zip(ev.offsets[:n], ev.ids) if base + k in duplicates]
-    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_idx, out_ids, out_streams, out_leaves, malformed, dups,
+    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_idx, out_ids, malformed, dups,
                     _seq_items(chunk, begin, n))
 
 
@@ -315,9 +308,9 @@ class _Named(NamedTuple):
 
 
 def fold_items(chunk: Chunk, begin: int, used: int, duplicates: frozenset[int] | set[int]
-               ) -> Iterator[tuple[str, int, tuple[bytes, str, bool]]]:
-    """``(stream, gpos, (payload, message id, duplicate?))`` of every well-formed event among the
-    chunk's first ``used`` entries (duplicates too: the ``seq`` check sees them)."""
+               ) -> Iterator[tuple[str, int, tuple[bytes, str]]]:
+    """``(stream, gpos, (payload, message id))`` of every well-formed event among the chunk's
+    first ``used`` entries that is not at one of the ``duplicates`` positions (gpos)."""
     ev = chunk.events
     if ev is None:
         return
@@ -325,7 +318,8 @@ def fold_items(chunk: Chunk, begin: int, used: int, duplicates: frozenset[int] |
     mid = chunk.mid
     for k, stream, payload in zip(ev.offsets[:ev.used(used)], ev.streams, ev.payloads):
         g = base + k
-        yield stream, g, (payload, mid(k), g in duplicates)
+        if g not in duplicates:
+            yield stream, g, (payload, mid(k))
 
 
 @dataclass
@@ -409,11 +403,10 @@ def _fold_one(stream: str, items: list[tuple[int, Any]], model: Model, on_error:
     if items and items[0][0] < 0:
         states[stream] = model.load_state(items[0][1][1])
         items = items[1:]
-    items = [(g, (decode(payload), mid, dup)) for g, (payload, mid, dup) in items]
-    where = {mid: g for g, (_, mid, _) in items}
+    kept = [(g, (decode(payload), mid)) for g, (payload, mid) in items]
+    where = {mid: g for g, (_, mid) in kept}
     fold = FoldStage(model, states, streams=streams, on_error=on_error)
     fold.resume(resumed, keep=False)
-    kept = [(g, x) for g, x in items if not x[2]]
     for j, run in groupby(kept, key=lambda it: bisect.bisect_right(cuts, it[0])):
         run = list(run)
         before = len(fold.skipped)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import merkle
-from ..errors import DedupIndexBusy, HistoryUnrecoverable, InvalidArgument, SnapshotRejected
+from ..errors import DedupIndexBusy, HistoryUnrecoverable, SnapshotRejected
 from ..hashing.chain import ChainBuilder, Checkpoint
 from ..hashing.record import PartitionRecord, open_record
 from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, leaf_hashes, topic_head
@@ -46,7 +46,6 @@ from ..replay.fold import Folder, OnModelError, check_policy
 from ..replay.model import Model
 from ..replay.dedup import DEFAULT_MEMORY_BYTES, DedupIndex
 from ..replay.pipeline import Stops, run_pass
-from ..replay.seen import SeenIds
 from ..store.sink import SnapshotSink
 from ..store.snapshots import PartitionPosition, Snapshot, SnapshotStore, topic_dir
 from .history import REWRITTEN, History, Truncation, earliest as _earliest, locate_truncation, shifted_stage
@@ -404,12 +403,9 @@ class RebuildRun:
     The decode stage's index of folded event ids is a :class:`~chainfold.replay.dedup.DedupIndex`
     from the snapshot's manifest: the writer of the topic's dedup folder when the rebuild takes
     snapshots, else a reader of its own (:mod:`chainfold.store.dedup_folder`). When another process
-    is taking this topic's snapshots, this one takes none and says so in its notes. A run from no
-    snapshot that takes none may be given its own index (``seen``: reconcile's reference, which
-    keeps its ids in memory as the local reference does)."""
+    is taking this topic's snapshots, this one takes none and says so in its notes."""
 
-    def __init__(self, plan: RebuildPlan, on_progress: Callable[[int], None] | None = None, *,
-                 seen: SeenIds | None = None) -> None:
+    def __init__(self, plan: RebuildPlan, on_progress: Callable[[int], None] | None = None) -> None:
         self.plan = plan
         self.on_progress = on_progress
         opts, model, snap = plan.options, plan.model, plan.snapshot
@@ -420,9 +416,7 @@ class RebuildRun:
             states = snap.restore_states(model)
             if opts.streams is not None:
                 states = {s: v for s, v in states.items() if s in opts.streams}
-        if seen is not None and (snap is not None or opts.takes_snapshots):
-            raise InvalidArgument("a rebuild run given its own index of seen ids starts from no snapshot and takes none")
-        self.seen, writes = (seen, False) if seen is not None else self._index(snap.dedup if snap is not None else None)
+        self.seen, writes = self._index(snap.dedup if snap is not None else None)
         folder = Folder(model, states, self.seen, index=snap.entries if snap is not None else 0, streams=opts.streams,
                         on_error=opts.on_model_error, seqs=SeqGaps.restore(snap.seqs) if snap is not None else None)
         if snap is not None:
