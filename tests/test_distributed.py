@@ -401,6 +401,7 @@ _payloads = st.one_of(
     st.tuples(st.integers(0, 60), st.integers(0, 7)).map(lambda t: ("event", t)),
     st.tuples(st.integers(0, 60), st.integers(0, 7)).map(lambda t: ("again", t)),
     st.just(("malformed", (0, 0))),
+    st.tuples(st.integers(0, 60), st.integers(0, 7)).map(lambda t: ("seq", t)),
 )
 
 
@@ -409,8 +410,9 @@ _payloads = st.one_of(
        every=st.sampled_from([0, 1, 37, 100]), ranges=st.integers(1, 6), split=st.integers(1, 300))
 def test_any_log_any_split(tmp_path_factory: pytest.TempPathFactory, items: list[tuple[str, tuple[int, int]]],
                            partitions: int, every: int, ranges: int, split: int) -> None:
-    """Any mix of events, re-sent events and malformed entries, split into any ranges, rebuilt in
-    two runs (the second from a snapshot, after more entries): the local result, files and all."""
+    """Any mix of events, re-sent events, malformed entries and events whose seqs leave gaps, split
+    into any ranges, rebuilt in two runs (the second from a snapshot, after more entries): the local
+    result (its seq gaps too), files and all."""
     tmp = tmp_path_factory.mktemp("any")
     elog = MemoryLog("any", partitions=partitions)
 
@@ -418,6 +420,8 @@ def test_any_log_any_split(tmp_path_factory: pytest.TempPathFactory, items: list
         for kind, (i, s) in part:
             if kind == "malformed":
                 elog.append_payloads([(b"\xff junk", f"s{s}", None)])
+            elif kind == "seq":  # a producer's own seq: gaps, repeats, lower ones
+                elog.append([Event(f"id{i}", f"s{s}", i % 9 + 1, kind, 1, {"amount": i})], assign_seq=False)
             else:
                 elog.append([Event(f"id{i}", f"s{s}", None, kind, 1, {"amount": i})], assign_seq=kind == "event")
 

@@ -218,6 +218,51 @@ def test_poison_events_under_each_policy_alike(invoke, pulsar_client, broker_url
     both.same_store(plog.topic)
 
 
+def test_seq_gaps_alike(invoke, pulsar_client, broker_url: str, tmp_path: Path) -> None:
+    """A log with seq gaps (events never published, re-sent and foreign ones without ``seq``):
+    rebuild and verify fail alike (exit 3, the same gaps, the same snapshots and their seq state),
+    pass alike with ``--allow-partial-history``, again from a snapshot after more events; reconcile
+    gives the same report."""
+    from chainfold.envelope import encode
+
+    from .test_reconcile import gen_events
+
+    def publish(n: int, seed: int) -> None:
+        evs = gen_events(n, 7, seed)
+        rows = []
+        for i, e in enumerate(evs):
+            if i % 97 == 13:
+                continue  # never published: a gap in its stream
+            rows.append(e)
+            if i % 89 == 5:
+                rows.append(evs[i // 2])  # re-sent
+            if i % 71 == 3:
+                rows.append(e._replace(id=f"foreign-{seed}-{i}", seq=None))
+        plog.append_payloads((encode(e), e.stream, e.time) for e in rows)
+
+    plog = _topic(pulsar_client, 0)
+    publish(1500, 1)
+    both = Both(invoke, tmp_path, broker_url)
+    topic = plog.topic
+    doc = both.run("rebuild", topic, "--model", MODEL, "--snapshot-every", "400", "--out", "{root}/none.json", code=3)
+    assert doc["history"] == "gaps" and doc["seq_gaps"] and doc["seq_unverifiable"]
+    both.same_store(topic)
+    doc = both.run("verify", topic, code=3)
+    assert doc["seq_gaps"]
+    for more in (0, 1):
+        doc = both.run("rebuild", topic, "--model", MODEL, "--snapshot-every", "400", "--allow-partial-history",
+                       "--out", "{root}/state.json", files=("state.json",))
+        assert doc["seq_gaps"] and (doc["snapshot"] is not None or not more)
+        both.same_store(topic)
+        both.run("verify", topic, "--allow-partial-history")
+        both.same_store(topic)
+        publish(300, 2)
+    export = tmp_path / "worker-state.json"
+    export.write_text((both.roots[0] / "state.json").read_text())
+    doc = both.run("reconcile", topic, "--model", MODEL, "--state", export, "--allow-partial-history", code=1)
+    assert doc["seq_gaps"]
+
+
 def _dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

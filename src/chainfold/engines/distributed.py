@@ -16,14 +16,16 @@ What runs where
    every entry of an id the starting snapshot had folded, are the duplicates.
 4. **Fold** (a shuffle by stream, each stream's events sorted by log position): the model, loaded by
    name in each executor, folds one stream at a time with the fold stage and its
-   ``--on-model-error`` policy; each stream's state at every stop the driver will snapshot at, its
-   skipped events and its ``seq`` evidence come back.
+   ``--on-model-error`` policy; each stream's state at every stop the driver will snapshot at and
+   its skipped events come back.
 5. **Assemble** (here, the chunks streamed back in log order): each chunk's compact ranges
    (:class:`~chainfold.hashing.stage.Piece`, cut at segment bounds and stops) go into the local hash
    stage (:class:`~chainfold.hashing.stage.PieceStage`: segment roots, chained heads, checked
    against and written into the record by the local code); event ids go into the decode stage's
    seen ids exactly as the local decode stage feeds them (same batches), which is what a snapshot
-   stores; at each stop the local snapshot sink writes the snapshot. The local engine takes its
+   stores; every well-formed entry's stream and ``seq`` go through the per-stream ``seq`` check
+   (:class:`~chainfold.replay.decode.SeqGaps`, duplicates included, in log order, as the local
+   decode stage's hook sees them); at each stop the local snapshot sink writes the snapshot. The local engine takes its
    snapshots at the same entry counts, so the files hold the same bytes (``created`` aside).
 
 What differs from the local engine, and why results do not: events are folded per stream in
@@ -32,6 +34,11 @@ log order, and the fold stage applies the same policies per stream); dedup is a 
 set (first entry in log order wins either way, and the driver's seen ids, fed in the local order,
 must agree with it or the job fails); hashing is split into per-range compact ranges merged here
 (RFC 9162 subtrees merge exactly; a segment root is the merge of its pieces).
+
+What runs the local engine's pass instead (same results, no cluster): a partition that lost entries
+before its first (rebuild and verify: hashed at shifted positions, the seq check starting
+mid-history), and reconcile's reference (:func:`chainfold.ops.reference.build_reference`); only the
+repair's replay runs here (:func:`distributed_reconcile_engine`).
 """
 
 from __future__ import annotations
@@ -196,9 +203,9 @@ def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bo
     begins from ``where``, its partition's segment size, stops and first unrecorded index from
     ``layout``, the duplicates' positions from ``duplicates`` (shared values)."""
     begin, used = where.value[(chunk.pi, chunk.ri)]
-    segment_size, cuts, carry_from = layout.value[chunk.pi]
+    segment_size, cuts, carry_from, seq_from = layout.value[chunk.pi]
     return assemble(chunk, begin, used, segment_size, cuts, carry_from, duplicates=duplicates.value if duplicates else (),
-                    ids=ids)
+                    ids=ids, seq_from=seq_from)
 
 
 def _in_run(fn: Callable[..., Any], where: Any) -> Callable[[Chunk], Any]:
@@ -378,7 +385,7 @@ class DistributedRebuild:
             part = read.parts[g >> GPOS_SHIFT]
             ends[part.pi] = min(_batch_end(part.start, stops[part.pi], g & _LOW), part.end)
         layout = cluster.share({p.pi: (stages[p.pi].chain.segment_size, sorted(set(stops[p.pi]) | {ends[p.pi]}),
-                                       _carry_from(stages[p.pi])) for p in read.parts})
+                                       _carry_from(stages[p.pi]), 0) for p in read.parts})
         need_ids = self.run_.sink is not None or snap is not None
         items = read.chunks.stream(functools.partial(_assembly_of, where=where, layout=layout, duplicates=losers,
                                                      ids=need_ids))
@@ -549,8 +556,9 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
     read = _Read(dist, parts, decode=decoder is not None)
     try:
         wanted = {p.pi: sorted({s for s in (probes or {}).get(p.name, ()) if 0 < s <= p.read}) for p in parts}
-        layout = dist.cluster.share({p.pi: (stages[p.name].chain.segment_size, wanted[p.pi], _carry_from(stages[p.name]))
-                                     for p in parts})
+        seq_from = getattr(decoder, "first", 0)
+        layout = dist.cluster.share({p.pi: (stages[p.name].chain.segment_size, wanted[p.pi], _carry_from(stages[p.name]),
+                                            seq_from) for p in parts})
         items = read.chunks.stream(functools.partial(_assembly_of, where=dist.cluster.share(read.where), layout=layout,
                                                      duplicates=None, ids=False))
         scans, done = [], 0
@@ -579,11 +587,12 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
 
 
 def _decode_seqs(decoder: Decoder, a: Assembly) -> None:
-    """What verify's decode stage records of chunk ``a`` (entries before its ``first`` skipped)."""
+    """What verify's decode stage records of chunk ``a`` (entries before its ``first`` skipped: the
+    tasks left them out of ``a.seqs``)."""
     first = getattr(decoder, "first", 0)
     decoder.malformed.extend(Malformed(i, m, r) for i, m, r in a.malformed if i >= first)
     if decoder.well_formed is not None:
-        decoder.well_formed(SeqItems([it for it in a.seqs if it[0] >= first]))  # type: ignore[arg-type]
+        decoder.well_formed(SeqItems(a.seqs))  # type: ignore[arg-type]
 
 
 def distributed_scanner(dists: dict[str, Distribution]) -> Callable[..., PartitionScan]:

@@ -195,11 +195,12 @@ class Assembly:
 
 
 def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Sequence[int], carry_from: int, *,
-             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False) -> Assembly:
+             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False, seq_from: int = 0) -> Assembly:
     """The chunk's first ``used`` entries, which are entries ``begin ..`` of its partition: pieces
     cut at segment bounds and at ``cuts`` (indexes, sorted), carrying their leaf hashes from index
     ``carry_from`` on (whole segments: ``carry_from`` is a multiple of the segment size); the events
-    at the positions ``duplicates`` (gpos) are named as duplicates."""
+    at the positions ``duplicates`` (gpos) are named as duplicates; the ``seq`` items start at
+    index ``seq_from`` (where the driver's check starts)."""
     end = begin + used
     bounds = {b for b in cuts if begin < b < end}
     S = segment_size
@@ -226,19 +227,22 @@ def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Seque
         base = gpos(chunk.pi, begin)
         dups = [(begin + k, chunk.mid(k), eid) for k, eid in zip(ev.offsets[:n], ev.ids) if base + k in duplicates]
     return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_idx, out_ids, malformed, dups,
-                    _seq_items(chunk, begin, n))
+                    _seq_items(chunk, begin, n, seq_from))
 
 
-def _seq_items(chunk: Chunk, begin: int, n: int) -> list[tuple[int, str, int | None, str | None]]:
-    """The chunk's first ``n`` well-formed events as ``(index, stream, seq, message id)``: a gap
-    the driver finds is at an event whose ``seq`` is above the highest of its stream before it
-    plus one, so above the chunk's own plus one: only those carry their message id."""
+def _seq_items(chunk: Chunk, begin: int, n: int, seq_from: int) -> list[tuple[int, str, int | None, str | None]]:
+    """The chunk's first ``n`` well-formed events from index ``seq_from`` on as ``(index, stream,
+    seq, message id)``: a gap the driver finds is at an event whose ``seq`` is above the highest of
+    its stream before it plus one, so (the driver's check having seen these same events before it)
+    above the chunk's own plus one: only those carry their message id."""
     ev = chunk.events
     if ev is None:
         return []
     top: dict[str, int] = {}
     out = []
     for k, stream, seq in zip(ev.offsets[:n], ev.streams, ev.seqs):
+        if begin + k < seq_from:
+            continue
         mid = None
         if seq is not None:
             t = top.get(stream, 0)
