@@ -138,12 +138,7 @@ def print_report(report: BenchReport) -> None:
             t.add_row(str(row["workers"]), _rate(row["rebuild"]["events_per_s"]), f"{row['rebuild_speedup']:.2f}",
                       _rate(row["verify"]["events_per_s"]), f"{row['verify_speedup']:.2f}")
         stdout.print(t)
-    for tg in doc["targets"]:
-        mark = "[green]met[/]" if tg["met"] else "[red]missed[/]"
-        stdout.print(f"{mark}  {esc(tg['target'])}: {esc(tg['value'])}")
-    m = doc["machine"]
-    stdout.print(f"[dim]{m['cpus']} CPUs, Python {m['python']}, pulsar-client {m['pulsar_client']}; "
-                 f"setup (not measured): {doc['setup_seconds']}[/]")
+    _print_targets(doc, f"setup (not measured): {doc['setup_seconds']}")
 
 
 def print_scale(report: ScaleReport) -> None:
@@ -162,12 +157,16 @@ def print_scale(report: ScaleReport) -> None:
             if any(c != "-" for c in cells):
                 t.add_row(name, *cells)
         stdout.print(t)
+    _print_targets(doc, doc["measured_as"])
+
+
+def _print_targets(doc: dict, how: str) -> None:
+    """Each target met or missed, then the machine and ``how`` it was measured."""
     for tg in doc["targets"]:
         mark = "[green]met[/]" if tg["met"] else "[red]missed[/]"
         stdout.print(f"{mark}  {esc(tg['target'])}: {esc(tg['value'])}")
     m = doc["machine"]
-    stdout.print(f"[dim]{m['cpus']} CPUs, Python {m['python']}, pulsar-client {m['pulsar_client']}; "
-                 f"{doc['measured_as']}[/]")
+    stdout.print(f"[dim]{m['cpus']} CPUs, Python {m['python']}, pulsar-client {m['pulsar_client']}; {how}[/]")
 
 
 def _scale_table(row: dict[str, Any]) -> Table:
