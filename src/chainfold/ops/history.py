@@ -84,7 +84,7 @@ class Truncation:
         where = (f"entries 0..{self.index - 1} (segments {segs[0]}..{segs[1]}" if self.index and segs else
                  f"every recorded entry ({self.recorded_entries}, segments {segs[0]}..{segs[1]}" if segs else "")
         partial = "" if self.index is None or self.index % self.segment_size == 0 or not segs else \
-            f", the last one in part"
+            ", the last one in part"
         return (f"{self.partition}: entries before message id {self.first_available} are gone from the log "
                 f"(retention or truncation; entry 0 was {self.recorded_first} when recorded): "
                 + (where + partial + ") can no longer be verified against the log" if where else "nothing lost"))
