@@ -252,6 +252,13 @@ class _PulsarReader(LogReader):
             self._open_error = None
         except _PulsarException as err:
             self._open_error = err  # the next read fails again and comes back here
+        if self._open_error is None and time.monotonic() > deadline:
+            # opening waited out the outage: the caller still hears that it outlasted the budget
+            self.close()
+            raise BrokerUnavailable(
+                f"reading {self._topic} failed for longer than {self._retry:.0f}s (the broker went away; it "
+                f"answers again); last entry read: {self.last} ({self.count} entries this run): {exc}"
+            ) from exc
         return deadline
 
     def _reopen(self, deadline: float | None) -> float | None:
@@ -269,7 +276,9 @@ class _PulsarReader(LogReader):
         reader is kept, re-created (stalled) or recovered.
 
         The question is asked asynchronously and the reader goes on reading meanwhile: with a
-        read-ahead bound, its answer may wait behind entries that only reading lets through."""
+        read-ahead bound, its answer may wait behind entries that only reading lets through. A reader
+        that lost its connection while the question waits is a failure (retried, then
+        :class:`BrokerUnavailable`), so a following reader notices a broker that went away."""
         if self._gate is not None:
             self._gate.resync()  # nothing received is waiting in the queue
         q = self._question
@@ -277,18 +286,22 @@ class _PulsarReader(LogReader):
             self._question = _Question(reader)
             return False, deadline
         if not q.done.is_set():
+            if not reader.is_connected():  # the broker went away: the question would wait for its timeout
+                self._question = None
+                return False, self._recover(ConnectionError("the reader lost its connection to the broker"),
+                                            deadline)
             return False, deadline
         self._question = None
-        if q.error is None:
+        if q.error is None:  # the broker answered: no failure in progress
             if not q.more:
-                return not self.follow, deadline
+                return not self.follow, None
             self._idle += 1
             if self._idle >= _STALL_TIMEOUTS:  # messages are there, but none arrive: re-create the reader
                 log.info("%s: reader stalled after %s; re-creating it", self._topic, self.last)
                 self._idle = 0
                 self.stalls += 1
-                return False, self._reopen(deadline)
-            return False, deadline
+                return False, self._reopen(None)
+            return False, None
         if q.connection_error:
             return False, self._recover(q.error, deadline)
         if nothing_yet and self._is_empty(q, reader):
