@@ -117,6 +117,37 @@ def test_many_spills_and_merges_stay_exact(tmp_path, keys):
         assert ix.add_new(probe) == [s not in ref.seen for s in probe]
 
 
+def test_the_key_filter_grows_with_the_ids_on_disk_and_no_faster(tmp_path, monkeypatch):
+    """The key filter is the part of an index's memory that grows with the ids: made for the ids on
+    disk plus a quarter, so it is never below them (no key past its capacity) and never above 1.25x
+    (beyond its floor), across spills, merges and a reopen; and it still lets every stored id through."""
+    monkeypatch.setattr(pieces.KeyFilter, "__init__", _small_floor_init)
+    ids = [f"k-{i}" for i in range(6_000)]
+
+    def check(ix: DedupIndex) -> None:
+        f, on_disk = ix.key_filter, ix.stats["piece_ids"]
+        assert f is not None and on_disk <= f.capacity <= max(64, on_disk + on_disk // 4)
+
+    with DedupIndex.open(tmp_path, memory_bytes=3_000) as ix:
+        for a in range(0, len(ids), 250):
+            ix.add_new(ids[a:a + 250])
+            if ix.key_filter is not None:
+                check(ix)
+        manifest = ix.checkpoint()
+    with DedupIndex.open(tmp_path, manifest) as ix:
+        check(ix)
+        assert ix.key_filter.maybe(pieces.id_keys(ids)).all()
+        assert ix.add_new(ids) == [False] * len(ids)
+
+
+def _small_floor_init(self: pieces.KeyFilter, capacity: int) -> None:
+    """KeyFilter.__init__ with a floor of 64 keys instead of 65536 (so a test's few ids pass it)."""
+    self.capacity = max(int(capacity), 64)
+    self.words = np.zeros(-(-self.capacity * self.BITS // 64), dtype=np.uint64)
+    self._n = np.uint64(self.words.size)
+    self._masks = pieces._bit_masks()
+
+
 def test_long_and_odd_ids(tmp_path):
     odd = ["", "\x00", "x" * 100_000, "é" * 5000, "\ud800", "\udfff\ud800", "a\x00b"]
     with DedupIndex.open(tmp_path, memory_bytes=0) as ix:

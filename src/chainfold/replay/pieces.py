@@ -10,7 +10,7 @@ keys never makes a new id a duplicate.
 
 :class:`KeyFilter` is the one filter an index asks first about every key of a batch, whatever the
 number of pieces: a Bloom filter over the keys of all of them, in memory only (rebuilt from the
-pieces' keys when an index opens, ~1.5-3 bytes per id), one 64-bit word read per key. Only the few
+pieces' keys when an index opens, ~1.5-1.9 bytes per id), one 64-bit word read per key. Only the few
 keys it lets through are asked of each piece's fuse filter (one C call per key and piece), and only
 the keys a fuse filter lets through cost a read of the piece.
 
