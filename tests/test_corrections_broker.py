@@ -233,3 +233,25 @@ def test_broker_dedup_drops_a_resent_correction(cli, pulsar_client, tmp_path: Pa
     finally:
         again.close()
     assert len(topic2_events(pulsar_client, topic2)) == 4
+
+
+def test_exactly_once_append_numbers_only_the_streams_it_appends(pulsar_client) -> None:
+    """An append with a producer name reads the whole log but keeps the highest seq of the streams it
+    appends to only (its memory does not grow with the log's other streams): those continue their
+    numbering, a new stream starts at 1, and ids already stored are skipped."""
+    from chainfold.envelope import Event
+
+    topic = unique_topic("corr-seqs")
+    log = PulsarLog(pulsar_client, topic, producer_name="seq-test")
+    try:
+        old = [Event(f"e{i}", f"s{i % 5}", None, "T", 1, {}) for i in range(20)]  # s0..s4 at seq 4
+        log.append(old)
+        new = [Event("n1", "s1", None, "T", 1, {}), Event("n2", "fresh", None, "T", 1, {}),
+               Event("e3", "s3", None, "T", 1, {}), Event("n3", "s1", None, "T", 1, {})]
+        report = log.append(new)
+        assert report.skipped == 1
+        stored = {ev.id: (ev.stream, ev.seq) for ev in (decode(e.payload) for e in log.read_all())}
+    finally:
+        log.close()
+    assert stored["n1"] == ("s1", 5) and stored["n3"] == ("s1", 6) and stored["n2"] == ("fresh", 1)
+    assert len(stored) == 23

@@ -584,18 +584,19 @@ class PulsarLog(EventLog):
         last one for that producer name, so broker deduplication (Apache Pulsar) drops a message the
         client re-sends after a reconnect. Sequence ids alone cannot decide what to skip: with
         batching, the broker records one sequence id per batch. Finding what the log holds reads the
-        whole log, keeping only the ids of ``events`` (memory O(len(events)), not O(history)).
+        whole log, keeping only the ids of ``events`` and the highest seq of their streams (memory
+        O(len(events)), not O(history) nor O(the log's streams)).
         """
         events = list(events)
         if not self.producer_name:
             return super().append(events, assign_seq=assign_seq, index=index)
         wanted = {ev.id for ev in events}
         present: set[str] = set()
-        seqs: dict[str, int] = {}
+        seqs: dict[str, int] = dict.fromkeys({ev.stream for ev in events}, 0)
         for ev in decoded(self.read_all()):
             if ev.id in wanted:
                 present.add(ev.id)
-            if ev.seq is not None and ev.seq > seqs.get(ev.stream, 0):
+            if ev.seq is not None and ev.stream in seqs and ev.seq > seqs[ev.stream]:
                 seqs[ev.stream] = ev.seq
         rest = [ev for ev in events if ev.id not in present]
         report = AppendReport(skipped=len(events) - len(rest))

@@ -125,8 +125,9 @@ def publish_corrections(target: EventLog, corrections: list[Mapping[str, Any]]) 
 
     ``target`` must be a log whose ``append`` skips ids it already holds: a
     :class:`~chainfold.log.pulsar.PulsarLog` opened with ``producer_name`` (see
-    :func:`producer_name_for`). Cost: one read of the whole target topic per call (its ids are held
-    in memory: about 100 bytes each), then one send per correction not yet there. Raises
+    :func:`producer_name_for`). Cost: one read of the whole target topic per call (time O(TOPIC2);
+    memory O(len(corrections)): only their keys and their streams' seqs are kept), then one send per
+    correction not yet there. Raises
     :class:`~chainfold.errors.BrokerUnavailable` if a send is not confirmed; a rerun then sends
     only what is missing.
     """
