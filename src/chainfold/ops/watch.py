@@ -15,9 +15,9 @@ Watch is rebuild's stages, following (docs/cli.md, ``chainfold watch``)::
   evidence directory, tagged with the snapshot's position) continues the comparator and the
   follower; when no snapshot matches it, the replay starts at the log's beginning (the reference
   holds every event the worker will be compared on).
-* **Reference.** After each batch is folded, its first-seen well-formed events become
-  :class:`~chainfold.watch.compare.Expected` positions (log index, event id, the leaf hash from the
-  hash stage; the message id is looked up for a divergence only). While the worker gives state
+* **Reference.** After each batch is folded, its first-seen well-formed events become reference
+  positions, one block per batch (log indexes, event ids, the leaf hashes from the hash stage; the
+  message id is looked up for a divergence only). While the worker gives state
   digests, the fold stage's model also digests each applied event's rendered stream state
   (:func:`~chainfold.tracker.state_digest`): a mis-handled event (right event, wrong state) is
   named exactly. Malformed entries and duplicates become lines at once (the tap after decoding).
@@ -66,8 +66,8 @@ from ..replay.model import Model
 from ..replay.pipeline import run_pass
 from ..store.atomic import atomic_write
 from ..store.snapshots import PartitionPosition, topic_dir
-from ..tracker import NO_DIGEST, state_digest
-from ..watch.compare import Expected, HandlingComparator, LiveDivergence
+from ..tracker import NO_DIGEST, plain_state_digest, state_digest
+from ..watch.compare import HandlingComparator, LiveDivergence
 from ..watch.follow import EvidenceFollower
 from ..watch.output import WatchLines
 from .rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, RebuildPlan, RebuildRun, plan_rebuild
@@ -182,28 +182,35 @@ class ComparisonStore:
 
 class _Reference:
     """The fold stage, feeding the comparator: after each batch is folded, its first-seen events
-    become reference positions (:class:`Expected`: log index, event id, the leaf hash the hash stage
-    computed, and the state digest of the event's stream after it: the model's rendered state,
-    :func:`~chainfold.tracker.state_digest`). :data:`NO_DIGEST` for an event not applied (a skip
-    policy) and while ``on`` is off (the worker gives no digests: nothing to compare them with).
-    Message ids are not made per event (each costs calls into the Pulsar client): watch names the
-    entry of a divergence when it reports it."""
+    become reference positions (log index, event id, the leaf hash the hash stage computed, and the
+    state digest of the event's stream after it: the model's rendered state,
+    :func:`~chainfold.tracker.state_digest`), handed over as one block
+    (:meth:`~chainfold.watch.compare.HandlingComparator.add_reference_block`: no object per event).
+    :data:`NO_DIGEST` for an event not applied (a skip policy) and while ``on`` is off (the worker
+    gives no digests: nothing to compare them with). Message ids are not made per event (each costs
+    calls into the Pulsar client): watch names the entry of a divergence when it reports it."""
 
     def __init__(self, fold: FoldStage, comparator: HandlingComparator) -> None:
         self.fold = fold
         self.comparator = comparator
         self.plain = fold.model
-        made: list[tuple[Event, bytes]] = []
+        applied: list[Event] = []
+        digests: list[bytes] = []
         apply, render = self.plain.apply, self.plain.render
+        raw_render = getattr(self.plain.obj, "render", None)
+        plain_digest, add_digest, add_applied = plain_state_digest, digests.append, applied.append
 
         def apply_and_digest(state: Any, ev: Event) -> Any:
             new = apply(state, ev)
-            made.append((ev, state_digest(ev.stream, render(new))))
+            # a flat rendered state is digested as it is (render_json would copy it unchanged)
+            d = plain_digest(ev.stream, new if raw_render is None else raw_render(new))
+            add_digest(d if d is not None else state_digest(ev.stream, render(new)))
+            add_applied(ev)
             return new
 
         self.digesting: Model = copy.copy(self.plain)
         self.digesting.apply = apply_and_digest
-        self._made = made
+        self._applied, self._digests = applied, digests
         self._leaves: list[bytes] = []
         self.on = False
         self.switch(True)
@@ -218,19 +225,33 @@ class _Reference:
         self._leaves = leaves or []
 
     def feed(self, decoded: Decoded) -> None:
-        made = self._made
-        made.clear()
+        applied, digests = self._applied, self._digests
+        applied.clear()
+        digests.clear()
         self.fold.feed(decoded)
-        leaves, index, offset = self._leaves, decoded.index, decoded.offset
-        out, k, n = [], 0, len(made)
-        for j, ev in enumerate(decoded.events):
-            if k < n and made[k][0] is ev:
-                digest = made[k][1]
+        events = decoded.events
+        if not events:
+            return
+        offsets, leaves = decoded.offsets(), self._leaves
+        self.comparator.add_reference_block(
+            decoded.indexes(), [ev.id for ev in events],
+            b"".join(leaves) if len(leaves) == len(events) and type(offsets) is range
+            else b"".join([leaves[k] for k in offsets]),
+            self._batch_digests(events) if self.on else None)
+
+    def _batch_digests(self, events: list[Event]) -> bytes:
+        """The state digest of each event, in order (:data:`NO_DIGEST` where the fold did not apply it)."""
+        applied, digests = self._applied, self._digests
+        if len(applied) == len(events):  # every event applied, in order
+            return b"".join(digests)
+        out, k, n = [], 0, len(applied)
+        for ev in events:
+            if k < n and applied[k] is ev:
+                out.append(digests[k])
                 k += 1
             else:
-                digest = NO_DIGEST
-            out.append(Expected(index(j), ev.id, "", leaves[offset(j)], digest))
-        self.comparator.add_reference(out)
+                out.append(NO_DIGEST)
+        return b"".join(out)
 
 
 class WatchRun:
