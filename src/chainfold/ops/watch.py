@@ -88,7 +88,9 @@ class WatchOptions:
     wait between idle polls of the log; ``max_wait``: how old a batch may get before it is folded;
     ``progress_seconds``: between ``progress`` lines; ``retry_max_seconds``: the longest wait
     between attempts while the broker is gone; ``window``: reference positions the comparator keeps
-    in memory before it spills."""
+    in memory before it spills; ``allow_partial_history``: the log is known to start mid-history (lost
+    recorded entries no snapshot covers are reported, and the log followed from where it starts now,
+    instead of failing with :class:`~chainfold.errors.HistoryUnrecoverable`)."""
 
     snapshots_root: Path
     evidence: Path | None = None
@@ -102,6 +104,7 @@ class WatchOptions:
     progress_seconds: float = 1.0
     retry_max_seconds: float = 15.0
     window: int = 1 << 15
+    allow_partial_history: bool = False
 
     def __post_init__(self) -> None:
         if self.on_model_error not in ("stop", "skip-event", "skip-stream"):
@@ -275,6 +278,9 @@ class WatchRun:
         self.fold = run.folder.fold
         self.fold.on_error = options.on_model_error
         self.decoder = run.folder.decoder
+        self.seqs = run.folder.seqs  # the seq check (a snapshot's, continued): its gaps stay for the snapshots
+        self.seqs.lost_start = run.lost_start(self.partition)
+        self._gaps_said = self._gaps_before = len(self.seqs.gaps)
         self.sink = run.sink
         self.hasher: HashStage = run.hash_stage(self.partition)
         self.after: Position | None = run.start_of(self.partition)[1]
@@ -307,7 +313,7 @@ class WatchRun:
         from the beginning of the log."""
         o = self.options
         opts = RebuildOptions(snapshots_root=o.snapshots_root, snapshot_every=0, keep=o.keep,
-                              on_model_error=o.on_model_error)
+                              on_model_error=o.on_model_error, allow_partial_history=o.allow_partial_history)
         if self.saved is None:
             return plan_rebuild(self.elog, self.model, opts), None
         tag = self.saved.load()
@@ -336,6 +342,7 @@ class WatchRun:
     def run(self) -> WatchResult:
         """Follow until stopped; the result (lines were written as it went)."""
         o = self.options
+        self._report_history()
         if self.divergence is not None:  # found by an earlier run (the saved comparison): said again
             self._diverged(self.divergence)
         try:
@@ -376,6 +383,8 @@ class WatchRun:
     def _tap(self, decoded: Decoded, leaves: list[bytes] | None) -> None:
         """After the decode stage: lines for its findings; the batch's leaves for the reference."""
         self._report_decoder()
+        if len(self.seqs.gaps) > self._gaps_said:
+            self._report_gaps()
         if self.reference is not None:
             self.reference.tap(decoded, leaves)
 
@@ -392,6 +401,29 @@ class WatchRun:
             if self.sink is not None:
                 self.sink.forgotten[kind] += len(found)
             found.clear()
+
+    # --- history (docs/cli.md#history) -----------------------------------------------------------------
+
+    def _report_history(self) -> None:
+        """At start: recorded entries gone from the log (covered by the snapshot watch starts from,
+        or accepted with ``allow_partial_history``), and the seq gaps found before this run."""
+        for t in self.plan.truncations:
+            how = (f"; watch continues from the snapshot that covers the loss ({t.covered_by})" if t.covered_by else
+                   "; followed from where the log starts now (--allow-partial-history)")
+            self.lines.truncated(t.describe() + how, t.to_json())
+        if self._gaps_before:
+            g = self.seqs.gaps[0]
+            self.lines.error(f"events are missing from the log itself: {self._gaps_before} seq gap(s) found before "
+                             f"this run (before the snapshot it continues from), the first in stream {g.stream!r} at "
+                             f"message {g.message_id}", history="gaps", **g.to_json(), index=g.index,
+                             seq_gaps_before=self._gaps_before)
+
+    def _report_gaps(self) -> None:
+        """A line per seq gap found since the last call (the gaps stay in the check: snapshots keep them)."""
+        gaps = self.seqs.gaps
+        for g in gaps[self._gaps_said:]:
+            self.lines.seq_gap(g)
+        self._gaps_said = len(gaps)
 
     def _tick(self, idle: bool) -> None:
         now = time.monotonic()
