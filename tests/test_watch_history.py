@@ -98,24 +98,29 @@ def test_seq_gaps_are_reported_as_they_are_read(broker_url: str, pulsar_client, 
         again.kill()
 
 
-@pytest.mark.apache
-def test_watch_from_a_snapshot_that_covers_lost_entries(truncated, tmp_path: Path) -> None:  # noqa: F811
+def the_history_line(tmp: Path, topic: str, *args: str, name: str) -> dict[str, Any]:
+    """Watch ``topic`` until it read all 5,500 entries (at their recorded positions); its one
+    history line (after SIGTERM, exit 0)."""
     import os
 
-    t = truncated
-    url = os.environ["CHAINFOLD_TEST_SERVICE_URL"]
-    snaps = _in(tmp_path, t, snapshots=True)
-    w = watch(tmp_path, url, t["topic"], "--snapshots", snaps)
+    w = watch(tmp, os.environ["CHAINFOLD_TEST_SERVICE_URL"], topic, *args, name=name)
     try:
-        assert w.wait_for(read_to(5500), 120), (tmp_path / "watch.log").read_text()
+        assert w.wait_for(read_to(5500), 120), (tmp / f"{name}.log").read_text()
         lines = [x for x in w.of("error") if x.get("history")]
-        assert len(lines) == 1 and lines[0]["history"] == "truncated"
-        assert lines[0]["truncated"] == _truncated_json(t, snaps, 5000)
-        assert lines[0]["message_id"] == t["mids"][2500]
-        assert "watch continues from the snapshot that covers the loss" in lines[0]["message"]
+        assert len(lines) == 1 and lines[0]["history"] == "truncated"  # and no seq gap: the loss is known
         assert w.stop(signal.SIGTERM) == 0
+        return lines[0]
     finally:
         w.kill()
+
+
+@pytest.mark.apache
+def test_watch_from_a_snapshot_that_covers_lost_entries(truncated, tmp_path: Path) -> None:  # noqa: F811
+    t = truncated
+    snaps = _in(tmp_path, t, snapshots=True)
+    line = the_history_line(tmp_path, t["topic"], "--snapshots", snaps, name="watch")
+    assert line["truncated"] == _truncated_json(t, snaps, 5000) and line["message_id"] == t["mids"][2500]
+    assert "watch continues from the snapshot that covers the loss" in line["message"]
 
 
 @pytest.mark.apache
@@ -123,25 +128,17 @@ def test_watch_over_lost_entries_nothing_covers(truncated, tmp_path: Path) -> No
     import os
 
     t = truncated
-    url = os.environ["CHAINFOLD_TEST_SERVICE_URL"]
     bare = _in(tmp_path, t, snapshots=False)
-    w = watch(tmp_path, url, t["topic"], "--snapshots", bare)
+    w = watch(tmp_path, os.environ["CHAINFOLD_TEST_SERVICE_URL"], t["topic"], "--snapshots", bare)
     assert w.wait(120) == 3
     assert [x["kind"] for x in w.lines] == ["error"]
     err = w.lines[0]
     assert err["message"].startswith("history is gone and no valid snapshot covers the gap")
     assert err["history"] == "truncated" and err["message_id"] == t["mids"][2500]
 
-    ok = watch(tmp_path, url, t["topic"], "--snapshots", bare, "--allow-partial-history", name="partial")
-    try:
-        assert ok.wait_for(read_to(5500), 120), (tmp_path / "partial.log").read_text()  # at the recorded positions
-        lines = [x for x in ok.of("error") if x.get("history")]
-        assert len(lines) == 1 and lines[0]["history"] == "truncated"  # and no seq gap: the loss is known
-        assert lines[0]["truncated"] == dict(_truncated_json(t, None, 2500), covered_by_snapshot=None)
-        assert "followed from where the log starts now" in lines[0]["message"]
-        assert ok.stop(signal.SIGTERM) == 0
-    finally:
-        ok.kill()
+    line = the_history_line(tmp_path, t["topic"], "--snapshots", bare, "--allow-partial-history", name="partial")
+    assert line["truncated"] == dict(_truncated_json(t, None, 2500), covered_by_snapshot=None)
+    assert "followed from where the log starts now" in line["message"]
 
 
 @pytest.mark.apache

@@ -34,10 +34,18 @@ Watch is rebuild's stages, following (docs/cli.md, ``chainfold watch``)::
   snapshot is taken at that exact position with the comparison state beside it, the provisional
   checkpoint recorded, and a last ``progress`` line written.
 
+* **History.** Lost history is reported as verify reports it (docs/cli.md#history), on ``error``
+  lines with a ``history`` key: recorded entries gone from the log, at start (the plan found them:
+  covered by the snapshot watch starts from, or accepted with ``allow_partial_history``; otherwise
+  the plan fails with :class:`~chainfold.errors.HistoryUnrecoverable`); each seq gap when its entry
+  is decoded (the seq check of rebuild, continued from the snapshot; gaps found before this run are
+  said once, as a count and the first).
+
 Memory is flat in the length of the run: the stages hold O(segment) entries, the comparator spills
 what the worker has not reached, the evidence follower holds offsets, and reported malformed
 entries, duplicates and skipped events are dropped once written (the snapshots still count them).
-The seen ids and the states grow with distinct ids and streams, as in rebuild.
+The seen ids and the states grow with distinct ids and streams, as in rebuild, and the seq gaps
+with the gaps found (the snapshots carry them).
 """
 
 from __future__ import annotations
