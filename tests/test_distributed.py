@@ -171,33 +171,32 @@ def test_piece_stage_checks_and_records_like_the_hash_stage(tmp_path_factory: py
     assert runs[0] == runs[1]
 
 
-def test_seen_ids_are_fed_in_the_local_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("memory", [0, 20_000, 150_000, 300_000, 1 << 25])
+def test_dedup_pieces_are_cut_where_the_local_index_spills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            memory: int) -> None:
     """A snapshot stores the manifest the dedup index's ``checkpoint()`` returns, which depends on
-    the batches it was given (when it spills, what each piece holds): the driver calls ``add_new``
-    with the local decode stage's batches (duplicates included) and ``checkpoint`` at the same
-    points, from a snapshot too (ids it holds are duplicates), with a memory bound small enough to
-    spill between snapshots."""
+    where it spilled and what each piece holds: the driver writes the ids first seen
+    (``add_fresh``, no ``add_new``) cut where the local decode stage's batches make the index spill
+    (bounds from every batch to several batches per piece, or none between snapshots), and
+    checkpoints at the same points, from a snapshot too (ids it holds are duplicates)."""
     calls: list[Any] = []
-    add_new, checkpoint = DedupIndex.add_new, DedupIndex.checkpoint
-
-    def spy_add(self, ids):  # type: ignore[no-untyped-def]
-        calls.append(("add", list(ids)))
-        return add_new(self, ids)
+    checkpoint = DedupIndex.checkpoint
 
     def spy_checkpoint(self):  # type: ignore[no-untyped-def]
         manifest = checkpoint(self)
         calls.append(("checkpoint", len(self), manifest))
         return manifest
 
-    monkeypatch.setattr(DedupIndex, "add_new", spy_add)
     monkeypatch.setattr(DedupIndex, "checkpoint", spy_checkpoint)
     elog = MemoryLog("spy")
     messy(elog, 2600)
+    elog.append([Event(f"id-{'é' * (i % 7)}-{i}", f"acct-{i % 50:04d}", None, "deposit", 1, {"amount": 1})
+                 for i in range(3000)])  # ids of many lengths, some not ASCII
     logs: dict[str, list[Any]] = {}
 
     def run(side: str) -> None:
         calls.clear()
-        opts = dict(snapshots_root=tmp_path / side, snapshot_every=700, dedup_memory=20_000)
+        opts = dict(snapshots_root=tmp_path / side, snapshot_every=4000, dedup_memory=memory)
         if side == "local":
             rebuild(elog, load_model(MODEL), **opts)
         else:
@@ -211,7 +210,7 @@ def test_seen_ids_are_fed_in_the_local_batches(tmp_path: Path, monkeypatch: pyte
     run("local")
     run("dist")
     assert logs["local"] == logs["dist"]
-    assert sum(c[0] == "checkpoint" for c in logs["local"]) >= 6
+    assert sum(c[0] == "checkpoint" for c in logs["local"]) >= 3
     assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
 
 

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from ..errors import ModelError, WorkerFailed
 from ..hashing.chain import Checkpoint
 from ..hashing.record import PartitionRecord
@@ -60,14 +62,15 @@ from ..log import EventLog, Position
 from ..log.source import DEFAULT_BATCH, Span
 from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild, run_plan
 from ..ops.verify import VerifyOptions, VerifyReport, hash_partition, verify_log
-from ..replay.decode import Decoder, Duplicate, Malformed
+from ..replay.decode import Decoder, Duplicate, Malformed, SeqGaps
+from ..replay.dedup import DedupIndex, memory_cost
 from ..replay.fold import OnModelError, Skipped
 from ..replay.model import Model, load_model
 from ..store.snapshots import PartitionPosition
 from .cluster import Cluster, Chunks
 from .spark_io import Point, ReadRange, clip_ranges
 from .tasks import (GPOS_SHIFT, Assembly, Chunk, ChunkSummary, StreamResult, assemble, dedup_pairs, fold_items,
-                    fold_streams, gpos, prior_candidates, read_chunk, SeqItems)
+                    fold_streams, gpos, prior_candidates, read_chunk, FreshIds)
 
 __all__ = ["Planner", "Distribution", "distributed_rebuild", "distributed_verify", "distributed_scan",
            "distributed_reconcile_engine", "distributed_scanner", "DistributedRebuild", "executor_ref"]
@@ -231,36 +234,83 @@ def _fold_inputs(chunk: Chunk, where: Any, duplicates: Any) -> Any:
 # --- the driver's decode bookkeeping ---------------------------------------------------------------
 
 
-class _SeenFeeder:
-    """Feeds event ids to the driver's decode stage (its seen ids) the way the local decode stage
-    does: one ``add_new`` per batch of the local pass (``DEFAULT_BATCH`` entries from the pass start,
-    cut at the stops), with every well-formed event of the batch, duplicates included; a batch
-    without events makes no call. ``on_result(item, first)`` hears each answer."""
+class _IdWriter:
+    """Writes the event ids first seen (the dedup shuffle's winners, :class:`~chainfold.engines.tasks.FreshIds`),
+    in log order, into the driver's dedup index as the pieces the local decode stage's calls make:
+    the local stage calls ``add_new`` once per batch (``DEFAULT_BATCH`` entries from the pass start,
+    cut at the stops), and the index spills what it holds in memory after a batch that takes it past
+    its bound (:func:`~chainfold.replay.dedup.memory_cost`), and at each snapshot (its checkpoint).
+    Here the same cuts are found from the ids' lengths, and each piece is written in one call
+    (:meth:`~chainfold.replay.dedup.DedupIndex.add_fresh`): no Python object per id on the driver.
+    The pieces, and so the snapshots that name them, are the local engine's bytes."""
 
-    def __init__(self, decoder: Decoder, start: int, stops: Sequence[int],
-                 on_result: Callable[[tuple[Any, ...], bool], None]) -> None:
-        self.decoder = decoder
-        self.start = start
-        self.stops = stops
-        self.on_result = on_result
-        self.pending: list[tuple[Any, ...]] = []
-        self.batch_end = self._end_of(start)
+    def __init__(self, index: DedupIndex) -> None:
+        self.index = index
+        self.limit = index.memory_bytes
+        self.pending: list[tuple[bytes, np.ndarray, np.ndarray]] = []
+        self.memory = 0
+        self.batch_end = -1
+        self.start = 0
+        self.stops = np.zeros(0, dtype=np.int64)
+        self.chunk(None)
 
-    def _end_of(self, index: int) -> int:
-        return _batch_end(self.start, self.stops, index)
+    def part(self, start: int, stops: Sequence[int]) -> None:
+        """A partition's pass begins at entry ``start`` (its batches from there, cut at ``stops``)."""
+        self.end_batch()
+        self.start, self.stops = start, np.asarray(stops, dtype=np.int64)
 
-    def add(self, item: tuple[Any, ...]) -> None:
-        """``item`` = ``(index, event id, ...)``, in log order."""
-        if item[0] >= self.batch_end:
-            self.flush()
-            self.batch_end = self._end_of(item[0])
-        self.pending.append(item)
+    def chunk(self, fresh: FreshIds | None) -> None:
+        """The next chunk's ids, taken in order by :meth:`upto`."""
+        self.fresh, self.taken, self.byte = fresh, 0, 0
 
-    def flush(self) -> None:
+    def upto(self, index: int) -> None:
+        """The chunk's ids at entries before ``index`` not taken yet, batch by batch."""
+        f, i = self.fresh, self.taken
+        if f is None:
+            return
+        j = int(np.searchsorted(f.indexes, index))
+        if j <= i:
+            return
+        idx = f.indexes[i:j]
+        ends = self.start + ((idx - self.start) // DEFAULT_BATCH + 1) * DEFAULT_BATCH
+        if self.stops.size:
+            nxt = np.searchsorted(self.stops, idx, side="right")
+            ends = np.where(nxt < self.stops.size, np.minimum(ends, self.stops[np.minimum(nxt, self.stops.size - 1)]),
+                            ends)
+        firsts = np.flatnonzero(np.r_[True, ends[1:] != ends[:-1]])
+        chars = np.add.reduceat(f.chars[i:j], firsts).tolist()
+        offsets = np.zeros(j - i + 1, dtype=np.int64)
+        np.cumsum(f.lengths[i:j], out=offsets[1:])
+        bounds = [*firsts.tolist(), j - i]
+        for g, end in enumerate(ends[firsts].tolist()):
+            if end != self.batch_end:
+                self.end_batch()
+                self.batch_end = end
+            a, b = bounds[g], bounds[g + 1]
+            self.memory += memory_cost(chars[g], b - a)
+            self.pending.append((f.blob[self.byte + int(offsets[a]):self.byte + int(offsets[b])],
+                                 f.lengths[i + a:i + b], f.keys[i + a:i + b]))
+        self.taken, self.byte = j, self.byte + int(offsets[-1])
+
+    def end_batch(self) -> None:
+        """The local batch ends: its ``add_new`` spills when the index passed its bound."""
+        if self.memory > self.limit:
+            self.spill()
+        self.batch_end = -1
+
+    def checkpoint(self) -> None:
+        """Before a snapshot: the index's checkpoint spills everything in memory."""
+        self.end_batch()
+        self.spill()
+
+    def spill(self) -> None:
         if self.pending:
-            batch, self.pending = self.pending, []
-            for item, first in zip(batch, self.decoder.seen.add_new([it[1] for it in batch])):
-                self.on_result(item, first)
+            lengths = np.concatenate([p[1] for p in self.pending])
+            offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            self.index.add_fresh(b"".join(p[0] for p in self.pending), offsets,
+                                 np.concatenate([p[2] for p in self.pending]))
+        self.pending, self.memory = [], 0
 
 
 # --- rebuild -------------------------------------------------------------------------------------------
@@ -386,17 +436,20 @@ class DistributedRebuild:
             ends[part.pi] = min(_batch_end(part.start, stops[part.pi], g & _LOW), part.end)
         layout = cluster.share({p.pi: (stages[p.pi].chain.segment_size, sorted(set(stops[p.pi]) | {ends[p.pi]}),
                                        _carry_from(stages[p.pi]), 0) for p in read.parts})
-        need_ids = self.run_.sink is not None or snap is not None
+        sink = self.run_.sink
+        ids = _IdWriter(self.run_.seen) if sink is not None else None  # what a snapshot stores
         items = read.chunks.stream(functools.partial(_assembly_of, where=where, layout=layout, duplicates=losers,
-                                                     ids=need_ids))
-        self._assemble(read, items, stages, stops, ends, outcome)
+                                                     ids=ids is not None))
+        self._assemble(read, items, stages, stops, ends, outcome, ids)
+        if ids is not None and sink is not None and sink.covered() != sink.entries:
+            ids.checkpoint()  # the snapshot at the end (finish) checkpoints the index
         result = self.run_.finish()
         phases.done("assembly")
         return result
 
     def _assemble(self, read: _Read, items: Iterator[Assembly], stages: dict[int, PieceStage],
-                  stops: dict[int, list[int]], ends: dict[int, int], outcome: _Outcome) -> None:
-        """The local pass, partition after partition, from the tasks' pieces and events."""
+                  stops: dict[int, list[int]], ends: dict[int, int], outcome: _Outcome, ids: _IdWriter | None) -> None:
+        """The local pass, partition after partition, from the tasks' pieces, ids and checks."""
         run, model = self.run_, self.model
         decoder = run.folder.decoder
         states = run.folder.fold.states
@@ -405,40 +458,37 @@ class DistributedRebuild:
         error = outcome.error
         cut_no = 0
         done = 0
+        seqs = run.folder.seqs
         for part in read.parts:
             if error is not None and part.pi > error[0] >> GPOS_SHIFT:
                 break
+            if run.lost_start(part.name):
+                raise WorkerFailed(f"{part.name} lost entries before its first: a bug (the local engine rebuilds it)")
             stage = stages[part.pi]
             end = ends[part.pi]
             failing = error is not None and part.pi == error[0] >> GPOS_SHIFT
             snap_until = error[0] & _LOW if failing else end  # type: ignore[index]
-            expected: set[int] = set()
-
-            def answered(item: tuple[Any, ...], first: bool, _expected: set[int] = expected) -> None:
-                if first == (item[0] in _expected):
-                    raise WorkerFailed(f"the distributed dedup and the seen ids disagree on event {item[1]!r} at "
-                                       f"entry {item[0]}: a bug; rerun with --engine local")
-
-            feeder = _SeenFeeder(decoder, part.start, stops[part.pi], answered)
-            seqs = run.folder.seqs
-            seqs.lost_start = run.lost_start(part.name)
+            if ids is not None:
+                ids.part(part.start, stops[part.pi])
             for _ in part.ranges:
                 a = next(items)
-                expected.update(i for i, _, _ in a.duplicates)
-                events: Sequence[tuple[Any, ...]] = [] if a.ids is None else list(zip(a.indexes, a.ids))  # type: ignore[arg-type]
-                ids, bad, dups, seq_items = _Queue(events), _Queue(a.malformed), _Queue(a.duplicates), _Queue(a.seqs)
+                if ids is not None:
+                    ids.chunk(a.fresh)
+                bad, dups, checks = _Queue(a.malformed), _Queue(a.duplicates), _Queue(a.seq_checks)
                 for piece in a.pieces:
                     if piece.begin >= end:
                         break
                     stage.feed_piece(piece)
-                    for item in ids.upto(piece.end):
-                        feeder.add(item)
-                    seqs(SeqItems(seq_items.upto(piece.end)))  # type: ignore[arg-type]
+                    if ids is not None:
+                        ids.upto(piece.end)
+                    for _, check in checks.upto(piece.end):
+                        seqs.then(check)
                     decoder.malformed.extend(Malformed(i, m, r) for i, m, r in bad.upto(piece.end))
                     decoder.duplicates.extend(Duplicate(i, m, e) for i, m, e in dups.upto(piece.end))
                     while cut_no < len(outcome.cuts) and outcome.cuts[cut_no] == gpos(part.pi, piece.end) \
                             and piece.end <= snap_until:
-                        feeder.flush()
+                        if ids is not None:
+                            ids.checkpoint()
                         for s, dumped in outcome.at_cut[cut_no]:
                             states[s] = model.load_state(dumped)
                         run.folder.fold.skipped[:] = resumed + outcome.skipped_before(outcome.cuts[cut_no])
@@ -451,7 +501,8 @@ class DistributedRebuild:
             if failing:  # the model failed (stop): what the local pass did before it raised
                 stage.flush()
                 raise error[1]  # type: ignore[index]
-            feeder.flush()
+            if ids is not None:
+                ids.end_batch()
             stage.flush()
             last = self.plan.elog.position(part.last) if part.last is not None else None
             scan = stage.finish(_Totals(part.read, last, part.redelivered), read_to_end=not self.options.bounded)
@@ -588,11 +639,16 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
 
 def _decode_seqs(decoder: Decoder, a: Assembly) -> None:
     """What verify's decode stage records of chunk ``a`` (entries before its ``first`` skipped: the
-    tasks left them out of ``a.seqs``)."""
+    tasks left them out of ``a.seq_checks``): its ``seq`` check (verify's hook is a
+    :class:`~chainfold.replay.decode.SeqGaps`) continued with the chunk's."""
     first = getattr(decoder, "first", 0)
     decoder.malformed.extend(Malformed(i, m, r) for i, m, r in a.malformed if i >= first)
-    if decoder.well_formed is not None:
-        decoder.well_formed(SeqItems(a.seqs))  # type: ignore[arg-type]
+    seqs = decoder.well_formed
+    if seqs is not None:
+        if not isinstance(seqs, SeqGaps) or seqs.lost_start:
+            raise WorkerFailed("verify's seq check on a cluster continues a SeqGaps from its start: a bug")
+        for _, check in a.seq_checks:
+            seqs.then(check)
 
 
 def distributed_scanner(dists: dict[str, Distribution]) -> Callable[..., PartitionScan]:
