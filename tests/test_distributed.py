@@ -31,11 +31,12 @@ from chainfold.log import Entry, MemoryLog
 from chainfold.log.source import Source, Span
 from chainfold.merkle import CompactRange
 from chainfold.ops.rebuild import rebuild
-from chainfold.ops.reconcile import load_processed, reconcile
+from chainfold.ops.reconcile import load_processed, load_tracker, reconcile
 from chainfold.ops.verify import VerifyOptions, compare_logs, verify_log
 from chainfold.replay.dedup import DedupIndex
 from chainfold.replay.model import load_model
 from chainfold.store.snapshots import topic_dir
+from chainfold.tracker import Tracker
 
 from .distributed_cases import MODEL, POISON_MODEL, assert_same_store, events, messy, normalized
 from .test_reconcile import gen_events
@@ -366,6 +367,36 @@ def test_reconcile_of_a_divergent_worker_gives_the_local_report(tmp_path: Path, 
     assert doc["unknown_ids"] == ["an-id-from-elsewhere"] and doc["unknown_streams"] == ["never-in-the-log"]
     assert out[0] == out[1]
     assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
+
+
+def test_reconcile_with_tracker_evidence_builds_its_reference_on_the_cluster(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference (its events, leaf hashes for the tracker's checkpoints, expected states and
+    history) comes from the distributed replay, never the local pass, and gives the local report."""
+    import chainfold.ops.reference as reference_mod
+
+    elog = MemoryLog("rt")
+    messy(elog, 1500)
+    model = load_model(MODEL)
+    entries = [e for batch in Source(elog, Span(elog.topic)) for e in batch]
+    with Tracker(tmp_path / "evidence", segment_size=8) as t:
+        for k, e in enumerate(entries):
+            if k != 700:  # the worker missed one entry
+                t.handled(e.payload, str(e.message_id))
+    expected = rebuild(elog, model, snapshots_root=tmp_path / "x", write_snapshots=False).folder.rendered()
+    processed = load_processed(str(tmp_path / "evidence" / "processed.jsonl"))
+    local_passes = reference_mod._passes
+    out = []
+    for side in ("local", "dist"):
+        hooks = distributed_reconcile_engine(dist_of(elog)) if side == "dist" else {}
+        if side == "dist":
+            monkeypatch.setattr(reference_mod, "_passes", lambda *a: pytest.fail("the local pass built the reference"))
+        r = reconcile(elog, model, snapshots_root=tmp_path / side, state=dict(expected), processed=processed,
+                      tracker=load_tracker(str(tmp_path / "evidence" / "checkpoints.jsonl")), repair=True, **hooks)
+        monkeypatch.setattr(reference_mod, "_passes", local_passes)
+        out.append((normalized(r.to_json(), (tmp_path / "local", tmp_path / "dist")), r.repaired_states))
+    assert out[0][0]["first_divergence"] is not None
+    assert out[0] == out[1]
 
 
 @pytest.mark.parametrize("policy", ["skip-event", "skip-stream"])

@@ -61,6 +61,7 @@ from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, Piec
 from ..log import EventLog, Position
 from ..log.source import DEFAULT_BATCH, Span
 from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild, run_plan
+from ..ops.reference import Passes, Reference
 from ..ops.verify import VerifyOptions, VerifyReport, hash_partition, verify_log
 from ..replay.decode import Decoder, Duplicate, Malformed, SeqGaps
 from ..replay.dedup import DedupIndex, memory_cost
@@ -73,7 +74,8 @@ from .tasks import (GPOS_SHIFT, Assembly, Chunk, ChunkSummary, StreamResult, ass
                     fold_streams, gpos, prior_candidates, read_chunk, FreshIds)
 
 __all__ = ["Planner", "Distribution", "distributed_rebuild", "distributed_verify", "distributed_scan",
-           "distributed_reconcile_engine", "distributed_scanner", "DistributedRebuild", "executor_ref"]
+           "distributed_reconcile_engine", "distributed_reference", "distributed_scanner", "DistributedRebuild",
+           "executor_ref"]
 
 log = logging.getLogger("chainfold.engines.distributed")
 
@@ -201,14 +203,15 @@ def _plan_parts(dist: Distribution, parts: Sequence[str], starts: dict[str, tupl
     return out
 
 
-def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bool) -> Assembly:
+def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bool, rows: bool = False,
+                 leaves: bool = False) -> Assembly:
     """The task that assembles one chunk (see :func:`~chainfold.engines.tasks.assemble`): where it
     begins from ``where``, its partition's segment size, stops and first unrecorded index from
     ``layout``, the duplicates' positions from ``duplicates`` (shared values)."""
     begin, used = where.value[(chunk.pi, chunk.ri)]
     segment_size, cuts, carry_from, seq_from = layout.value[chunk.pi]
     return assemble(chunk, begin, used, segment_size, cuts, carry_from, duplicates=duplicates.value if duplicates else (),
-                    ids=ids, seq_from=seq_from)
+                    ids=ids, seq_from=seq_from, rows=rows, leaves=leaves)
 
 
 def _in_run(fn: Callable[..., Any], where: Any) -> Callable[[Chunk], Any]:
@@ -349,14 +352,15 @@ class DistributedRebuild:
     model error is handled by the plan's ``on_model_error``."""
 
     def __init__(self, dist: Distribution, plan: RebuildPlan, model_ref: str, *,
-                 on_progress: Callable[[int], None] | None = None) -> None:
+                 on_progress: Callable[[int], None] | None = None, run: RebuildRun | None = None) -> None:
         self.dist = dist
         self.model_ref = model_ref
         self.model: Model = plan.model
         self.on_error: OnModelError = plan.options.on_model_error
         self.plan = plan
-        self.run_ = RebuildRun(plan, on_progress)
+        self.run_ = run if run is not None else RebuildRun(plan, on_progress)
         self.on_progress = on_progress
+        self.ids: _IdWriter | None = None
 
     @property
     def options(self) -> RebuildOptions:
@@ -376,19 +380,42 @@ class DistributedRebuild:
             return []
         return [part.start + n for n in range(every, part.read + 1, every)]
 
+    rows = False
+    """Whether the tasks send the events first seen (:attr:`~chainfold.engines.tasks.Assembly.rows`)."""
+    leaves = False
+    """Whether they send those events' leaf hashes too."""
+
     def run(self) -> RebuildResult:
         try:
-            self.phases = _Phases(f"replay of {self.plan.elog.topic}")
-            parts = self._parts()
-            self.phases.done(f"planning {sum(len(p.ranges) for p in parts)} ranges")
-            read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
-            self.phases.done("read, hash, decode")
-            try:
-                return self._run(read)
-            finally:
-                read.release()
+            self.replay()
+            sink = self.run_.sink
+            if self.ids is not None and sink is not None and sink.covered() != sink.entries:
+                self.ids.checkpoint()  # the snapshot at the end (finish) checkpoints the index
+            result = self.run_.finish()
+            self.phases.done("assembly")
+            return result
         finally:
             self.run_.close()  # the dedup index's folder (after finish(): already closed)
+
+    def replay(self) -> None:
+        """Plan, read, dedup, fold, and the local pass from what the tasks made: the run's folder,
+        hash stages and snapshots as the local pass leaves them (``finish`` not called)."""
+        self.phases = _Phases(f"replay of {self.plan.elog.topic}")
+        parts = self._parts()
+        self.phases.done(f"planning {sum(len(p.ranges) for p in parts)} ranges")
+        read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
+        self.phases.done("read, hash, decode")
+        try:
+            self._run(read)
+        finally:
+            read.release()
+
+    def taken(self, part: _Part, a: Assembly) -> None:
+        """Each chunk's assembly once the local pass went past it (for subclasses; nothing here)."""
+
+    def scanned(self, part: _Part, scan: PartitionScan) -> None:
+        """A partition's pass ended (the local engine's bookkeeping)."""
+        self.run_.scanned(part.name, scan)
 
     def _prior(self, read: _Read, where: Any) -> list[str]:
         """The read's event ids that the starting snapshot had folded (in its dedup index): the
@@ -405,7 +432,7 @@ class DistributedRebuild:
                       for i in part]
         return [i for i, held in zip(candidates, seen.holds(candidates)) if held]
 
-    def _run(self, read: _Read) -> RebuildResult:
+    def _run(self, read: _Read) -> None:
         cluster, plan, phases = self.dist.cluster, self.plan, self.phases
         stops = {p.pi: self._stops(p) for p in read.parts}
         cuts = sorted(gpos(pi, c) for pi, cs in stops.items() for c in cs)
@@ -436,16 +463,10 @@ class DistributedRebuild:
             ends[part.pi] = min(_batch_end(part.start, stops[part.pi], g & _LOW), part.end)
         layout = cluster.share({p.pi: (stages[p.pi].chain.segment_size, sorted(set(stops[p.pi]) | {ends[p.pi]}),
                                        _carry_from(stages[p.pi]), 0) for p in read.parts})
-        sink = self.run_.sink
-        ids = _IdWriter(self.run_.seen) if sink is not None else None  # what a snapshot stores
+        self.ids = _IdWriter(self.run_.seen) if self.run_.sink is not None else None  # what a snapshot stores
         items = read.chunks.stream(functools.partial(_assembly_of, where=where, layout=layout, duplicates=losers,
-                                                     ids=ids is not None))
-        self._assemble(read, items, stages, stops, ends, outcome, ids)
-        if ids is not None and sink is not None and sink.covered() != sink.entries:
-            ids.checkpoint()  # the snapshot at the end (finish) checkpoints the index
-        result = self.run_.finish()
-        phases.done("assembly")
-        return result
+                                                     ids=self.ids is not None, rows=self.rows, leaves=self.leaves))
+        self._assemble(read, items, stages, stops, ends, outcome, self.ids)
 
     def _assemble(self, read: _Read, items: Iterator[Assembly], stages: dict[int, PieceStage],
                   stops: dict[int, list[int]], ends: dict[int, int], outcome: _Outcome, ids: _IdWriter | None) -> None:
@@ -495,6 +516,7 @@ class DistributedRebuild:
                         stage.flush()
                         run.sink.take(PartitionPosition(part.name, stage.chain.size, piece.last, stage.chain.state()))  # type: ignore[union-attr]
                         cut_no += 1
+                self.taken(part, a)
                 done += a.end - a.begin
                 if self.on_progress is not None:
                     self.on_progress(done)
@@ -505,8 +527,8 @@ class DistributedRebuild:
                 ids.end_batch()
             stage.flush()
             last = self.plan.elog.position(part.last) if part.last is not None else None
-            scan = stage.finish(_Totals(part.read, last, part.redelivered), read_to_end=not self.options.bounded)
-            run.scanned(part.name, scan)
+            self.scanned(part, stage.finish(_Totals(part.read, last, part.redelivered),
+                                            read_to_end=not self.options.bounded))
         self._final_states(outcome, started, resumed)
 
     def _final_states(self, outcome: _Outcome, started: dict[str, Any], resumed: list[Skipped]) -> None:
@@ -686,12 +708,96 @@ def distributed_verify(dist: Distribution, elog: EventLog, options: VerifyOption
 # --- reconcile -------------------------------------------------------------------------------------
 
 
+class _ReferencePass(DistributedRebuild):
+    """Reconcile's reference from a distributed replay: the replay of the reference's plan, its
+    events first seen (the rows of :class:`~chainfold.ops.reference.ReferenceDB`, in log order, with
+    their leaf hashes when asked for) sent by the tasks and written here as the local pass's tap
+    writes them; the expected states, findings and history are the replay's."""
+
+    rows = True
+
+    def __init__(self, dist: Distribution, reference: Reference, run: RebuildRun, model_ref: str, *,
+                 leaves: bool, on_progress: Callable[[int], None] | None) -> None:
+        super().__init__(dist, run.plan, model_ref, on_progress=on_progress, run=run)
+        self.reference = reference
+        self.leaves = leaves
+        names = reference.stream_names
+        names.extend(sorted(run.folder.states))  # the snapshot's streams are the log's too
+        self.numbers = {s: i for i, s in enumerate(names)}
+        self.j = 0
+        self.out = None
+        if leaves:
+            reference.leaves_path = Path(reference.workdir.name) / "leaves.bin"
+
+    def fill(self) -> None:
+        try:
+            if self.leaves:
+                self.out = open(self.reference.leaves_path, "wb")  # type: ignore[arg-type]
+            self.replay()
+        finally:
+            if self.out is not None:
+                self.out.close()
+        self.reference.db.seal()
+        self.phases.done("reference")
+
+    def taken(self, part: _Part, a: Assembly) -> None:
+        if a.rows is None:
+            return
+        numbers, names = self.numbers, self.reference.stream_names
+        indexes, ids, streams = a.rows
+        snos = []
+        for s in streams:
+            n = numbers.get(s)
+            if n is None:
+                n = numbers[s] = len(names)
+                names.append(s)
+            snos.append(n)
+        j = self.j
+        self.reference.db.add(zip(ids, [part.pi] * len(ids), range(j, j + len(ids)), indexes, snos))
+        self.j = j + len(ids)
+        if self.out is not None and a.leaves:
+            self.out.write(a.leaves)
+
+    def scanned(self, part: _Part, scan: PartitionScan) -> None:
+        ref, decoder = self.reference, self.run_.folder.decoder
+        ref.malformed_in += [part.pi] * (len(decoder.malformed) - len(ref.malformed_in))
+        ref.duplicates_in += [part.pi] * (len(decoder.duplicates) - len(ref.duplicates_in))
+        ref.counts.append(self.j)
+        self.j = 0
+        ref.scans.append(scan)
+        if scan.record_error:
+            ref.notes.append(scan.record_error + "; not trusted")
+        if scan.mismatch is not None:
+            ref.notes.append(f"{part.name}: the log differs from its recorded checkpoints at entry "
+                             f"{scan.mismatch.index}: {scan.mismatch.reason}")
+
+
+def distributed_reference(dist: Distribution, model_ref: str) -> Passes:
+    """The passes of :func:`chainfold.ops.reference.build_reference` on a cluster (its ``passes``):
+    the reference's events, expected states and history from a distributed replay of its plan
+    (:class:`_ReferencePass`), the same as the local pass's. A log that lost entries before its
+    first is left to the local pass (as :func:`distributed_rebuild` does)."""
+
+    def passes(reference: Reference, run: RebuildRun, leaves: bool, on_progress: Callable[[int], None] | None) -> bool:
+        if run.plan.truncations:
+            log.info("%s lost entries before its first: its reference is built by the local engine", reference.topic)
+            return False
+        _ReferencePass(dist, reference, run, model_ref, leaves=leaves, on_progress=on_progress).fill()
+        return True
+
+    return passes
+
+
 def distributed_reconcile_engine(dist: Distribution) -> dict[str, Any]:
-    """The engine's part of :func:`chainfold.ops.reconcile.reconcile` on ``dist``: the repair's
-    replay (``rebuild``). The reference (:func:`chainfold.ops.reference.build_reference`: on disk,
-    from a covering snapshot, with the history checks) is built by the local engine's pass."""
+    """The engine's part of :func:`chainfold.ops.reconcile.reconcile` on ``dist``: the reference's
+    passes (:func:`distributed_reference`; the reference itself, on disk, from a covering snapshot,
+    with the history checks, is :func:`chainfold.ops.reference.build_reference`'s) and the
+    repair's replay (``rebuild``). The model is loaded by its name in the executors."""
 
     def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None, /, **kw: Any) -> RebuildResult:
         return distributed_rebuild(dist, elog, model.name, options, **kw)
 
-    return {"rebuild": rebuild}
+    def passes(reference: Reference, run: RebuildRun, leaves: bool, on_progress: Callable[[int], None] | None) -> bool:
+        return distributed_reference(dist, executor_ref(run.plan.model.name))(reference, run, leaves, on_progress)
+
+    return {"rebuild": rebuild, "passes": passes}

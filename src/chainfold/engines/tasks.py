@@ -221,16 +221,22 @@ class Assembly:
     malformed: list[tuple[int, str, str]]
     duplicates: list[tuple[int, str, str]]
     seq_checks: list[tuple[int, SeqGaps]] = field(default_factory=list)
+    rows: tuple[array, list[str], list[str]] | None = None
+    """The events folded first as ``(indexes, ids, streams)`` (reconcile's reference), when asked for."""
+    leaves: bytes | None = None
+    """Their leaf hashes (32 bytes each), when asked for."""
 
 
 def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Sequence[int], carry_from: int, *,
-             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False, seq_from: int = 0) -> Assembly:
+             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False, seq_from: int = 0,
+             rows: bool = False, leaves: bool = False) -> Assembly:
     """The chunk's first ``used`` entries, which are entries ``begin ..`` of its partition: pieces
     cut at segment bounds and at ``cuts`` (indexes, sorted), carrying their leaf hashes from index
     ``carry_from`` on (whole segments: ``carry_from`` is a multiple of the segment size); the events
     at the positions ``duplicates`` (gpos) are named as duplicates, the others' ids are the fresh
     ones (``ids``); the ``seq`` checks start at index ``seq_from`` (where the driver's starts) and
-    are cut at ``cuts``."""
+    are cut at ``cuts``; ``rows`` (and ``leaves``): the fresh events' indexes, ids and streams (and
+    leaf hashes) as :attr:`Assembly.rows` (:attr:`Assembly.leaves`)."""
     end = begin + used
     inner = sorted({b for b in cuts if begin < b < end})
     bounds = set(inner)
@@ -248,17 +254,24 @@ def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Seque
         a = b
     ev = chunk.events
     n = ev.used(used) if ev is not None else 0
-    fresh = None
+    fresh = out_rows = out_leaves = None
     base = gpos(chunk.pi, begin)
-    if ids and ev is not None:
-        kept = [(begin + k, i) for k, i in zip(ev.offsets[:n], ev.ids) if base + k not in duplicates]
-        fresh = FreshIds.of([k for k, _ in kept], [i for _, i in kept])
+    if (ids or rows) and ev is not None:
+        kept = [j for j, k in enumerate(ev.offsets[:n]) if base + k not in duplicates]
+        indexes = array("q", (begin + ev.offsets[j] for j in kept))
+        fresh_ids = [ev.ids[j] for j in kept]
+        if ids:
+            fresh = FreshIds.of(indexes, fresh_ids)
+        if rows:
+            out_rows = (indexes, fresh_ids, [ev.streams[j] for j in kept])
+        if leaves:
+            out_leaves = b"".join(chunk.leaves[32 * ev.offsets[j]:32 * ev.offsets[j] + 32] for j in kept)
     malformed = [(begin + k, chunk.mid(k), reason) for k, reason in chunk.malformed if k < used]
     dups = []
     if duplicates and ev is not None:
         dups = [(begin + k, chunk.mid(k), eid) for k, eid in zip(ev.offsets[:n], ev.ids) if base + k in duplicates]
     return Assembly(chunk.pi, chunk.ri, begin, end, pieces, fresh, malformed, dups,
-                    _seq_checks(chunk, begin, n, seq_from, inner))
+                    _seq_checks(chunk, begin, n, seq_from, inner), out_rows, out_leaves)
 
 
 def _seq_checks(chunk: Chunk, begin: int, n: int, seq_from: int, cuts: Sequence[int]) -> list[tuple[int, SeqGaps]]:
