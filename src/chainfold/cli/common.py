@@ -92,7 +92,9 @@ class Engine:
 
     def refuse_workers(self, workers: int) -> None:
         if self.spark and workers > 1:
-            raise BadInput("--workers is the local engine's; with --engine spark the Spark cluster runs the tasks")
+            raise BadInput(f"--workers {workers} sets the local engine's processes; with --engine spark the Spark "
+                           f"master's cores run the tasks: on this machine use --spark-master 'local[{workers}]', "
+                           "on a cluster its executors")
 
     @contextlib.contextmanager
     def distribution(self, elog: Any, broker: BrokerOptions) -> Iterator[Any]:
