@@ -21,24 +21,25 @@ What runs where
 5. **Assemble** (here, the chunks streamed back in log order): each chunk's compact ranges
    (:class:`~chainfold.hashing.stage.Piece`, cut at segment bounds and stops) go into the local hash
    stage (:class:`~chainfold.hashing.stage.PieceStage`: segment roots, chained heads, checked
-   against and written into the record by the local code); event ids go into the decode stage's
-   seen ids exactly as the local decode stage feeds them (same batches), which is what a snapshot
-   stores; every well-formed entry's stream and ``seq`` go through the per-stream ``seq`` check
-   (:class:`~chainfold.replay.decode.SeqGaps`, duplicates included, in log order, as the local
-   decode stage's hook sees them); at each stop the local snapshot sink writes the snapshot. The local engine takes its
-   snapshots at the same entry counts, so the files hold the same bytes (``created`` aside).
+   against and written into the record by the local code); the ids each chunk folds first come as
+   columns (:class:`~chainfold.engines.tasks.FreshIds`) and are written into the dedup index as the
+   pieces the local decode stage's batches make it spill (:class:`_IdWriter`), which is what a
+   snapshot names; each chunk's own ``seq`` check (duplicates included, cut at the stops) continues
+   the driver's (:meth:`~chainfold.replay.decode.SeqGaps.then`: exact); at each stop the local
+   snapshot sink writes the snapshot. The local engine takes its snapshots at the same entry
+   counts, so the files hold the same bytes (``created`` aside). Reconcile's reference is the same
+   replay, the chunks' first-seen events written into its database (:func:`distributed_reference`).
 
 What differs from the local engine, and why results do not: events are folded per stream in
 executors instead of all streams in one loop (a stream's state depends only on its own events in
 log order, and the fold stage applies the same policies per stream); dedup is a shuffle instead of a
-set (first entry in log order wins either way, and the driver's seen ids, fed in the local order,
-must agree with it or the job fails); hashing is split into per-range compact ranges merged here
+set (first entry in log order wins either way; the shuffle compares full ids, so each id the
+driver writes into its dedup index is new there); hashing is split into per-range compact ranges merged here
 (RFC 9162 subtrees merge exactly; a segment root is the merge of its pieces).
 
 What runs the local engine's pass instead (same results, no cluster): a partition that lost entries
-before its first (rebuild and verify: hashed at shifted positions, the seq check starting
-mid-history), and reconcile's reference (:func:`chainfold.ops.reference.build_reference`); only the
-repair's replay runs here (:func:`distributed_reconcile_engine`).
+before its first (rebuild, verify and reconcile's reference: hashed at shifted positions, the seq
+check starting mid-history).
 """
 
 from __future__ import annotations
