@@ -365,3 +365,14 @@ def test_spark_submit_of_chainfold_on_a_standalone_cluster(standalone_master: st
     assert outs[0] == outs[1]
     assert (tmp_path / "local.json").read_bytes() == (tmp_path / "spark.json").read_bytes()
     assert_same_store(tmp_path / "local", tmp_path / "spark", plog.topic)
+
+
+def test_workers_with_the_spark_engine_is_refused_saying_what_to_use() -> None:
+    """``--workers N`` is the local engine's process count: with ``--engine spark`` it is refused
+    (exit 2) and the message names the Spark way to get N cores here."""
+    from chainfold.errors import BadInput
+
+    common.Engine("spark").refuse_workers(1)
+    with pytest.raises(BadInput, match=r"--spark-master 'local\[3\]'") as exc:
+        common.Engine("spark").refuse_workers(3)
+    assert exc.value.exit_code == 2
