@@ -3,6 +3,7 @@ second (the figures the README's projection to a billion events starts from).
 
     .venv/bin/python benchmarks/spark_engine.py [--events 1000000] [--master local[2]] [--repeat 2]
                                                 [--command rebuild|verify] [--service-url URL] [--json]
+                                                [--variants local,workers2,spark] [--baseline-src DIR]
 
 Without ``--service-url`` an embedded pulsar-lite broker is started in a temporary directory (and
 stopped at the end). ``--events`` accounts events (``read_throughput.publish``: 1 stream per 200
@@ -17,7 +18,14 @@ events) are published first (not timed); a bare read warms the broker's and the 
    - ``spark``: the same with ``--engine spark --spark-master MASTER`` (its session start-up
      included: that is what a user waits for; the phases come from its ``-v`` log)
 
-   wall seconds and peak RSS from ``/usr/bin/time -f "%e %M"`` (the ``chainfold`` process itself),
+   - ``spark_base`` (with ``--baseline-src DIR``, e.g. ``git archive main src | tar -x -C DIR``):
+     the ``spark`` run with ``PYTHONPATH=DIR/src``, so the driver and the executors run that
+     version of chainfold (before/after in one run)
+
+   ``--variants`` picks some (default: all that apply). Wall seconds and peak RSS from
+   ``/usr/bin/time -f "%e %M"`` (the ``chainfold`` process itself), the driver's own CPU seconds
+   (``time.process_time()`` of the ``chainfold`` process at exit: its threads, not the Spark JVM or
+   the Python workers it starts; ``driver_cpu_us_per_event``),
    and the peak of the whole process tree's RSS sampled every 0.2 s (``tree_peak_rss_mb``: the Spark
    JVM and its Python workers are children of the driver; ``--workers`` processes too); the
    three ``--json`` reports must agree (normalised).
@@ -64,12 +72,20 @@ def _tree_rss(pid: int) -> int:
         return 0
 
 
-def run_cli(args: list[str], url: str) -> dict:
+# ``python -m chainfold`` that prints its own CPU seconds (all its threads, no children) at exit
+_CLI = ("import atexit, runpy, sys, time; "
+        "atexit.register(lambda: print('DRIVER_CPU', time.process_time(), file=sys.stderr)); "
+        "sys.argv[0] = 'chainfold'; runpy.run_module('chainfold', run_name='__main__', alter_sys=True)")
+
+
+def run_cli(args: list[str], url: str, src: str | None = None) -> dict:
     """One whole ``chainfold`` process under ``/usr/bin/time``: wall s, peak RSS MB (the process;
     and its whole tree, sampled every 0.2 s: the Spark JVM and Python workers are children), its
-    report, phases."""
+    own CPU s, its report, phases. ``src``: run the chainfold found there (``PYTHONPATH``)."""
     env = {**os.environ, "CHAINFOLD_SERVICE_URL": url, "CHAINFOLD_PROGRESS_SECONDS": "3600"}
-    cmd = ["/usr/bin/time", "-f", "TIME %e %M", sys.executable, "-m", "chainfold", "-v", *args]
+    if src:
+        env["PYTHONPATH"] = src
+    cmd = ["/usr/bin/time", "-f", "TIME %e %M", sys.executable, "-c", _CLI, "-v", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     tree = [0]
 
@@ -83,9 +99,11 @@ def run_cli(args: list[str], url: str) -> dict:
     stdout, stderr = proc.communicate()
     sampler.join()
     m = re.search(r"TIME ([\d.]+) (\d+)", stderr)
-    if proc.returncode != 0 or m is None:
+    cpu = re.search(r"DRIVER_CPU ([\d.]+)", stderr)
+    if proc.returncode != 0 or m is None or cpu is None:
         raise SystemExit(f"{' '.join(args)} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     return {"seconds": float(m.group(1)), "peak_rss_mb": round(int(m.group(2)) / 1024),
+            "driver_cpu_s": float(cpu.group(1)),
             "tree_peak_rss_mb": round(tree[0] / 2**20), "report": json.loads(stdout),
             "phases": {k: float(v) for k, v in _PHASE.findall(stderr)}}
 
@@ -97,36 +115,44 @@ def normalised(doc: dict) -> dict:
     return d
 
 
-def whole_processes(url: str, topic: str, n: int, master: str, repeat: int, command: str, work: Path) -> dict:
-    variants = {
-        "local": [],
-        "workers2": ["--workers", "2"],
-        "spark": ["--engine", "spark", "--spark-master", master],
+def whole_processes(url: str, topic: str, n: int, master: str, repeat: int, command: str, work: Path,
+                    names: list[str], baseline_src: str | None = None) -> dict:
+    spark = ["--engine", "spark", "--spark-master", master]
+    every: dict[str, tuple[list[str], str | None]] = {
+        "local": ([], None),
+        "workers2": (["--workers", "2"], None),
+        "spark": (spark, None),
+        "spark_base": (spark, str(Path(baseline_src).resolve() / "src") if baseline_src else None),
     }
+    variants = {k: every[k] for k in names if k != "spark_base" or baseline_src}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for i in range(repeat):
-        for name, extra in variants.items():
+        for name, (extra, src) in variants.items():
             snaps = work / f"{name}-{i}"
             if command == "rebuild":
                 args = ["rebuild", topic, "--model", MODEL, "--full", "--snapshot-every", "0"]
             else:
                 args = ["verify", topic]
-            got = run_cli([*args, "--snapshots", str(snaps), "--json", *extra], url)
+            got = run_cli([*args, "--snapshots", str(snaps), "--json", *extra], url, src)
             runs[name].append(got)
             shutil.rmtree(snaps, ignore_errors=True)
-            print(f"round {i}: {name}: {got['seconds']} s, {got['peak_rss_mb']} MB", file=sys.stderr)
+            print(f"round {i}: {name}: {got['seconds']} s, {got['peak_rss_mb']} MB, driver CPU {got['driver_cpu_s']:.1f} s",
+                  file=sys.stderr)
     reports = {normalised(r["report"]).__repr__() for rs in runs.values() for r in rs}
     out: dict = {"same_reports": len(reports) == 1}
     for name, rs in runs.items():
         secs = [r["seconds"] for r in rs]
         best = min(secs)
+        cpu = [r["driver_cpu_s"] for r in rs]
         out[name] = {"seconds": secs, "events_per_s": round(n / best), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                     "tree_peak_rss_mb": max(r["tree_peak_rss_mb"] for r in rs)}
+                     "tree_peak_rss_mb": max(r["tree_peak_rss_mb"] for r in rs), "driver_cpu_s": cpu,
+                     "driver_cpu_us_per_event": round(min(cpu) / n * 1e6, 2)}
         if rs[0]["phases"]:
             out[name]["phases_best_run"] = rs[secs.index(best)]["phases"]
-    base = min(out["local"]["seconds"])
-    for name in variants:
-        out[name]["x_local"] = round(base / min(out[name]["seconds"]), 2)
+    if "local" in variants:
+        base = min(out["local"]["seconds"])
+        for name in variants:
+            out[name]["x_local"] = round(base / min(out[name]["seconds"]), 2)
     return out
 
 
@@ -203,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranges", type=int, default=8, help="ranges of the per-task measurement")
     ap.add_argument("--command", choices=["rebuild", "verify"], default="rebuild")
     ap.add_argument("--skip-processes", action="store_true", help="only the per-task figures")
+    ap.add_argument("--variants", default="local,workers2,spark,spark_base",
+                    help="whole-process runs, of local,workers2,spark,spark_base")
+    ap.add_argument("--baseline-src", help="a chainfold tree (with src/) the spark_base variant runs")
     ap.add_argument("--service-url")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -224,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         print(f"published {args.events:,} events in {out['publish_s']} s", file=sys.stderr)
         if not args.skip_processes:
-            out["processes"] = whole_processes(url, topic, args.events, args.master, args.repeat, args.command, work)
+            out["processes"] = whole_processes(url, topic, args.events, args.master, args.repeat, args.command, work,
+                                               args.variants.split(","), args.baseline_src)
         out["per_task_one_core"] = per_task(url, topic, args.events, args.ranges)
         out["load_avg_end"] = os.getloadavg()[0]
     finally:
@@ -235,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        for k in ("local", "workers2", "spark"):
+        for k in ("local", "workers2", "spark", "spark_base"):
             p = (out.get("processes") or {}).get(k)
             if p:
-                print(f"{k:9s} {p['events_per_s']:>9,} events/s  {p['x_local']:>5} x local  runs {p['seconds']} s  "
-                      f"peak {p['peak_rss_mb']} MB (tree {p['tree_peak_rss_mb']} MB)  {p.get('phases_best_run', '')}")
+                print(f"{k:10s} {p['events_per_s']:>9,} events/s  {p.get('x_local', '-'):>5} x local  runs {p['seconds']} s  "
+                      f"driver CPU {p['driver_cpu_us_per_event']} us/event  peak {p['peak_rss_mb']} MB "
+                      f"(tree {p['tree_peak_rss_mb']} MB)  {p.get('phases_best_run', '')}")
+        print(f"same reports: {(out.get('processes') or {}).get('same_reports')}")
         print(json.dumps(out["per_task_one_core"], indent=1))
     return 0
 

@@ -31,11 +31,12 @@ from chainfold.log import Entry, MemoryLog
 from chainfold.log.source import Source, Span
 from chainfold.merkle import CompactRange
 from chainfold.ops.rebuild import rebuild
-from chainfold.ops.reconcile import load_processed, reconcile
+from chainfold.ops.reconcile import load_processed, load_tracker, reconcile
 from chainfold.ops.verify import VerifyOptions, compare_logs, verify_log
 from chainfold.replay.dedup import DedupIndex
 from chainfold.replay.model import load_model
 from chainfold.store.snapshots import topic_dir
+from chainfold.tracker import Tracker
 
 from .distributed_cases import MODEL, POISON_MODEL, assert_same_store, events, messy, normalized
 from .test_reconcile import gen_events
@@ -171,33 +172,32 @@ def test_piece_stage_checks_and_records_like_the_hash_stage(tmp_path_factory: py
     assert runs[0] == runs[1]
 
 
-def test_seen_ids_are_fed_in_the_local_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("memory", [0, 20_000, 150_000, 300_000, 1 << 25])
+def test_dedup_pieces_are_cut_where_the_local_index_spills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            memory: int) -> None:
     """A snapshot stores the manifest the dedup index's ``checkpoint()`` returns, which depends on
-    the batches it was given (when it spills, what each piece holds): the driver calls ``add_new``
-    with the local decode stage's batches (duplicates included) and ``checkpoint`` at the same
-    points, from a snapshot too (ids it holds are duplicates), with a memory bound small enough to
-    spill between snapshots."""
+    where it spilled and what each piece holds: the driver writes the ids first seen
+    (``add_fresh``, no ``add_new``) cut where the local decode stage's batches make the index spill
+    (bounds from every batch to several batches per piece, or none between snapshots), and
+    checkpoints at the same points, from a snapshot too (ids it holds are duplicates)."""
     calls: list[Any] = []
-    add_new, checkpoint = DedupIndex.add_new, DedupIndex.checkpoint
-
-    def spy_add(self, ids):  # type: ignore[no-untyped-def]
-        calls.append(("add", list(ids)))
-        return add_new(self, ids)
+    checkpoint = DedupIndex.checkpoint
 
     def spy_checkpoint(self):  # type: ignore[no-untyped-def]
         manifest = checkpoint(self)
         calls.append(("checkpoint", len(self), manifest))
         return manifest
 
-    monkeypatch.setattr(DedupIndex, "add_new", spy_add)
     monkeypatch.setattr(DedupIndex, "checkpoint", spy_checkpoint)
     elog = MemoryLog("spy")
     messy(elog, 2600)
+    elog.append([Event(f"id-{'é' * (i % 7)}-{i}", f"acct-{i % 50:04d}", None, "deposit", 1, {"amount": 1})
+                 for i in range(3000)])  # ids of many lengths, some not ASCII
     logs: dict[str, list[Any]] = {}
 
     def run(side: str) -> None:
         calls.clear()
-        opts = dict(snapshots_root=tmp_path / side, snapshot_every=700, dedup_memory=20_000)
+        opts = dict(snapshots_root=tmp_path / side, snapshot_every=4000, dedup_memory=memory)
         if side == "local":
             rebuild(elog, load_model(MODEL), **opts)
         else:
@@ -211,7 +211,7 @@ def test_seen_ids_are_fed_in_the_local_batches(tmp_path: Path, monkeypatch: pyte
     run("local")
     run("dist")
     assert logs["local"] == logs["dist"]
-    assert sum(c[0] == "checkpoint" for c in logs["local"]) >= 6
+    assert sum(c[0] == "checkpoint" for c in logs["local"]) >= 3
     assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
 
 
@@ -367,6 +367,36 @@ def test_reconcile_of_a_divergent_worker_gives_the_local_report(tmp_path: Path, 
     assert doc["unknown_ids"] == ["an-id-from-elsewhere"] and doc["unknown_streams"] == ["never-in-the-log"]
     assert out[0] == out[1]
     assert_same_store(tmp_path / "local", tmp_path / "dist", elog.topic)
+
+
+def test_reconcile_with_tracker_evidence_builds_its_reference_on_the_cluster(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference (its events, leaf hashes for the tracker's checkpoints, expected states and
+    history) comes from the distributed replay, never the local pass, and gives the local report."""
+    import chainfold.ops.reference as reference_mod
+
+    elog = MemoryLog("rt")
+    messy(elog, 1500)
+    model = load_model(MODEL)
+    entries = [e for batch in Source(elog, Span(elog.topic)) for e in batch]
+    with Tracker(tmp_path / "evidence", segment_size=8) as t:
+        for k, e in enumerate(entries):
+            if k != 700:  # the worker missed one entry
+                t.handled(e.payload, str(e.message_id))
+    expected = rebuild(elog, model, snapshots_root=tmp_path / "x", write_snapshots=False).folder.rendered()
+    processed = load_processed(str(tmp_path / "evidence" / "processed.jsonl"))
+    local_passes = reference_mod._passes
+    out = []
+    for side in ("local", "dist"):
+        hooks = distributed_reconcile_engine(dist_of(elog)) if side == "dist" else {}
+        if side == "dist":
+            monkeypatch.setattr(reference_mod, "_passes", lambda *a: pytest.fail("the local pass built the reference"))
+        r = reconcile(elog, model, snapshots_root=tmp_path / side, state=dict(expected), processed=processed,
+                      tracker=load_tracker(str(tmp_path / "evidence" / "checkpoints.jsonl")), repair=True, **hooks)
+        monkeypatch.setattr(reference_mod, "_passes", local_passes)
+        out.append((normalized(r.to_json(), (tmp_path / "local", tmp_path / "dist")), r.repaired_states))
+    assert out[0][0]["first_divergence"] is not None
+    assert out[0] == out[1]
 
 
 @pytest.mark.parametrize("policy", ["skip-event", "skip-stream"])

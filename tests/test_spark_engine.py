@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -327,3 +328,51 @@ def test_rebuild_on_a_standalone_cluster(standalone_master: str, cli, pulsar_cli
     assert outs[0] == outs[1]
     assert_same_store(tmp_path / "local", tmp_path / "spark", plog.topic)
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(APACHE, reason="the cluster runs once, in the pulsar-lite tier")
+def test_spark_submit_of_chainfold_on_a_standalone_cluster(standalone_master: str, cli, pulsar_client,
+                                                           broker_url: str, tmp_path: Path) -> None:
+    """``spark-submit --master spark://... <chainfold>/__main__.py rebuild ... --engine spark`` as the
+    README says: the session is spark-submit's (its master, no ``--spark-master``), the report on
+    stdout and the files are the local engine's."""
+    import sys
+
+    import pyspark
+
+    import chainfold
+    from chainfold.engines.spark import find_java_home
+
+    plog = _topic(pulsar_client, 0)
+    messy(plog, 2000)
+    args = ["rebuild", plog.topic, "--model", MODEL, "--json", "--snapshot-every", "700"]
+    local = cli(*args, "--out", "local.json", "--snapshots", "local", timeout=900)
+    assert local.returncode == 0, local.stderr[-3000:]
+    submit = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--master", standalone_master,
+              "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
+              "--conf", f"spark.pyspark.python={sys.executable}", "--conf", f"spark.pyspark.driver.python={sys.executable}",
+              str(Path(chainfold.__file__).parent / "__main__.py"), *args, "--engine", "spark",
+              "--out", "spark.json", "--snapshots", "spark"]
+    env = {**os.environ, "JAVA_HOME": find_java_home(), "SPARK_LOCAL_IP": "127.0.0.1", "CHAINFOLD_SERVICE_URL": broker_url}
+    env.pop("CHAINFOLD_SPARK_MASTER", None)
+    r = subprocess.run(submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Connecting to master {standalone_master}" in r.stderr, r.stderr[-3000:]  # spark-submit's, not local[*]
+    # spark-submit runs the driver with its stderr joined to stdout: the progress lines come first
+    report = r.stdout[r.stdout.index("\n{") + 1:] if not r.stdout.startswith("{") else r.stdout
+    outs = [normalized(json.loads(doc), (tmp_path / "local", tmp_path / "spark")) for doc in (local.stdout, report)]
+    assert outs[0] == outs[1]
+    assert (tmp_path / "local.json").read_bytes() == (tmp_path / "spark.json").read_bytes()
+    assert_same_store(tmp_path / "local", tmp_path / "spark", plog.topic)
+
+
+def test_workers_with_the_spark_engine_is_refused_saying_what_to_use() -> None:
+    """``--workers N`` is the local engine's process count: with ``--engine spark`` it is refused
+    (exit 2) and the message names the Spark way to get N cores here."""
+    from chainfold.errors import BadInput
+
+    common.Engine("spark").refuse_workers(1)
+    with pytest.raises(BadInput, match=r"--spark-master 'local\[3\]'") as exc:
+        common.Engine("spark").refuse_workers(3)
+    assert exc.value.exit_code == 2

@@ -92,7 +92,9 @@ class Engine:
 
     def refuse_workers(self, workers: int) -> None:
         if self.spark and workers > 1:
-            raise BadInput("--workers is the local engine's; with --engine spark the Spark cluster runs the tasks")
+            raise BadInput(f"--workers {workers} sets the local engine's processes; with --engine spark the Spark "
+                           f"master's cores run the tasks: on this machine use --spark-master 'local[{workers}]', "
+                           "on a cluster its executors")
 
     @contextlib.contextmanager
     def distribution(self, elog: Any, broker: BrokerOptions) -> Iterator[Any]:
@@ -111,10 +113,11 @@ def engine_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
                   help="Run on this machine, or as an Apache Spark job (pip install 'chainfold[spark]').")
-    @click.option("--spark-master", envvar="CHAINFOLD_SPARK_MASTER", default="local[*]", show_default=True,
-                  metavar="URL", help="With --engine spark: the Spark master (local[N], spark://host:7077, ...).")
+    @click.option("--spark-master", envvar="CHAINFOLD_SPARK_MASTER", default=None, metavar="URL",
+                  help="With --engine spark: the Spark master (local[N], spark://host:7077, ...) "
+                       "[default: local[*]; spark-submit's when run by spark-submit]")
     @functools.wraps(fn)
-    def wrapper(*args: Any, engine: str, spark_master: str, **kw: Any) -> Any:
+    def wrapper(*args: Any, engine: str, spark_master: str | None, **kw: Any) -> Any:
         kw["engine"] = Engine(engine, spark_master)
         return fn(*args, **kw)
 

@@ -21,24 +21,25 @@ What runs where
 5. **Assemble** (here, the chunks streamed back in log order): each chunk's compact ranges
    (:class:`~chainfold.hashing.stage.Piece`, cut at segment bounds and stops) go into the local hash
    stage (:class:`~chainfold.hashing.stage.PieceStage`: segment roots, chained heads, checked
-   against and written into the record by the local code); event ids go into the decode stage's
-   seen ids exactly as the local decode stage feeds them (same batches), which is what a snapshot
-   stores; every well-formed entry's stream and ``seq`` go through the per-stream ``seq`` check
-   (:class:`~chainfold.replay.decode.SeqGaps`, duplicates included, in log order, as the local
-   decode stage's hook sees them); at each stop the local snapshot sink writes the snapshot. The local engine takes its
-   snapshots at the same entry counts, so the files hold the same bytes (``created`` aside).
+   against and written into the record by the local code); the ids each chunk folds first come as
+   columns (:class:`~chainfold.engines.tasks.FreshIds`) and are written into the dedup index as the
+   pieces the local decode stage's batches make it spill (:class:`_IdWriter`), which is what a
+   snapshot names; each chunk's own ``seq`` check (duplicates included, cut at the stops) continues
+   the driver's (:meth:`~chainfold.replay.decode.SeqGaps.then`: exact); at each stop the local
+   snapshot sink writes the snapshot. The local engine takes its snapshots at the same entry
+   counts, so the files hold the same bytes (``created`` aside). Reconcile's reference is the same
+   replay, the chunks' first-seen events written into its database (:func:`distributed_reference`).
 
 What differs from the local engine, and why results do not: events are folded per stream in
 executors instead of all streams in one loop (a stream's state depends only on its own events in
 log order, and the fold stage applies the same policies per stream); dedup is a shuffle instead of a
-set (first entry in log order wins either way, and the driver's seen ids, fed in the local order,
-must agree with it or the job fails); hashing is split into per-range compact ranges merged here
+set (first entry in log order wins either way; the shuffle compares full ids, so each id the
+driver writes into its dedup index is new there); hashing is split into per-range compact ranges merged here
 (RFC 9162 subtrees merge exactly; a segment root is the merge of its pieces).
 
 What runs the local engine's pass instead (same results, no cluster): a partition that lost entries
-before its first (rebuild and verify: hashed at shifted positions, the seq check starting
-mid-history), and reconcile's reference (:func:`chainfold.ops.reference.build_reference`); only the
-repair's replay runs here (:func:`distributed_reconcile_engine`).
+before its first (rebuild, verify and reconcile's reference: hashed at shifted positions, the seq
+check starting mid-history).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from ..errors import ModelError, WorkerFailed
 from ..hashing.chain import Checkpoint
 from ..hashing.record import PartitionRecord
@@ -59,18 +62,21 @@ from ..hashing.stage import DEFAULT_SEGMENT_SIZE, HashStage, PartitionScan, Piec
 from ..log import EventLog, Position
 from ..log.source import DEFAULT_BATCH, Span
 from ..ops.rebuild import RebuildOptions, RebuildPlan, RebuildResult, RebuildRun, plan_rebuild, run_plan
+from ..ops.reference import Passes, Reference
 from ..ops.verify import VerifyOptions, VerifyReport, hash_partition, verify_log
-from ..replay.decode import Decoder, Duplicate, Malformed
+from ..replay.decode import Decoder, Duplicate, Malformed, SeqGaps
+from ..replay.dedup import DedupIndex, memory_cost
 from ..replay.fold import OnModelError, Skipped
 from ..replay.model import Model, load_model
 from ..store.snapshots import PartitionPosition
 from .cluster import Cluster, Chunks
 from .spark_io import Point, ReadRange, clip_ranges
 from .tasks import (GPOS_SHIFT, Assembly, Chunk, ChunkSummary, StreamResult, assemble, dedup_pairs, fold_items,
-                    fold_streams, gpos, prior_candidates, read_chunk, SeqItems)
+                    fold_streams, gpos, prior_candidates, read_chunk, FreshIds)
 
 __all__ = ["Planner", "Distribution", "distributed_rebuild", "distributed_verify", "distributed_scan",
-           "distributed_reconcile_engine", "distributed_scanner", "DistributedRebuild", "executor_ref"]
+           "distributed_reconcile_engine", "distributed_reference", "distributed_scanner", "DistributedRebuild",
+           "executor_ref"]
 
 log = logging.getLogger("chainfold.engines.distributed")
 
@@ -198,14 +204,15 @@ def _plan_parts(dist: Distribution, parts: Sequence[str], starts: dict[str, tupl
     return out
 
 
-def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bool) -> Assembly:
+def _assembly_of(chunk: Chunk, where: Any, layout: Any, duplicates: Any, ids: bool, rows: bool = False,
+                 leaves: bool = False) -> Assembly:
     """The task that assembles one chunk (see :func:`~chainfold.engines.tasks.assemble`): where it
     begins from ``where``, its partition's segment size, stops and first unrecorded index from
     ``layout``, the duplicates' positions from ``duplicates`` (shared values)."""
     begin, used = where.value[(chunk.pi, chunk.ri)]
     segment_size, cuts, carry_from, seq_from = layout.value[chunk.pi]
     return assemble(chunk, begin, used, segment_size, cuts, carry_from, duplicates=duplicates.value if duplicates else (),
-                    ids=ids, seq_from=seq_from)
+                    ids=ids, seq_from=seq_from, rows=rows, leaves=leaves)
 
 
 def _in_run(fn: Callable[..., Any], where: Any) -> Callable[[Chunk], Any]:
@@ -231,36 +238,83 @@ def _fold_inputs(chunk: Chunk, where: Any, duplicates: Any) -> Any:
 # --- the driver's decode bookkeeping ---------------------------------------------------------------
 
 
-class _SeenFeeder:
-    """Feeds event ids to the driver's decode stage (its seen ids) the way the local decode stage
-    does: one ``add_new`` per batch of the local pass (``DEFAULT_BATCH`` entries from the pass start,
-    cut at the stops), with every well-formed event of the batch, duplicates included; a batch
-    without events makes no call. ``on_result(item, first)`` hears each answer."""
+class _IdWriter:
+    """Writes the event ids first seen (the dedup shuffle's winners, :class:`~chainfold.engines.tasks.FreshIds`),
+    in log order, into the driver's dedup index as the pieces the local decode stage's calls make:
+    the local stage calls ``add_new`` once per batch (``DEFAULT_BATCH`` entries from the pass start,
+    cut at the stops), and the index spills what it holds in memory after a batch that takes it past
+    its bound (:func:`~chainfold.replay.dedup.memory_cost`), and at each snapshot (its checkpoint).
+    Here the same cuts are found from the ids' lengths, and each piece is written in one call
+    (:meth:`~chainfold.replay.dedup.DedupIndex.add_fresh`): no Python object per id on the driver.
+    The pieces, and so the snapshots that name them, are the local engine's bytes."""
 
-    def __init__(self, decoder: Decoder, start: int, stops: Sequence[int],
-                 on_result: Callable[[tuple[Any, ...], bool], None]) -> None:
-        self.decoder = decoder
-        self.start = start
-        self.stops = stops
-        self.on_result = on_result
-        self.pending: list[tuple[Any, ...]] = []
-        self.batch_end = self._end_of(start)
+    def __init__(self, index: DedupIndex) -> None:
+        self.index = index
+        self.limit = index.memory_bytes
+        self.pending: list[tuple[bytes, np.ndarray, np.ndarray]] = []
+        self.memory = 0
+        self.batch_end = -1
+        self.start = 0
+        self.stops = np.zeros(0, dtype=np.int64)
+        self.chunk(None)
 
-    def _end_of(self, index: int) -> int:
-        return _batch_end(self.start, self.stops, index)
+    def part(self, start: int, stops: Sequence[int]) -> None:
+        """A partition's pass begins at entry ``start`` (its batches from there, cut at ``stops``)."""
+        self.end_batch()
+        self.start, self.stops = start, np.asarray(stops, dtype=np.int64)
 
-    def add(self, item: tuple[Any, ...]) -> None:
-        """``item`` = ``(index, event id, ...)``, in log order."""
-        if item[0] >= self.batch_end:
-            self.flush()
-            self.batch_end = self._end_of(item[0])
-        self.pending.append(item)
+    def chunk(self, fresh: FreshIds | None) -> None:
+        """The next chunk's ids, taken in order by :meth:`upto`."""
+        self.fresh, self.taken, self.byte = fresh, 0, 0
 
-    def flush(self) -> None:
+    def upto(self, index: int) -> None:
+        """The chunk's ids at entries before ``index`` not taken yet, batch by batch."""
+        f, i = self.fresh, self.taken
+        if f is None:
+            return
+        j = int(np.searchsorted(f.indexes, index))
+        if j <= i:
+            return
+        idx = f.indexes[i:j]
+        ends = self.start + ((idx - self.start) // DEFAULT_BATCH + 1) * DEFAULT_BATCH
+        if self.stops.size:
+            nxt = np.searchsorted(self.stops, idx, side="right")
+            ends = np.where(nxt < self.stops.size, np.minimum(ends, self.stops[np.minimum(nxt, self.stops.size - 1)]),
+                            ends)
+        firsts = np.flatnonzero(np.r_[True, ends[1:] != ends[:-1]])
+        chars = np.add.reduceat(f.chars[i:j], firsts).tolist()
+        offsets = np.zeros(j - i + 1, dtype=np.int64)
+        np.cumsum(f.lengths[i:j], out=offsets[1:])
+        bounds = [*firsts.tolist(), j - i]
+        for g, end in enumerate(ends[firsts].tolist()):
+            if end != self.batch_end:
+                self.end_batch()
+                self.batch_end = end
+            a, b = bounds[g], bounds[g + 1]
+            self.memory += memory_cost(chars[g], b - a)
+            self.pending.append((f.blob[self.byte + int(offsets[a]):self.byte + int(offsets[b])],
+                                 f.lengths[i + a:i + b], f.keys[i + a:i + b]))
+        self.taken, self.byte = j, self.byte + int(offsets[-1])
+
+    def end_batch(self) -> None:
+        """The local batch ends: its ``add_new`` spills when the index passed its bound."""
+        if self.memory > self.limit:
+            self.spill()
+        self.batch_end = -1
+
+    def checkpoint(self) -> None:
+        """Before a snapshot: the index's checkpoint spills everything in memory."""
+        self.end_batch()
+        self.spill()
+
+    def spill(self) -> None:
         if self.pending:
-            batch, self.pending = self.pending, []
-            for item, first in zip(batch, self.decoder.seen.add_new([it[1] for it in batch])):
-                self.on_result(item, first)
+            lengths = np.concatenate([p[1] for p in self.pending])
+            offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            self.index.add_fresh(b"".join(p[0] for p in self.pending), offsets,
+                                 np.concatenate([p[2] for p in self.pending]))
+        self.pending, self.memory = [], 0
 
 
 # --- rebuild -------------------------------------------------------------------------------------------
@@ -299,14 +353,15 @@ class DistributedRebuild:
     model error is handled by the plan's ``on_model_error``."""
 
     def __init__(self, dist: Distribution, plan: RebuildPlan, model_ref: str, *,
-                 on_progress: Callable[[int], None] | None = None) -> None:
+                 on_progress: Callable[[int], None] | None = None, run: RebuildRun | None = None) -> None:
         self.dist = dist
         self.model_ref = model_ref
         self.model: Model = plan.model
         self.on_error: OnModelError = plan.options.on_model_error
         self.plan = plan
-        self.run_ = RebuildRun(plan, on_progress)
+        self.run_ = run if run is not None else RebuildRun(plan, on_progress)
         self.on_progress = on_progress
+        self.ids: _IdWriter | None = None
 
     @property
     def options(self) -> RebuildOptions:
@@ -326,19 +381,42 @@ class DistributedRebuild:
             return []
         return [part.start + n for n in range(every, part.read + 1, every)]
 
+    rows = False
+    """Whether the tasks send the events first seen (:attr:`~chainfold.engines.tasks.Assembly.rows`)."""
+    leaves = False
+    """Whether they send those events' leaf hashes too."""
+
     def run(self) -> RebuildResult:
         try:
-            self.phases = _Phases(f"replay of {self.plan.elog.topic}")
-            parts = self._parts()
-            self.phases.done(f"planning {sum(len(p.ranges) for p in parts)} ranges")
-            read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
-            self.phases.done("read, hash, decode")
-            try:
-                return self._run(read)
-            finally:
-                read.release()
+            self.replay()
+            sink = self.run_.sink
+            if self.ids is not None and sink is not None and sink.covered() != sink.entries:
+                self.ids.checkpoint()  # the snapshot at the end (finish) checkpoints the index
+            result = self.run_.finish()
+            self.phases.done("assembly")
+            return result
         finally:
             self.run_.close()  # the dedup index's folder (after finish(): already closed)
+
+    def replay(self) -> None:
+        """Plan, read, dedup, fold, and the local pass from what the tasks made: the run's folder,
+        hash stages and snapshots as the local pass leaves them (``finish`` not called)."""
+        self.phases = _Phases(f"replay of {self.plan.elog.topic}")
+        parts = self._parts()
+        self.phases.done(f"planning {sum(len(p.ranges) for p in parts)} ranges")
+        read = _Read(self.dist, parts, decode=True, until_time=self.options.until_time)
+        self.phases.done("read, hash, decode")
+        try:
+            self._run(read)
+        finally:
+            read.release()
+
+    def taken(self, part: _Part, a: Assembly) -> None:
+        """Each chunk's assembly once the local pass went past it (for subclasses; nothing here)."""
+
+    def scanned(self, part: _Part, scan: PartitionScan) -> None:
+        """A partition's pass ended (the local engine's bookkeeping)."""
+        self.run_.scanned(part.name, scan)
 
     def _prior(self, read: _Read, where: Any) -> list[str]:
         """The read's event ids that the starting snapshot had folded (in its dedup index): the
@@ -355,7 +433,7 @@ class DistributedRebuild:
                       for i in part]
         return [i for i, held in zip(candidates, seen.holds(candidates)) if held]
 
-    def _run(self, read: _Read) -> RebuildResult:
+    def _run(self, read: _Read) -> None:
         cluster, plan, phases = self.dist.cluster, self.plan, self.phases
         stops = {p.pi: self._stops(p) for p in read.parts}
         cuts = sorted(gpos(pi, c) for pi, cs in stops.items() for c in cs)
@@ -386,17 +464,14 @@ class DistributedRebuild:
             ends[part.pi] = min(_batch_end(part.start, stops[part.pi], g & _LOW), part.end)
         layout = cluster.share({p.pi: (stages[p.pi].chain.segment_size, sorted(set(stops[p.pi]) | {ends[p.pi]}),
                                        _carry_from(stages[p.pi]), 0) for p in read.parts})
-        need_ids = self.run_.sink is not None or snap is not None
+        self.ids = _IdWriter(self.run_.seen) if self.run_.sink is not None else None  # what a snapshot stores
         items = read.chunks.stream(functools.partial(_assembly_of, where=where, layout=layout, duplicates=losers,
-                                                     ids=need_ids))
-        self._assemble(read, items, stages, stops, ends, outcome)
-        result = self.run_.finish()
-        phases.done("assembly")
-        return result
+                                                     ids=self.ids is not None, rows=self.rows, leaves=self.leaves))
+        self._assemble(read, items, stages, stops, ends, outcome, self.ids)
 
     def _assemble(self, read: _Read, items: Iterator[Assembly], stages: dict[int, PieceStage],
-                  stops: dict[int, list[int]], ends: dict[int, int], outcome: _Outcome) -> None:
-        """The local pass, partition after partition, from the tasks' pieces and events."""
+                  stops: dict[int, list[int]], ends: dict[int, int], outcome: _Outcome, ids: _IdWriter | None) -> None:
+        """The local pass, partition after partition, from the tasks' pieces, ids and checks."""
         run, model = self.run_, self.model
         decoder = run.folder.decoder
         states = run.folder.fold.states
@@ -405,57 +480,56 @@ class DistributedRebuild:
         error = outcome.error
         cut_no = 0
         done = 0
+        seqs = run.folder.seqs
         for part in read.parts:
             if error is not None and part.pi > error[0] >> GPOS_SHIFT:
                 break
+            if run.lost_start(part.name):
+                raise WorkerFailed(f"{part.name} lost entries before its first: a bug (the local engine rebuilds it)")
             stage = stages[part.pi]
             end = ends[part.pi]
             failing = error is not None and part.pi == error[0] >> GPOS_SHIFT
             snap_until = error[0] & _LOW if failing else end  # type: ignore[index]
-            expected: set[int] = set()
-
-            def answered(item: tuple[Any, ...], first: bool, _expected: set[int] = expected) -> None:
-                if first == (item[0] in _expected):
-                    raise WorkerFailed(f"the distributed dedup and the seen ids disagree on event {item[1]!r} at "
-                                       f"entry {item[0]}: a bug; rerun with --engine local")
-
-            feeder = _SeenFeeder(decoder, part.start, stops[part.pi], answered)
-            seqs = run.folder.seqs
-            seqs.lost_start = run.lost_start(part.name)
+            if ids is not None:
+                ids.part(part.start, stops[part.pi])
             for _ in part.ranges:
                 a = next(items)
-                expected.update(i for i, _, _ in a.duplicates)
-                events: Sequence[tuple[Any, ...]] = [] if a.ids is None else list(zip(a.indexes, a.ids))  # type: ignore[arg-type]
-                ids, bad, dups, seq_items = _Queue(events), _Queue(a.malformed), _Queue(a.duplicates), _Queue(a.seqs)
+                if ids is not None:
+                    ids.chunk(a.fresh)
+                bad, dups, checks = _Queue(a.malformed), _Queue(a.duplicates), _Queue(a.seq_checks)
                 for piece in a.pieces:
                     if piece.begin >= end:
                         break
                     stage.feed_piece(piece)
-                    for item in ids.upto(piece.end):
-                        feeder.add(item)
-                    seqs(SeqItems(seq_items.upto(piece.end)))  # type: ignore[arg-type]
+                    if ids is not None:
+                        ids.upto(piece.end)
+                    for _, check in checks.upto(piece.end):
+                        seqs.then(check)
                     decoder.malformed.extend(Malformed(i, m, r) for i, m, r in bad.upto(piece.end))
                     decoder.duplicates.extend(Duplicate(i, m, e) for i, m, e in dups.upto(piece.end))
                     while cut_no < len(outcome.cuts) and outcome.cuts[cut_no] == gpos(part.pi, piece.end) \
                             and piece.end <= snap_until:
-                        feeder.flush()
+                        if ids is not None:
+                            ids.checkpoint()
                         for s, dumped in outcome.at_cut[cut_no]:
                             states[s] = model.load_state(dumped)
                         run.folder.fold.skipped[:] = resumed + outcome.skipped_before(outcome.cuts[cut_no])
                         stage.flush()
                         run.sink.take(PartitionPosition(part.name, stage.chain.size, piece.last, stage.chain.state()))  # type: ignore[union-attr]
                         cut_no += 1
+                self.taken(part, a)
                 done += a.end - a.begin
                 if self.on_progress is not None:
                     self.on_progress(done)
             if failing:  # the model failed (stop): what the local pass did before it raised
                 stage.flush()
                 raise error[1]  # type: ignore[index]
-            feeder.flush()
+            if ids is not None:
+                ids.end_batch()
             stage.flush()
             last = self.plan.elog.position(part.last) if part.last is not None else None
-            scan = stage.finish(_Totals(part.read, last, part.redelivered), read_to_end=not self.options.bounded)
-            run.scanned(part.name, scan)
+            self.scanned(part, stage.finish(_Totals(part.read, last, part.redelivered),
+                                            read_to_end=not self.options.bounded))
         self._final_states(outcome, started, resumed)
 
     def _final_states(self, outcome: _Outcome, started: dict[str, Any], resumed: list[Skipped]) -> None:
@@ -588,11 +662,16 @@ def distributed_scan(dist: Distribution, elog: EventLog, partitions: Sequence[st
 
 def _decode_seqs(decoder: Decoder, a: Assembly) -> None:
     """What verify's decode stage records of chunk ``a`` (entries before its ``first`` skipped: the
-    tasks left them out of ``a.seqs``)."""
+    tasks left them out of ``a.seq_checks``): its ``seq`` check (verify's hook is a
+    :class:`~chainfold.replay.decode.SeqGaps`) continued with the chunk's."""
     first = getattr(decoder, "first", 0)
     decoder.malformed.extend(Malformed(i, m, r) for i, m, r in a.malformed if i >= first)
-    if decoder.well_formed is not None:
-        decoder.well_formed(SeqItems(a.seqs))  # type: ignore[arg-type]
+    seqs = decoder.well_formed
+    if seqs is not None:
+        if not isinstance(seqs, SeqGaps) or seqs.lost_start:
+            raise WorkerFailed("verify's seq check on a cluster continues a SeqGaps from its start: a bug")
+        for _, check in a.seq_checks:
+            seqs.then(check)
 
 
 def distributed_scanner(dists: dict[str, Distribution]) -> Callable[..., PartitionScan]:
@@ -630,12 +709,96 @@ def distributed_verify(dist: Distribution, elog: EventLog, options: VerifyOption
 # --- reconcile -------------------------------------------------------------------------------------
 
 
+class _ReferencePass(DistributedRebuild):
+    """Reconcile's reference from a distributed replay: the replay of the reference's plan, its
+    events first seen (the rows of :class:`~chainfold.ops.reference.ReferenceDB`, in log order, with
+    their leaf hashes when asked for) sent by the tasks and written here as the local pass's tap
+    writes them; the expected states, findings and history are the replay's."""
+
+    rows = True
+
+    def __init__(self, dist: Distribution, reference: Reference, run: RebuildRun, model_ref: str, *,
+                 leaves: bool, on_progress: Callable[[int], None] | None) -> None:
+        super().__init__(dist, run.plan, model_ref, on_progress=on_progress, run=run)
+        self.reference = reference
+        self.leaves = leaves
+        names = reference.stream_names
+        names.extend(sorted(run.folder.states))  # the snapshot's streams are the log's too
+        self.numbers = {s: i for i, s in enumerate(names)}
+        self.j = 0
+        self.out = None
+        if leaves:
+            reference.leaves_path = Path(reference.workdir.name) / "leaves.bin"
+
+    def fill(self) -> None:
+        try:
+            if self.leaves:
+                self.out = open(self.reference.leaves_path, "wb")  # type: ignore[arg-type]
+            self.replay()
+        finally:
+            if self.out is not None:
+                self.out.close()
+        self.reference.db.seal()
+        self.phases.done("reference")
+
+    def taken(self, part: _Part, a: Assembly) -> None:
+        if a.rows is None:
+            return
+        numbers, names = self.numbers, self.reference.stream_names
+        indexes, ids, streams = a.rows
+        snos = []
+        for s in streams:
+            n = numbers.get(s)
+            if n is None:
+                n = numbers[s] = len(names)
+                names.append(s)
+            snos.append(n)
+        j = self.j
+        self.reference.db.add(zip(ids, [part.pi] * len(ids), range(j, j + len(ids)), indexes, snos))
+        self.j = j + len(ids)
+        if self.out is not None and a.leaves:
+            self.out.write(a.leaves)
+
+    def scanned(self, part: _Part, scan: PartitionScan) -> None:
+        ref, decoder = self.reference, self.run_.folder.decoder
+        ref.malformed_in += [part.pi] * (len(decoder.malformed) - len(ref.malformed_in))
+        ref.duplicates_in += [part.pi] * (len(decoder.duplicates) - len(ref.duplicates_in))
+        ref.counts.append(self.j)
+        self.j = 0
+        ref.scans.append(scan)
+        if scan.record_error:
+            ref.notes.append(scan.record_error + "; not trusted")
+        if scan.mismatch is not None:
+            ref.notes.append(f"{part.name}: the log differs from its recorded checkpoints at entry "
+                             f"{scan.mismatch.index}: {scan.mismatch.reason}")
+
+
+def distributed_reference(dist: Distribution, model_ref: str) -> Passes:
+    """The passes of :func:`chainfold.ops.reference.build_reference` on a cluster (its ``passes``):
+    the reference's events, expected states and history from a distributed replay of its plan
+    (:class:`_ReferencePass`), the same as the local pass's. A log that lost entries before its
+    first is left to the local pass (as :func:`distributed_rebuild` does)."""
+
+    def passes(reference: Reference, run: RebuildRun, leaves: bool, on_progress: Callable[[int], None] | None) -> bool:
+        if run.plan.truncations:
+            log.info("%s lost entries before its first: its reference is built by the local engine", reference.topic)
+            return False
+        _ReferencePass(dist, reference, run, model_ref, leaves=leaves, on_progress=on_progress).fill()
+        return True
+
+    return passes
+
+
 def distributed_reconcile_engine(dist: Distribution) -> dict[str, Any]:
-    """The engine's part of :func:`chainfold.ops.reconcile.reconcile` on ``dist``: the repair's
-    replay (``rebuild``). The reference (:func:`chainfold.ops.reference.build_reference`: on disk,
-    from a covering snapshot, with the history checks) is built by the local engine's pass."""
+    """The engine's part of :func:`chainfold.ops.reconcile.reconcile` on ``dist``: the reference's
+    passes (:func:`distributed_reference`; the reference itself, on disk, from a covering snapshot,
+    with the history checks, is :func:`chainfold.ops.reference.build_reference`'s) and the
+    repair's replay (``rebuild``). The model is loaded by its name in the executors."""
 
     def rebuild(elog: EventLog, model: Model, options: RebuildOptions | None = None, /, **kw: Any) -> RebuildResult:
         return distributed_rebuild(dist, elog, model.name, options, **kw)
 
-    return {"rebuild": rebuild}
+    def passes(reference: Reference, run: RebuildRun, leaves: bool, on_progress: Callable[[int], None] | None) -> bool:
+        return distributed_reference(dist, executor_ref(run.plan.model.name))(reference, run, leaves, on_progress)
+
+    return {"rebuild": rebuild, "passes": passes}

@@ -146,6 +146,7 @@ def spark_session(
     require_pyspark()
     from pyspark import SparkContext
 
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ and not (master or os.environ.get(ENV_MASTER))
     master = _with_retries(master or os.environ.get(ENV_MASTER) or DEFAULT_MASTER, max_failures)
     active = SparkContext._active_spark_context
     if active is not None:
@@ -170,7 +171,12 @@ def spark_session(
         settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1",
                          "spark.pyspark.python": sys.executable})
     settings.update(conf or {})
-    builder = SparkSession.builder.master(master).appName(app_name)
+    builder = SparkSession.builder.appName(app_name)
+    if submitted:  # run by spark-submit: its --master (and --conf) stand, this process's defaults do not
+        settings = {k: v for k, v in settings.items() if not k.startswith(("spark.driver.", "spark.pyspark."))}
+        log.info("run by spark-submit: its master and settings are used")
+    else:
+        builder = builder.master(master)
     for k, v in settings.items():
         builder = builder.config(k, v)
     spark = builder.getOrCreate()

@@ -9,15 +9,18 @@ data is (a Spark executor; the in-process cluster of the tests), each a plain fu
 * :func:`assemble`: once the driver knows where each chunk begins in its partition (the counts of
   the chunks before it), the chunk's compact ranges cut at segment bounds and at the driver's stops
   (:class:`~chainfold.hashing.stage.Piece`), and the event ids and malformed entries the driver's
-  decode bookkeeping needs (:class:`Assembly`).
+  decode bookkeeping needs (:class:`Assembly`): the event ids first seen (:class:`FreshIds`, for the
+  driver's dedup index, as columns) and the chunk's own ``seq`` checks (cut at the stops).
 * :func:`dedup_pairs`: ``(event id, log position)`` for the shuffle that finds, for every id, its
   first entry in log order (first entry wins) and the later ones (duplicates).
 * :func:`fold_items` and :func:`fold_streams`: every well-formed event keyed by stream and ordered
   by log position, folded one stream at a time by the fold stage
   (:class:`~chainfold.replay.fold.FoldStage`, same policies) (:class:`StreamResult`). The per-stream
-  ``seq`` check (:class:`~chainfold.replay.decode.SeqGaps`) runs on the driver over what
-  :func:`assemble` sends of every well-formed entry, duplicates included, in log order (as the local
-  decode stage's hook sees them): its state at each snapshot is the local engine's.
+  ``seq`` check (:class:`~chainfold.replay.decode.SeqGaps`) runs in the task over every well-formed
+  entry of the chunk, duplicates included, in log order (as the local decode stage's hook sees
+  them), started empty and cut at the driver's stops; the driver continues its own check with each
+  (:meth:`~chainfold.replay.decode.SeqGaps.then`, exact), so its state at each snapshot is the
+  local engine's.
 
 A log position across partitions (``gpos``) is ``partition number << 40 | index in the partition``:
 ordered as the local engine replays a partitioned topic (partition after partition).
@@ -34,18 +37,20 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ..envelope import Event, decode
 from ..errors import MalformedEnvelope, ModelError
 from ..hashing.stage import Piece
 from ..log import EventLog, partition_index
-from ..replay.decode import Decoded
+from ..replay.decode import Decoded, SeqGaps
 from ..replay.fold import FoldStage, OnModelError, Skipped
 from ..replay.model import Model, load_model
 from ..replay.pieces import id_keys
 from .spark_io import ReadRange, open_range
 
-__all__ = ["GPOS_SHIFT", "gpos", "Chunk", "read_chunk", "Assembly", "assemble", "SeqItems", "dedup_pairs", "prior_candidates",
-           "fold_items",
+__all__ = ["GPOS_SHIFT", "gpos", "Chunk", "read_chunk", "Assembly", "FreshIds", "assemble", "dedup_pairs",
+           "prior_candidates", "fold_items",
            "StreamResult", "fold_streams", "portable_error"]
 
 GPOS_SHIFT = 40
@@ -173,36 +178,68 @@ def _decode_into(events: Events, malformed: list[tuple[int, str]], batch: Sequen
 # --- what the driver assembles ---------------------------------------------------------------------
 
 
+class FreshIds(NamedTuple):
+    """The event ids a chunk folds for the first time (not at a duplicate's position), in log
+    order, as columns: entry indexes (``int64``), their UTF-8 one after another (``blob``) with
+    each one's length in bytes and in characters (``int64``), and their 64-bit keys
+    (:func:`~chainfold.replay.pieces.id_keys`, ``uint64``): what the driver's dedup index writes
+    as pieces (:meth:`~chainfold.replay.dedup.DedupIndex.add_fresh`) without a Python object per id."""
+
+    indexes: np.ndarray
+    blob: bytes
+    lengths: np.ndarray
+    chars: np.ndarray
+    keys: np.ndarray
+
+    @classmethod
+    def of(cls, indexes: Sequence[int], ids: Sequence[str]) -> FreshIds:
+        n = len(ids)
+        text = "".join(ids)
+        chars = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+        if text.isascii():
+            blob, lengths = text.encode("ascii"), chars
+        else:
+            encoded = [i.encode("utf-8", "surrogatepass") for i in ids]
+            blob, lengths = b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+        return cls(np.asarray(indexes, dtype=np.int64), blob, lengths, chars, id_keys(ids))
+
+
 @dataclass
 class Assembly:
-    """What the driver needs of one chunk, in log order: its pieces (hashes); its well-formed
-    events' indexes and ids when asked for; its malformed entries as
+    """What the driver needs of one chunk, in log order: its pieces (hashes); the ids it folds
+    first (:class:`FreshIds`) when asked for; its malformed entries as
     ``(index, message id, reason)`` and its duplicates as ``(index, message id, event id)``;
-    ``seqs``: every well-formed event (duplicates included) as ``(index, stream, seq, message id)``
-    for the driver's ``seq`` check (:class:`SeqItems`), the message id only where the event may be
-    a gap (its ``seq`` more than one above the highest of its stream earlier in the chunk)."""
+    ``seq_checks``: the ``seq`` check of its well-formed events (duplicates included), started
+    empty, one per run between the driver's stops, as ``(index of the run's first entry, check)``."""
 
     pi: int
     ri: int
     begin: int
     end: int
     pieces: list[Piece]
-    indexes: array | None
-    ids: list[str] | None
+    fresh: FreshIds | None
     malformed: list[tuple[int, str, str]]
     duplicates: list[tuple[int, str, str]]
-    seqs: list[tuple[int, str, int | None, str | None]] = field(default_factory=list)
+    seq_checks: list[tuple[int, SeqGaps]] = field(default_factory=list)
+    rows: tuple[array, list[str], list[str]] | None = None
+    """The events folded first as ``(indexes, ids, streams)`` (reconcile's reference), when asked for."""
+    leaves: bytes | None = None
+    """Their leaf hashes (32 bytes each), when asked for."""
 
 
 def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Sequence[int], carry_from: int, *,
-             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False, seq_from: int = 0) -> Assembly:
+             duplicates: frozenset[int] | set[int] = frozenset(), ids: bool = False, seq_from: int = 0,
+             rows: bool = False, leaves: bool = False) -> Assembly:
     """The chunk's first ``used`` entries, which are entries ``begin ..`` of its partition: pieces
     cut at segment bounds and at ``cuts`` (indexes, sorted), carrying their leaf hashes from index
     ``carry_from`` on (whole segments: ``carry_from`` is a multiple of the segment size); the events
-    at the positions ``duplicates`` (gpos) are named as duplicates; the ``seq`` items start at
-    index ``seq_from`` (where the driver's check starts)."""
+    at the positions ``duplicates`` (gpos) are named as duplicates, the others' ids are the fresh
+    ones (``ids``); the ``seq`` checks start at index ``seq_from`` (where the driver's starts) and
+    are cut at ``cuts``; ``rows`` (and ``leaves``): the fresh events' indexes, ids and streams (and
+    leaf hashes) as :attr:`Assembly.rows` (:attr:`Assembly.leaves`)."""
     end = begin + used
-    bounds = {b for b in cuts if begin < b < end}
+    inner = sorted({b for b in cuts if begin < b < end})
+    bounds = set(inner)
     S = segment_size
     bounds.update(range((begin // S + 1) * S, end, S))
     pieces = []
@@ -217,40 +254,40 @@ def assemble(chunk: Chunk, begin: int, used: int, segment_size: int, cuts: Seque
         a = b
     ev = chunk.events
     n = ev.used(used) if ev is not None else 0
-    out_idx = out_ids = None
-    if ids and ev is not None:
-        out_idx = array("q", (begin + k for k in ev.offsets[:n]))
-        out_ids = ev.ids[:n]
+    fresh = out_rows = out_leaves = None
+    base = gpos(chunk.pi, begin)
+    if (ids or rows) and ev is not None:
+        kept = [j for j, k in enumerate(ev.offsets[:n]) if base + k not in duplicates]
+        indexes = array("q", (begin + ev.offsets[j] for j in kept))
+        fresh_ids = [ev.ids[j] for j in kept]
+        if ids:
+            fresh = FreshIds.of(indexes, fresh_ids)
+        if rows:
+            out_rows = (indexes, fresh_ids, [ev.streams[j] for j in kept])
+        if leaves:
+            out_leaves = b"".join(chunk.leaves[32 * ev.offsets[j]:32 * ev.offsets[j] + 32] for j in kept)
     malformed = [(begin + k, chunk.mid(k), reason) for k, reason in chunk.malformed if k < used]
     dups = []
     if duplicates and ev is not None:
-        base = gpos(chunk.pi, begin)
         dups = [(begin + k, chunk.mid(k), eid) for k, eid in zip(ev.offsets[:n], ev.ids) if base + k in duplicates]
-    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, out_idx, out_ids, malformed, dups,
-                    _seq_items(chunk, begin, n, seq_from))
+    return Assembly(chunk.pi, chunk.ri, begin, end, pieces, fresh, malformed, dups,
+                    _seq_checks(chunk, begin, n, seq_from, inner), out_rows, out_leaves)
 
 
-def _seq_items(chunk: Chunk, begin: int, n: int, seq_from: int) -> list[tuple[int, str, int | None, str | None]]:
-    """The chunk's first ``n`` well-formed events from index ``seq_from`` on as ``(index, stream,
-    seq, message id)``: a gap the driver finds is at an event whose ``seq`` is above the highest of
-    its stream before it plus one, so (the driver's check having seen these same events before it)
-    above the chunk's own plus one: only those carry their message id."""
+def _seq_checks(chunk: Chunk, begin: int, n: int, seq_from: int, cuts: Sequence[int]) -> list[tuple[int, SeqGaps]]:
+    """The ``seq`` checks of the chunk's first ``n`` well-formed events from index ``seq_from``
+    on, each started empty, one per run between ``cuts`` (indexes inside the chunk, sorted)."""
     ev = chunk.events
     if ev is None:
         return []
-    top: dict[str, int] = {}
     out = []
-    for k, stream, seq in zip(ev.offsets[:n], ev.streams, ev.seqs):
-        if begin + k < seq_from:
-            continue
-        mid = None
-        if seq is not None:
-            t = top.get(stream, 0)
-            if seq > t:
-                if seq > t + 1:
-                    mid = chunk.mid(k)
-                top[stream] = seq
-        out.append((begin + k, stream, seq, mid))
+    a = bisect.bisect_left(ev.offsets, seq_from - begin, 0, n)
+    for b in [*(bisect.bisect_left(ev.offsets, c - begin, 0, n) for c in cuts), n]:
+        if b > a:
+            check = SeqGaps()
+            check(_SeqRun(chunk, begin, ev.offsets[a:b], ev.streams[a:b], ev.seqs[a:b]))  # type: ignore[arg-type]
+            out.append((begin + ev.offsets[a], check))
+        a = max(a, b)
     return out
 
 
@@ -259,22 +296,20 @@ class _SeqEvent(NamedTuple):
     seq: int | None
 
 
-class SeqItems:
-    """A run of :attr:`Assembly.seqs` as the :class:`~chainfold.replay.decode.SeqGaps` hook reads
-    a decoded batch (``events``, ``message_id(j)``, ``index(j)``)."""
+class _SeqRun:
+    """A run of a chunk's well-formed events as the :class:`~chainfold.replay.decode.SeqGaps` hook
+    reads a decoded batch (``events``, ``message_id(j)``, ``index(j)``)."""
 
-    def __init__(self, items: Sequence[tuple[int, str, int | None, str | None]]) -> None:
-        self.items = items
-        self.events = [_SeqEvent(s, q) for _, s, q, _ in items]
+    def __init__(self, chunk: Chunk, begin: int, offsets: Sequence[int], streams: Sequence[str],
+                 seqs: Sequence[int | None]) -> None:
+        self.chunk, self.begin, self.offsets = chunk, begin, offsets
+        self.events = [_SeqEvent(s, q) for s, q in zip(streams, seqs)]
 
     def message_id(self, j: int) -> str:
-        mid = self.items[j][3]
-        if mid is None:
-            raise AssertionError(f"no message id sent for the event at entry {self.items[j][0]}: a bug")
-        return mid
+        return self.chunk.mid(self.offsets[j])
 
     def index(self, j: int) -> int:
-        return self.items[j][0]
+        return self.begin + self.offsets[j]
 
 
 # --- dedup -----------------------------------------------------------------------------------------

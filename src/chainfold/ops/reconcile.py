@@ -42,7 +42,7 @@ from ..replay.model import Model, render_json
 from ..statediff import state_delta
 from .corrections import make_corrections
 from .positions import report_positions
-from .reference import Reference, build_reference
+from .reference import Passes, Reference, build_reference
 from ..tracker import leaves_path_for
 
 __all__ = [
@@ -574,6 +574,7 @@ def reconcile(
     on_progress: Callable[[int], None] | None = None,
     on_model_error: OnModelError = "stop",
     rebuild: Callable[..., Any] | None = None,
+    passes: Passes | None = None,
 ) -> ReconcileReport:
     """Compare a worker's evidence with the log; with ``repair``, compute the corrected states.
 
@@ -583,14 +584,15 @@ def reconcile(
     the skip policies list the events in ``skipped``). :class:`HistoryUnrecoverable` when the log
     lost entries and no valid snapshot covers the loss (unless ``allow_partial_history``). A log
     with seq gaps gives the verdict ``unrecoverable`` (with every finding) unless
-    ``allow_partial_history``. ``rebuild`` is the engine's replay for the repair (the distributed
-    engine passes its own; the reference is built here, by :func:`~chainfold.ops.reference.build_reference`).
+    ``allow_partial_history``. ``rebuild`` is the engine's replay for the repair and ``passes`` its
+    passes over the log for the reference (:func:`~chainfold.ops.reference.build_reference`); the
+    distributed engine passes its own.
     """
     t0 = time.monotonic()
     evidence = Evidence(state, state_path, processed, tracker)
     with build_reference(elog, model, snapshots_root, leaves=tracker is not None,
                          allow_partial_history=allow_partial_history, on_progress=on_progress,
-                         on_error=on_model_error) as reference:
+                         on_error=on_model_error, passes=passes) as reference:
         report = compare(elog, reference, evidence)
         if repair and report.verdict != "unrecoverable":
             repair_states(elog, model, snapshots_root, reference, report, state, rebuild=rebuild)

@@ -39,7 +39,7 @@ from ..replay.pipeline import Stops, run_pass
 from .history import History
 from .rebuild import RebuildOptions, RebuildRun, plan_rebuild
 
-__all__ = ["CACHE_MB", "ReferenceDB", "Reference", "Handling", "build_reference"]
+__all__ = ["CACHE_MB", "ReferenceDB", "Reference", "Handling", "Passes", "build_reference"]
 
 CACHE_MB = 32
 """SQLite page cache of the reference database (what its sorts and joins hold in memory)."""
@@ -245,6 +245,16 @@ class Reference:
         return [data[i:i + 32] for i in range(0, len(data), 32)]
 
 
+Passes = Callable[[Reference, RebuildRun, bool, Callable[[int], None] | None], bool]
+"""An engine's passes over the partitions (the Spark engine's: :func:`chainfold.engines.distributed.distributed_reference`):
+given the reference as :func:`build_reference` opened it, the run whose stages make the pass,
+whether the leaf hashes are wanted and the progress callback, it fills in what :func:`_passes`
+does (the rows in (partition, position) order, stream numbers from the snapshot's streams on,
+``counts``, ``scans``, ``notes``, ``malformed_in``, ``duplicates_in``, the folder's states and
+findings, ``leaves_path``) and seals the database, or answers False to leave the passes to this
+process."""
+
+
 class _Tap:
     """The decode stage's tap of one partition's pass: every event it passes on is the reference's
     next one (written to the database; its leaf hash to the leaves file when asked)."""
@@ -277,12 +287,13 @@ class _Tap:
 
 def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leaves: bool = False,
                     allow_partial_history: bool = False, on_progress: Callable[[int], None] | None = None,
-                    on_error: OnModelError = "stop") -> Reference:
+                    on_error: OnModelError = "stop", passes: Passes | None = None) -> Reference:
     """One pass over the log (see the module doc): the reference on disk, the expected states and
     the history. :class:`~chainfold.errors.HistoryUnrecoverable` when the log lost entries and no
     valid snapshot covers the loss (unless ``allow_partial_history``: then from where the log starts
     now). A model error is handled by ``on_error`` (see the module doc). Close the reference (or use
-    it as a context manager) to remove its files."""
+    it as a context manager) to remove its files. ``passes``: an engine's passes over the
+    partitions instead of this process's (see :data:`Passes`)."""
     plan = plan_rebuild(elog, model, RebuildOptions(snapshots_root, write_snapshots=False, prefer_full=True,
                                                     allow_partial_history=allow_partial_history,
                                                     on_model_error=on_error))
@@ -299,7 +310,8 @@ def build_reference(elog: EventLog, model: Model, snapshots_root: Path, *, leave
                           snapshot_path=plan.snapshot_path,
                           from_snapshot=plan.snapshot.entries if plan.snapshot is not None else None)
     try:
-        _passes(reference, run, leaves, on_progress)
+        if passes is None or not passes(reference, run, leaves, on_progress):
+            _passes(reference, run, leaves, on_progress)
     except BaseException:
         reference.close()
         raise

@@ -342,9 +342,7 @@ class SeqGaps:
             if g.found_seq > top + 1:
                 self.gaps.append(g if top + 1 == g.expected_seq else
                                  SeqGap(g.stream, top + 1, g.found_seq, g.message_id, g.index))
-        merged = dict(before)
-        for s, top in later.highest.items():
-            if top > merged.get(s, 0):
-                merged[s] = top
-        self.highest = merged
+        for s, top in later.highest.items():  # in place: O(the later range's streams)
+            if top > before.get(s, 0):
+                before[s] = top
         self.unverifiable += later.unverifiable

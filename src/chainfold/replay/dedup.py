@@ -60,6 +60,7 @@ __all__ = [
     "id_keys",
     "lock_folder",
     "manifest_digests",
+    "memory_cost",
 ]
 
 DEFAULT_MEMORY_BYTES = 32 << 20
@@ -76,6 +77,14 @@ _ID_OVERHEAD = 120  # estimated bytes per buffered id beyond its length (str obj
 _FEW = 48  # keys past the key filter, at most, asked of the pieces' filters one by one (in C)
 _HEADER_SIZE = 64
 _FILTER_HEADROOM = 4  # the key filter is made for the ids on disk + 1/4 more (then made anew, larger)
+
+
+def memory_cost(chars: int, ids: int) -> int:
+    """What ``ids`` new ids of ``chars`` characters in all add to an index's in-memory estimate
+    (the quantity :attr:`DedupIndex.memory_bytes` bounds): an engine that deduplicates elsewhere
+    and writes with :meth:`DedupIndex.add_fresh` cuts its pieces where :meth:`DedupIndex.add_new`
+    would have spilled."""
+    return chars + _ID_OVERHEAD * ids
 
 
 def _not_text(ids: Iterable[object]) -> TypeError:
@@ -343,10 +352,26 @@ class DedupIndex:
             self._unkeyed += new
         else:
             self._keys.append(fresh_keys)
-        self._mem_bytes += (length if length is not None else sum(map(len, fresh))) + _ID_OVERHEAD * new
+        self._mem_bytes += memory_cost(length if length is not None else sum(map(len, fresh)), new)
         if self._mem_bytes > self.memory_bytes:
             self._spill()
         return out
+
+    def add_fresh(self, blob: bytes, offsets: np.ndarray, keys: np.ndarray) -> None:
+        """Record ids known to be new (in no piece of the index, none twice: deduplicated elsewhere,
+        e.g. by a Spark shuffle) as one piece, the piece a spill of exactly those ids, added in that
+        order, writes (then compacted as after a spill). ``blob``: their UTF-8 (surrogates passed
+        through) one after another, id ``k`` from ``offsets[k]`` to ``offsets[k + 1]``; ``keys``:
+        :func:`id_keys` of them. Nothing about newness is checked (a bulk path: no Python object
+        per id). :class:`~chainfold.errors.InvalidArgument` while ids added by :meth:`add_new` are
+        still in memory (a spill would write those too)."""
+        self._check_open()
+        if self._order:
+            raise InvalidArgument(f"the dedup index in {self.directory} holds ids in memory: checkpoint first")
+        if not len(keys):
+            return
+        self._add_piece(write_spill(self.directory, blob, offsets, keys), keys)
+        self._compact()
 
     def _in_pieces(self, ids: Sequence[str], keys: np.ndarray, passed: np.ndarray) -> set[str]:
         """Which of ``ids[j]`` for ``j`` in ``passed`` (past the key filter) a piece holds."""
