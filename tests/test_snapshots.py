@@ -611,7 +611,7 @@ def invoke(monkeypatch: pytest.MonkeyPatch):
     def fake_exit(code: int) -> None:
         raise SystemExit(code)
 
-    monkeypatch.setattr(common, "_exit", fake_exit)
+    monkeypatch.setattr(common, "exit_process", fake_exit)
 
     def call(*args: str):
         return CliRunner().invoke(common.cli, list(args), catch_exceptions=False)

@@ -56,7 +56,7 @@ def invoke(monkeypatch: pytest.MonkeyPatch, spark: Any) -> Callable[..., Any]:
     def fake_exit(code: int) -> None:
         raise SystemExit(code)
 
-    monkeypatch.setattr(common, "_exit", fake_exit)
+    monkeypatch.setattr(common, "exit_process", fake_exit)
 
     def call(*args: str) -> Any:
         return CliRunner().invoke(common.cli, [str(a) for a in args], catch_exceptions=False)

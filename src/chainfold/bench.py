@@ -495,8 +495,9 @@ def _main(argv: list[str]) -> int:
     cfg = BenchConfig(**json.loads(args.config))
     result = run_step_here(args.step, cfg)
     sys.stdout.write(json.dumps(result.to_json()) + "\n")
-    sys.stdout.flush()
-    os._exit(0)  # pulsar-client's threads can abort a normal interpreter shutdown
+    from .log.broker import exit_process
+
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -474,13 +474,9 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
-    # leave without the interpreter's teardown: pulsar-client's native threads can abort it
-    import atexit
+    from .log.broker import exit_process
 
-    sys.stdout.flush()
-    atexit._run_exitfuncs()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(code)
 
 
 if __name__ == "__main__":

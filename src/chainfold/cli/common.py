@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..log.broker import BrokerOptions
+from ..log.broker import BrokerOptions, exit_process
 from ..errors import BadInput, ChainfoldError, MissingDirectory
 from ..replay.fold import ON_MODEL_ERROR
 
@@ -231,7 +231,7 @@ def run(fn: Callable[[], int | None], *, as_json: bool = False) -> None:
     """Run a command body; map chainfold errors to their exit codes with a one-line message on
     stderr (and, with ``as_json``, :func:`error_json` on stdout).
 
-    The process ends through :func:`_exit`: pulsar-client's native threads can abort the
+    The process ends through :func:`~chainfold.log.broker.exit_process`: pulsar-client's native threads can abort the
     interpreter's own shutdown ("terminate called without an active exception"), which would turn
     a finished command into a crash; so exit handlers run first, then the process leaves directly.
     """
@@ -249,22 +249,7 @@ def run(fn: Callable[[], int | None], *, as_json: bool = False) -> None:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
-    _exit(code)
-
-
-def _exit(code: int) -> None:
-    import atexit
-
-    try:
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
-        pass
-    atexit._run_exitfuncs()
-    try:
-        sys.stderr.flush()
-    except ValueError:
-        pass
-    os._exit(code)
+    exit_process(code)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import subprocess
-
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from ..errors import BadInput, BrokerUnavailable
 from ..store.atomic import atomic_write
 
 __all__ = ["BrokerOptions", "EmbeddedBroker", "connect", "first_lookup", "check_reachable", "read_ahead_limit", "topic_listed",
-           "pulsar_logger", "client_logger"]
+           "pulsar_logger", "client_logger", "exit_process"]
 
 log = logging.getLogger("chainfold.log.broker")
 
@@ -107,6 +107,25 @@ def client_logger():  # -> pulsar.FileLogger | logging.Logger
     import pulsar
 
     return pulsar.FileLogger(pulsar.LoggerLevel.Error, os.devnull)
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code``: flush stdout, run the exit handlers, flush stderr, leave.
+
+    A process that used pulsar-client must not rely on the interpreter's own shutdown: its native
+    threads can abort it ("terminate called without an active exception", SIGABRT), turning a
+    finished command into a crash. Every chainfold entry point that may have opened a client ends here.
+    """
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    atexit._run_exitfuncs()
+    try:
+        sys.stderr.flush()
+    except ValueError:
+        pass
+    os._exit(code)
 
 
 def check_reachable(service_url: str, timeout: float = 5.0) -> None:
