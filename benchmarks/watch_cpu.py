@@ -7,7 +7,10 @@ with fresh snapshot folders:
 * ``rebuild``: ``chainfold rebuild TOPIC --model accounts --full``;
 * ``watch``: ``chainfold watch TOPIC --model accounts`` (the log only), stopped with SIGTERM once a
   ``progress`` line shows every entry read;
-* ``watch+evidence``: the same with ``--evidence`` (the comparison, with state digests).
+* ``watch+evidence``: the same with ``--evidence`` (the comparison, with state digests);
+* with ``--before SRC``, also ``watch+evidence (before)``: the same command run from another
+  checkout's code (``PYTHONPATH=SRC/src``, e.g. a worktree of an older commit), in the same rounds:
+  a before/after comparison side by side.
 
 CPU = user + system seconds of the process (``resource.getrusage(RUSAGE_CHILDREN)`` around each
 run), divided by the events; start-up (about a second of CPU: imports, connecting, planning) is
@@ -16,7 +19,7 @@ read a quarter, half, three quarters and all of the events, and its peak (``VmHW
 grows with the events read. Watch's snapshot settings are rebuild's defaults (a
 snapshot every 100,000 entries and at the end).
 
-    python benchmarks/watch_cpu.py [--events 200000] [--rounds 3]
+    python benchmarks/watch_cpu.py [--events 200000] [--rounds 3] [--before SRC]
 
 Broker: ``$CHAINFOLD_SERVICE_URL``, else the embedded broker of ``--data-dir``.
 """
@@ -60,13 +63,14 @@ def rebuild(topic: str, url: str, snaps: Path) -> dict[str, Any]:
     return {"cpu_s": c1 - c0, "wall_s": wall, "entries": json.loads(r.stdout)["log"]["events"]}
 
 
-def watch(topic: str, url: str, snaps: Path, entries: int, evidence: Path | None, work: Path) -> dict[str, Any]:
+def watch(topic: str, url: str, snaps: Path, entries: int, evidence: Path | None, work: Path,
+          env: dict[str, str] | None = None) -> dict[str, Any]:
     args = ["--model", MODEL, "--snapshots", str(snaps)]
     if evidence is not None:
         args += ["--evidence", str(evidence)]
     c0, _ = _children()
     t0 = time.monotonic()
-    w = WatchProcess(topic, url, args, log_path=work / "watch.log").start()
+    w = WatchProcess(topic, url, args, log_path=work / "watch.log", env=env).start()
     rss: dict[str, float] = {}
     for q in (1, 2, 3, 4):
         done = w.wait_for(lambda w: (w.last_progress() or {}).get("log_entries", 0) >= entries * q // 4 and
@@ -97,6 +101,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--data-dir", default=".chainfold-bench")
+    ap.add_argument("--before", metavar="SRC", help="also run watch+evidence from this checkout's src/")
     a = ap.parse_args()
     opts = BrokerOptions.from_env(data_dir=a.data_dir)
     url = resolve_url(opts)
@@ -107,6 +112,10 @@ def main() -> None:
     for i in range(0, len(events), 10_000):
         elog.append(events[i:i + 10_000], assign_seq=False)
     results: dict[str, list[dict[str, Any]]] = {"rebuild": [], "watch": [], "watch+evidence": []}
+    before = None
+    if a.before:
+        before = {"PYTHONPATH": str(Path(a.before).resolve() / "src")}
+        results["watch+evidence (before)"] = []
     with tempfile.TemporaryDirectory(prefix="chainfold-watch-cpu-") as tmp:
         root = Path(tmp)
         evidence = root / "evidence"
@@ -119,11 +128,12 @@ def main() -> None:
               file=sys.stderr)
         for r in range(a.rounds):
             for name in results:
-                snaps = root / f"snaps-{name}-{r}"
+                snaps = root / f"snaps-{name.replace(' (before)', '-before')}-{r}"
                 if name == "rebuild":
                     res = rebuild(topic, url, snaps)
                 else:
-                    res = watch(topic, url, snaps, a.events, evidence if name == "watch+evidence" else None, root)
+                    res = watch(topic, url, snaps, a.events, evidence if name.startswith("watch+evidence") else None,
+                                root, env=before if name.endswith("(before)") else None)
                 res["us_per_event"] = res["cpu_s"] * 1e6 / a.events
                 results[name].append(res)
                 print(f"round {r + 1} {name:<15} cpu {res['cpu_s']:6.2f} s  wall {res['wall_s']:6.2f} s  "
@@ -133,7 +143,7 @@ def main() -> None:
                       "rss_mb": [x.get("rss_mb") for x in runs]}
                for name, runs in results.items()}
     base = summary["rebuild"]["us_per_event_median"]
-    for name in ("watch", "watch+evidence"):
+    for name in list(summary)[1:]:
         summary[name]["vs_rebuild"] = round(summary[name]["us_per_event_median"] / base, 2)
     elog.close()
     client.close()

@@ -33,11 +33,12 @@ MODEL = load_model("chainfold.examples.accounts")
 
 
 def make_log(n: int, *, malformed_at: tuple[int, ...] = (), copies_at: dict[int, int] | None = None,
-             log: MemoryLog | None = None) -> MemoryLog:
-    """``n`` accounts events; a malformed entry after event k for k in ``malformed_at``, and after
-    event k a second copy of event j for k: j in ``copies_at``."""
+             log: MemoryLog | None = None, story: int | None = None) -> MemoryLog:
+    """``n`` accounts events (the first of a ``story`` of that many, so a test can append the rest
+    with every stream's seq continuing); a malformed entry after event k for k in ``malformed_at``,
+    and after event k a second copy of event j for k: j in ``copies_at``."""
     log = log or MemoryLog("watched")
-    events = accounts.generate_events(n, 12, 3)
+    events = accounts.generate_events(story or n, 12, 3)[:n]
     for i, ev in enumerate(events):
         log.append_payloads([(encode(ev), ev.stream, ev.time)])
         if i in malformed_at:
@@ -197,7 +198,7 @@ def test_a_faithful_worker_shows_nothing_and_malformed_and_duplicates_are_report
 
 
 def test_a_stopped_watch_continues_its_comparison_from_the_snapshot(tmp_path: Path) -> None:
-    log = make_log(800)
+    log = make_log(800, story=1200)
     w = Watching(log, tmp_path)
     memory = work(log, tmp_path / "evidence", stop=500)  # the worker handled 500, then watch stopped
     assert w.wait_for(lambda w: w.settled(800, 500))
@@ -247,7 +248,7 @@ class FlakyLog(MemoryLog):
 
 
 def test_a_broker_failure_is_reported_and_nothing_is_counted_twice(tmp_path: Path) -> None:
-    log = make_log(300, log=FlakyLog("flaky", fail_after=50))
+    log = make_log(300, log=FlakyLog("flaky", fail_after=50), story=900)
     w = Watching(log, tmp_path, evidence=False)
     assert w.wait_for(lambda w: w.settled(300, None))
     log.append(accounts.generate_events(900, 12, 3)[300:], assign_seq=False)  # read after entry 300: fails at 350

@@ -13,7 +13,7 @@ from ..ops.rebuild import DEFAULT_SNAPSHOT_EVERY
 from ..ops.watch import WatchOptions, WatchRun
 from ..replay.model import load_model
 from ..watch.output import StderrStatus, StopOnSignals, WatchLines
-from .common import broker_options, cli, error_json, esc, run, snapshots_option, stderr
+from .common import allow_partial_option, broker_options, cli, error_json, esc, run, snapshots_option, stderr
 
 WATCH_RETRY_SECONDS = 5.0
 """How long the log's reader retries a broker that went away before watch reports it (an ``error``
@@ -42,11 +42,12 @@ line) and retries on its own, for as long as it runs (``CHAINFOLD_RETRY_SECONDS`
 @click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True, help="Snapshots kept per topic.")
 @click.option("--progress-seconds", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="Seconds between progress lines.")
+@allow_partial_option
 @snapshots_option
 @broker_options
 def watch(topic: str, model_ref: str, evidence: str | None, fail_on: str | None, metrics_port: int | None,
           metrics_host: str, on_model_error: str, snapshot_every: int, snapshot_seconds: float, keep: int,
-          progress_seconds: float, snapshots_dir: str, broker) -> None:
+          progress_seconds: float, allow_partial_history: bool, snapshots_dir: str, broker) -> None:
     """Follow TOPIC as it grows: hash it (recording checkpoints), fold it with the model, take
     periodic snapshots; with --evidence, compare a worker's handling with the log as both grow and
     report the first divergence within seconds. JSON lines on stdout (progress, divergence,
@@ -61,7 +62,7 @@ def watch(topic: str, model_ref: str, evidence: str | None, fail_on: str | None,
         options = WatchOptions(snapshots_root=Path(snapshots_dir), evidence=Path(evidence) if evidence else None,
                                fail_on_divergence=fail_on == "divergence", on_model_error=on_model_error,  # type: ignore[arg-type]
                                snapshot_every=snapshot_every, snapshot_seconds=snapshot_seconds, keep=keep,
-                               progress_seconds=progress_seconds)
+                               progress_seconds=progress_seconds, allow_partial_history=allow_partial_history)
         server = None
         if metrics_port is not None:
             from ..watch.metrics import WatchMetrics

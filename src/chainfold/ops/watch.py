@@ -15,9 +15,9 @@ Watch is rebuild's stages, following (docs/cli.md, ``chainfold watch``)::
   evidence directory, tagged with the snapshot's position) continues the comparator and the
   follower; when no snapshot matches it, the replay starts at the log's beginning (the reference
   holds every event the worker will be compared on).
-* **Reference.** After each batch is folded, its first-seen well-formed events become
-  :class:`~chainfold.watch.compare.Expected` positions (log index, event id, the leaf hash from the
-  hash stage; the message id is looked up for a divergence only). While the worker gives state
+* **Reference.** After each batch is folded, its first-seen well-formed events become reference
+  positions, one block per batch (log indexes, event ids, the leaf hashes from the hash stage; the
+  message id is looked up for a divergence only). While the worker gives state
   digests, the fold stage's model also digests each applied event's rendered stream state
   (:func:`~chainfold.tracker.state_digest`): a mis-handled event (right event, wrong state) is
   named exactly. Malformed entries and duplicates become lines at once (the tap after decoding).
@@ -34,10 +34,18 @@ Watch is rebuild's stages, following (docs/cli.md, ``chainfold watch``)::
   snapshot is taken at that exact position with the comparison state beside it, the provisional
   checkpoint recorded, and a last ``progress`` line written.
 
+* **History.** Lost history is reported as verify reports it (docs/cli.md#history), on ``error``
+  lines with a ``history`` key: recorded entries gone from the log, at start (the plan found them:
+  covered by the snapshot watch starts from, or accepted with ``allow_partial_history``; otherwise
+  the plan fails with :class:`~chainfold.errors.HistoryUnrecoverable`); each seq gap when its entry
+  is decoded (the seq check of rebuild, continued from the snapshot; gaps found before this run are
+  said once, as a count and the first).
+
 Memory is flat in the length of the run: the stages hold O(segment) entries, the comparator spills
 what the worker has not reached, the evidence follower holds offsets, and reported malformed
 entries, duplicates and skipped events are dropped once written (the snapshots still count them).
-The seen ids and the states grow with distinct ids and streams, as in rebuild.
+The seen ids and the states grow with distinct ids and streams, as in rebuild, and the seq gaps
+with the gaps found (the snapshots carry them).
 """
 
 from __future__ import annotations
@@ -66,8 +74,8 @@ from ..replay.model import Model
 from ..replay.pipeline import run_pass
 from ..store.atomic import atomic_write
 from ..store.snapshots import PartitionPosition, topic_dir
-from ..tracker import NO_DIGEST, state_digest
-from ..watch.compare import Expected, HandlingComparator, LiveDivergence
+from ..tracker import NO_DIGEST, plain_state_digest, state_digest
+from ..watch.compare import HandlingComparator, LiveDivergence
 from ..watch.follow import EvidenceFollower
 from ..watch.output import WatchLines
 from .rebuild import DEFAULT_SNAPSHOT_EVERY, RebuildOptions, RebuildPlan, RebuildRun, plan_rebuild
@@ -88,7 +96,9 @@ class WatchOptions:
     wait between idle polls of the log; ``max_wait``: how old a batch may get before it is folded;
     ``progress_seconds``: between ``progress`` lines; ``retry_max_seconds``: the longest wait
     between attempts while the broker is gone; ``window``: reference positions the comparator keeps
-    in memory before it spills."""
+    in memory before it spills; ``allow_partial_history``: the log is known to start mid-history (lost
+    recorded entries no snapshot covers are reported, and the log followed from where it starts now,
+    instead of failing with :class:`~chainfold.errors.HistoryUnrecoverable`)."""
 
     snapshots_root: Path
     evidence: Path | None = None
@@ -102,6 +112,7 @@ class WatchOptions:
     progress_seconds: float = 1.0
     retry_max_seconds: float = 15.0
     window: int = 1 << 15
+    allow_partial_history: bool = False
 
     def __post_init__(self) -> None:
         if self.on_model_error not in ("stop", "skip-event", "skip-stream"):
@@ -182,28 +193,35 @@ class ComparisonStore:
 
 class _Reference:
     """The fold stage, feeding the comparator: after each batch is folded, its first-seen events
-    become reference positions (:class:`Expected`: log index, event id, the leaf hash the hash stage
-    computed, and the state digest of the event's stream after it: the model's rendered state,
-    :func:`~chainfold.tracker.state_digest`). :data:`NO_DIGEST` for an event not applied (a skip
-    policy) and while ``on`` is off (the worker gives no digests: nothing to compare them with).
-    Message ids are not made per event (each costs calls into the Pulsar client): watch names the
-    entry of a divergence when it reports it."""
+    become reference positions (log index, event id, the leaf hash the hash stage computed, and the
+    state digest of the event's stream after it: the model's rendered state,
+    :func:`~chainfold.tracker.state_digest`), handed over as one block
+    (:meth:`~chainfold.watch.compare.HandlingComparator.add_reference_block`: no object per event).
+    :data:`NO_DIGEST` for an event not applied (a skip policy) and while ``on`` is off (the worker
+    gives no digests: nothing to compare them with). Message ids are not made per event (each costs
+    calls into the Pulsar client): watch names the entry of a divergence when it reports it."""
 
     def __init__(self, fold: FoldStage, comparator: HandlingComparator) -> None:
         self.fold = fold
         self.comparator = comparator
         self.plain = fold.model
-        made: list[tuple[Event, bytes]] = []
+        applied: list[Event] = []
+        digests: list[bytes] = []
         apply, render = self.plain.apply, self.plain.render
+        raw_render = getattr(self.plain.obj, "render", None)
+        plain_digest, add_digest, add_applied = plain_state_digest, digests.append, applied.append
 
         def apply_and_digest(state: Any, ev: Event) -> Any:
             new = apply(state, ev)
-            made.append((ev, state_digest(ev.stream, render(new))))
+            # a flat rendered state is digested as it is (render_json would copy it unchanged)
+            d = plain_digest(ev.stream, new if raw_render is None else raw_render(new))
+            add_digest(d if d is not None else state_digest(ev.stream, render(new)))
+            add_applied(ev)
             return new
 
         self.digesting: Model = copy.copy(self.plain)
         self.digesting.apply = apply_and_digest
-        self._made = made
+        self._applied, self._digests = applied, digests
         self._leaves: list[bytes] = []
         self.on = False
         self.switch(True)
@@ -218,19 +236,33 @@ class _Reference:
         self._leaves = leaves or []
 
     def feed(self, decoded: Decoded) -> None:
-        made = self._made
-        made.clear()
+        applied, digests = self._applied, self._digests
+        applied.clear()
+        digests.clear()
         self.fold.feed(decoded)
-        leaves, index, offset = self._leaves, decoded.index, decoded.offset
-        out, k, n = [], 0, len(made)
-        for j, ev in enumerate(decoded.events):
-            if k < n and made[k][0] is ev:
-                digest = made[k][1]
+        events = decoded.events
+        if not events:
+            return
+        offsets, leaves = decoded.offsets(), self._leaves
+        self.comparator.add_reference_block(
+            decoded.indexes(), [ev.id for ev in events],
+            b"".join(leaves) if len(leaves) == len(events) and type(offsets) is range
+            else b"".join([leaves[k] for k in offsets]),
+            self._batch_digests(events) if self.on else None)
+
+    def _batch_digests(self, events: list[Event]) -> bytes:
+        """The state digest of each event, in order (:data:`NO_DIGEST` where the fold did not apply it)."""
+        applied, digests = self._applied, self._digests
+        if len(applied) == len(events):  # every event applied, in order
+            return b"".join(digests)
+        out, k, n = [], 0, len(applied)
+        for ev in events:
+            if k < n and applied[k] is ev:
+                out.append(digests[k])
                 k += 1
             else:
-                digest = NO_DIGEST
-            out.append(Expected(index(j), ev.id, "", leaves[offset(j)], digest))
-        self.comparator.add_reference(out)
+                out.append(NO_DIGEST)
+        return b"".join(out)
 
 
 class WatchRun:
@@ -254,6 +286,9 @@ class WatchRun:
         self.fold = run.folder.fold
         self.fold.on_error = options.on_model_error
         self.decoder = run.folder.decoder
+        self.seqs = run.folder.seqs  # the seq check (a snapshot's, continued): its gaps stay for the snapshots
+        self.seqs.lost_start = run.lost_start(self.partition)
+        self._gaps_said = self._gaps_before = len(self.seqs.gaps)
         self.sink = run.sink
         self.hasher: HashStage = run.hash_stage(self.partition)
         self.after: Position | None = run.start_of(self.partition)[1]
@@ -286,7 +321,7 @@ class WatchRun:
         from the beginning of the log."""
         o = self.options
         opts = RebuildOptions(snapshots_root=o.snapshots_root, snapshot_every=0, keep=o.keep,
-                              on_model_error=o.on_model_error)
+                              on_model_error=o.on_model_error, allow_partial_history=o.allow_partial_history)
         if self.saved is None:
             return plan_rebuild(self.elog, self.model, opts), None
         tag = self.saved.load()
@@ -315,6 +350,7 @@ class WatchRun:
     def run(self) -> WatchResult:
         """Follow until stopped; the result (lines were written as it went)."""
         o = self.options
+        self._report_history()
         if self.divergence is not None:  # found by an earlier run (the saved comparison): said again
             self._diverged(self.divergence)
         try:
@@ -355,6 +391,8 @@ class WatchRun:
     def _tap(self, decoded: Decoded, leaves: list[bytes] | None) -> None:
         """After the decode stage: lines for its findings; the batch's leaves for the reference."""
         self._report_decoder()
+        if len(self.seqs.gaps) > self._gaps_said:
+            self._report_gaps()
         if self.reference is not None:
             self.reference.tap(decoded, leaves)
 
@@ -371,6 +409,29 @@ class WatchRun:
             if self.sink is not None:
                 self.sink.forgotten[kind] += len(found)
             found.clear()
+
+    # --- history (docs/cli.md#history) -----------------------------------------------------------------
+
+    def _report_history(self) -> None:
+        """At start: recorded entries gone from the log (covered by the snapshot watch starts from,
+        or accepted with ``allow_partial_history``), and the seq gaps found before this run."""
+        for t in self.plan.truncations:
+            how = (f"; watch continues from the snapshot that covers the loss ({t.covered_by})" if t.covered_by else
+                   "; followed from where the log starts now (--allow-partial-history)")
+            self.lines.truncated(t.describe() + how, t.to_json())
+        if self._gaps_before:
+            g = self.seqs.gaps[0]
+            self.lines.error(f"events are missing from the log itself: {self._gaps_before} seq gap(s) found before "
+                             f"this run (before the snapshot it continues from), the first in stream {g.stream!r} at "
+                             f"message {g.message_id}", history="gaps", **g.to_json(), index=g.index,
+                             seq_gaps_before=self._gaps_before)
+
+    def _report_gaps(self) -> None:
+        """A line per seq gap found since the last call (the gaps stay in the check: snapshots keep them)."""
+        gaps = self.seqs.gaps
+        for g in gaps[self._gaps_said:]:
+            self.lines.seq_gap(g)
+        self._gaps_said = len(gaps)
 
     def _tick(self, idle: bool) -> None:
         now = time.monotonic()

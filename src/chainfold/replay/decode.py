@@ -89,6 +89,15 @@ class Decoded:
         """Log index of event ``j``."""
         return self._indexes[self.offset(j)]
 
+    def offsets(self) -> Sequence[int]:
+        """:meth:`offset` of every event, in order (one call for a whole batch)."""
+        return range(len(self.events)) if self._at is None else self._at
+
+    def indexes(self) -> list[int]:
+        """:meth:`index` of every event, in order (one call for a whole batch)."""
+        ix = self._indexes
+        return list(ix[:len(self.events)]) if self._at is None else [ix[k] for k in self._at]
+
     def message_id(self, j: int) -> str:
         """Message id of event ``j`` (``@index`` in a routed batch)."""
         k = self.offset(j)

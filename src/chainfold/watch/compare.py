@@ -19,7 +19,12 @@ Memory is flat in the length of the run: confirmed positions are dropped at once
 positions the worker has not reached yet (its lag) are kept in memory up to ``window`` of them and
 spilled, beyond that, to an append-only file read back in order (emptied whenever it is drained);
 the worker's positions are read only as far as the reference can use them (:meth:`room`).
-Per position it costs one 32-byte comparison (two with digests).
+
+Cost: the reference is held in blocks (a batch's log indexes, event ids, and its leaf hashes and
+state digests as concatenated 32-byte records: no object per position), and a check compares a
+whole run of positions with two byte-string comparisons (leaves, digests); only a run that differs
+is searched, with numpy, for its first differing record (for digests: the first where both sides
+have one and they differ).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import cbor2
+import numpy as np
 
 from ..store.atomic import atomic_write
 from ..tracker import NO_DIGEST
@@ -102,6 +108,69 @@ def _unpack(data: bytes, limit: int) -> tuple[list[Expected], int]:
     return out, pos
 
 
+def _records(data: bytes | bytearray) -> np.ndarray:
+    """32-byte records as rows of four 64-bit words."""
+    return np.frombuffer(data, dtype=np.uint64).reshape(-1, 4)
+
+
+def _first_other_leaf(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    """The first record where two equal-length runs of records differ (they do somewhere)."""
+    return int(np.flatnonzero((_records(a) != _records(b)).any(axis=1))[0])
+
+
+def _first_other_digest(a: bytes | bytearray, b: bytes | bytearray) -> int | None:
+    """The first record where both runs have a digest (not :data:`NO_DIGEST`) and they differ."""
+    x, y = _records(a), _records(b)
+    bad = np.flatnonzero((x != y).any(axis=1) & x.any(axis=1) & y.any(axis=1))
+    return int(bad[0]) if len(bad) else None
+
+
+class _Block:
+    """Consecutive reference positions: their log indexes, event ids and message ids (``None``: all
+    unknown, ``""``), leaf hashes and state digests as concatenated 32-byte records. The first
+    :attr:`k` were consumed (confirmed); ``len()`` counts the rest."""
+
+    __slots__ = ("indexes", "event_ids", "message_ids", "leaves", "digests", "k")
+
+    def __init__(self, indexes: list[int], event_ids: list[str], leaves: bytes, digests: bytes,
+                 message_ids: list[str] | None = None) -> None:
+        n = len(indexes)
+        if len(event_ids) != n or len(leaves) != n * _RECORD or len(digests) != n * _RECORD \
+                or (message_ids is not None and len(message_ids) != n):
+            raise ValueError("a reference block needs one index, event id, leaf and digest per position")
+        self.indexes, self.event_ids, self.message_ids = indexes, event_ids, message_ids
+        self.leaves, self.digests = leaves, digests
+        self.k = 0
+
+    @classmethod
+    def of(cls, expected: list[Expected]) -> _Block:
+        return cls([e.index for e in expected], [e.event_id for e in expected],
+                   b"".join(e.leaf for e in expected), b"".join(e.digest for e in expected),
+                   [e.message_id for e in expected])
+
+    def __len__(self) -> int:
+        return len(self.indexes) - self.k
+
+    def expected(self, i: int) -> Expected:
+        """Position ``i`` of the block (counting consumed ones), as an :class:`Expected`."""
+        r = slice(i * _RECORD, (i + 1) * _RECORD)
+        return Expected(self.indexes[i], self.event_ids[i], self.message_ids[i] if self.message_ids else "",
+                        self.leaves[r], self.digests[r])
+
+    def records(self) -> list[Expected]:
+        """The positions not consumed."""
+        return [self.expected(i) for i in range(self.k, len(self.indexes))]
+
+    def split(self, n: int) -> tuple[_Block, _Block]:
+        """The first ``n`` positions not consumed, and the rest, as two blocks."""
+        a, m, r = self.k, self.k + n, _RECORD
+        mids = self.message_ids
+        return (_Block(self.indexes[a:m], self.event_ids[a:m], self.leaves[a * r:m * r], self.digests[a * r:m * r],
+                       mids[a:m] if mids else None),
+                _Block(self.indexes[m:], self.event_ids[m:], self.leaves[m * r:], self.digests[m * r:],
+                       mids[m:] if mids else None))
+
+
 class _Spill:
     """A FIFO of :class:`Expected` in a file: appended at the end, read from the front in order;
     truncated to empty whenever everything written was read."""
@@ -169,7 +238,8 @@ class HandlingComparator:
         self.last_index: int | None = None  # log index of the last confirmed position's event
         self.divergence: LiveDivergence | None = None
         self._reported = False
-        self._mem: deque[Expected] = deque()  # reference positions [confirmed, confirmed + len)
+        self._mem: deque[_Block] = deque()  # reference positions [confirmed, confirmed + _mem_count)
+        self._mem_count = 0
         self._undigested: deque[Expected] = deque()  # newest reference positions, waiting for digests
         self._spill: _Spill | None = _Spill(Path(spill_path)) if spill_path is not None else None
         self._wl = bytearray()  # worker leaves of positions [confirmed, worker_size)
@@ -184,8 +254,22 @@ class HandlingComparator:
         self.reference_size += len(batch)
         if self.digests:
             self._undigested.extend(batch)
-        else:
-            self._enqueue(batch)
+        elif batch:
+            self._enqueue(_Block.of(batch))
+
+    def add_reference_block(self, indexes: list[int], event_ids: list[str], leaves: bytes,
+                            digests: bytes | None = None) -> None:
+        """Append reference positions given column by column (what :meth:`add_reference` takes, without
+        an object per position): their log indexes and event ids, and their leaf hashes and state
+        digests as concatenated 32-byte records (``None``: no digests). Message ids are unknown."""
+        n = len(indexes)
+        block = _Block(indexes, event_ids, leaves, NO_DIGEST * n if digests is None else digests)
+        if self.digests:
+            self.add_reference(block.records())
+            return
+        self.reference_size += n
+        if n:
+            self._enqueue(block)
 
     def add_digests(self, digests: Iterable[bytes]) -> None:
         """The state digests of the oldest reference positions still without one, in order."""
@@ -195,15 +279,21 @@ class HandlingComparator:
                 raise ValueError("more state digests than reference positions")
             e = self._undigested.popleft()
             done.append(Expected(e.index, e.event_id, e.message_id, e.leaf, d))
-        self._enqueue(done)
+        if done:
+            self._enqueue(_Block.of(done))
 
-    def _enqueue(self, batch: list[Expected]) -> None:
-        if self._spill is not None and (self._spill.count or len(self._mem) + len(batch) > self.window):
-            room = 0 if self._spill.count else max(0, self.window - len(self._mem))
-            self._mem.extend(batch[:room])
-            self._spill.append(batch[room:])
+    def _enqueue(self, block: _Block) -> None:
+        n = len(block)
+        if self._spill is not None and (self._spill.count or self._mem_count + n > self.window):
+            room = 0 if self._spill.count else min(n, max(0, self.window - self._mem_count))
+            if room:
+                head, block = block.split(room)
+                self._mem.append(head)
+                self._mem_count += room
+            self._spill.append(block.records())
         else:
-            self._mem.extend(batch)
+            self._mem.append(block)
+            self._mem_count += n
 
     def add_worker(self, start: int, leaves: bytes, digests: bytes | None = None) -> None:
         """The worker's handling positions ``start, start+1, ...``: leaf hashes (and state digests,
@@ -252,45 +342,76 @@ class HandlingComparator:
         return None
 
     def _advance(self) -> None:
-        wl, wd = self._wl, self._wd
+        """Confirm positions run by run: a reference block against the worker's records read."""
+        wl, wd, mem = self._wl, self._wd, self._mem
         off = self._wpos
         end = len(wl)
-        mem = self._mem
-        c = self.confirmed
         try:
             while off < end:
                 if not mem:
                     if self._spill is None or not self._spill.count:
                         break
-                    mem.extend(self._spill.take(max(1, self.window // 2)))
-                e = mem[0]
-                if wl[off:off + _RECORD] != e.leaf:
-                    self.divergence = self._diverged(c, e, off, "the worker handled another event here "
+                    self._enqueue_front(self._spill.take(max(1, self.window // 2)))
+                blk = mem[0]
+                n = min(len(blk), (end - off) // _RECORD)
+                a, nb = blk.k * _RECORD, n * _RECORD
+                w = wl[off:off + nb]
+                other = n if w == blk.leaves[a:a + nb] else _first_other_leaf(w, blk.leaves[a:a + nb])
+                mb = other * _RECORD  # digests count where the leaves agree
+                wdig, rdig = wd[off:off + mb], blk.digests[a:a + mb]
+                wrong_state = None if wdig == rdig else _first_other_digest(wdig, rdig)
+                agreed = other if wrong_state is None else wrong_state
+                self._consume(blk, agreed)
+                off += agreed * _RECORD
+                if wrong_state is not None:
+                    self.divergence = self._diverged(self.confirmed, blk.expected(blk.k),
+                                                     "the worker's state after this event differs")
+                    return
+                if other < n:
+                    e = blk.expected(blk.k)
+                    self.divergence = self._diverged(self.confirmed, e, "the worker handled another event here "
                                                      + self._guess(off, e))
                     return
-                w = wd[off:off + _RECORD]
-                if w != NO_DIGEST and e.digest != NO_DIGEST and w != e.digest:
-                    self.divergence = self._diverged(c, e, off, "the worker's state after this event differs")
-                    return
-                mem.popleft()
-                self.last_index = e.index
-                c += 1
-                off += _RECORD
+                if not len(blk):
+                    mem.popleft()
         finally:
-            self.confirmed = c
             if off > 1 << 20 or off == end:  # drop what is confirmed (amortized)
                 del wl[:off]
                 del wd[:off]
                 off = 0
             self._wpos = off
 
+    def _consume(self, blk: _Block, n: int) -> None:
+        """The next ``n`` positions of the front block agree."""
+        if n:
+            blk.k += n
+            self._mem_count -= n
+            self.confirmed += n
+            self.last_index = blk.indexes[blk.k - 1]
+
+    def _enqueue_front(self, records: list[Expected]) -> None:
+        """Positions taken back from the spill (they come before nothing in memory: it is empty)."""
+        if records:
+            self._mem.append(_Block.of(records))
+            self._mem_count += len(records)
+
     def _guess(self, off: int, e: Expected) -> str:
-        nxt = self._mem[1] if len(self._mem) > 1 else None
-        if nxt is not None and self._wl[off:off + _RECORD] == nxt.leaf:
+        nxt = self._reference_after_next()
+        if nxt is not None and self._wl[off:off + _RECORD] == nxt:
             return "(the next one: this event was skipped)"
         return "(skipped, handled again or out of order)"
 
-    def _diverged(self, position: int, e: Expected, off: int, reason: str) -> LiveDivergence:
+    def _reference_after_next(self) -> bytes | None:
+        """The leaf of the reference position after the first unconfirmed one (if in memory)."""
+        skip = 1
+        for blk in self._mem:
+            if len(blk) > skip:
+                i = blk.k + skip
+                return blk.leaves[i * _RECORD:(i + 1) * _RECORD]
+            skip -= len(blk)
+        return None
+
+    def _diverged(self, position: int, e: Expected, reason: str) -> LiveDivergence:
         return LiveDivergence(position, e.index, e.index // self.segment_size, e.event_id, e.message_id, reason)
 
     def lag(self, log_entries: int) -> int:
@@ -321,7 +442,7 @@ class HandlingComparator:
             "worker_leaves": bytes(self._wl[self._wpos:]), "worker_digests": bytes(self._wd[self._wpos:]),
             "divergence": None if d is None else [d.position, d.index, d.segment, d.event_id, d.message_id, d.reason],
         })
-        chunks = [_MAGIC, len(head).to_bytes(4, "big"), head, _pack(self._mem)]
+        chunks = [_MAGIC, len(head).to_bytes(4, "big"), head, _pack(r for blk in self._mem for r in blk.records())]
         if self._spill is not None and self._spill.count:
             chunks.append(os.pread(self._spill._f.fileno(), self._spill._end - self._spill._read, self._spill._read))
         atomic_write(Path(path), b"".join(chunks))
@@ -347,10 +468,10 @@ class HandlingComparator:
                 records, used = _unpack(data[body:], 1)
                 if not records:
                     raise ValueError(f"{path}: torn record at byte {body}")
-            c._enqueue(records)
+            c._enqueue(_Block.of(records))
             body += used
         c.reference_size = doc["reference_size"]
-        if c.reference_size != c.confirmed + len(c._mem) + (c._spill.count if c._spill else 0):
+        if c.reference_size != c.confirmed + c._mem_count + (c._spill.count if c._spill else 0):
             raise ValueError(f"{path}: {c.reference_size - c.confirmed} pending positions announced, others found")
         if doc["divergence"] is not None:
             c.divergence = LiveDivergence(*doc["divergence"])

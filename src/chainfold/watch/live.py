@@ -207,13 +207,15 @@ class WatchProcess:
     """``python -m chainfold watch TOPIC ARGS...`` (the real command) against ``service_url``: its
     JSON lines collected by a thread as they come (:attr:`lines`), stderr in ``log_path`` (and the
     metrics URL it prints, :attr:`metrics_url`). Start with :meth:`start`; :meth:`stop` sends
-    SIGTERM and waits, as a supervisor stops it."""
+    SIGTERM and waits, as a supervisor stops it. ``env``: variables set for it (e.g. ``PYTHONPATH``
+    to run another checkout's code side by side)."""
 
     def __init__(self, topic: str, service_url: str, args: Sequence[str], *, log_path: Path,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.argv = [sys.executable, "-m", "chainfold", "watch", topic, "--service-url", service_url, *args]
         self.log_path = log_path
         self.cwd = cwd
+        self.env = None if env is None else {**os.environ, **env}
         self.lines: list[dict[str, Any]] = []
         self.metrics_url: str | None = None
         self.proc: subprocess.Popen[str] | None = None
@@ -222,7 +224,7 @@ class WatchProcess:
 
     def start(self) -> WatchProcess:
         self.proc = subprocess.Popen(self.argv, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True)
+                                     stdin=subprocess.DEVNULL, text=True, env=self.env)
         self._threads = [threading.Thread(target=self._read_lines, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for t in self._threads:

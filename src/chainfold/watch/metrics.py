@@ -78,6 +78,11 @@ class WatchMetrics:
         self.malformed = pc.Counter("chainfold_watch_malformed", "Malformed entries reported", registry=reg)
         self.duplicates = pc.Counter("chainfold_watch_duplicates",
                                      "Entries whose event id was stored before (duplicates)", registry=reg)
+        self.seq_gaps = pc.Counter("chainfold_watch_seq_gaps",
+                                   "seq gaps reported: events missing from the log itself", registry=reg)
+        self.truncations = pc.Counter("chainfold_watch_truncations",
+                                      "Partitions reported to have lost recorded entries (retention, truncation)",
+                                      registry=reg)
         self.last_checkpoint = pc.Gauge("chainfold_watch_last_checkpoint_timestamp_seconds",
                                         "When watch last recorded a checkpoint (Unix time)", registry=reg)
         self._read = 0

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.markup import escape
 
+from ..replay.decode import SeqGap
 from .compare import LiveDivergence
 from .metrics import WatchMetrics
 
@@ -104,6 +105,23 @@ class WatchLines:
         """Something watch cannot do right now (broker gone, evidence unreadable): it says so and
         goes on retrying; ``more`` adds what locates the problem (``file``, ``line``, ...)."""
         return self._write("error", {"message": message, **more})
+
+    def seq_gap(self, gap: SeqGap) -> dict[str, Any]:
+        """Events missing from the log itself (docs/cli.md#history): an ``error`` line with
+        ``history: "gaps"`` and the gap as verify's ``seq_gaps`` name it, plus its log ``index``."""
+        if self.metrics is not None:
+            self.metrics.seq_gaps.inc()
+        return self.error(f"events are missing from the log itself: stream {gap.stream!r} has seq {gap.found_seq} "
+                          f"where {gap.expected_seq} was due, at message {gap.message_id}",
+                          history="gaps", **gap.to_json(), index=gap.index)
+
+    def truncated(self, message: str, truncation: dict[str, Any]) -> dict[str, Any]:
+        """Recorded entries gone from the log (docs/cli.md#history): an ``error`` line with
+        ``history: "truncated"`` and ``truncated`` as verify's report names it."""
+        if self.metrics is not None:
+            self.metrics.truncations.inc()
+        return self.error(message, history="truncated", truncated=truncation,
+                          message_id=truncation.get("first_available"))
 
     def checkpoint_recorded(self, at: float | None = None) -> None:
         """Watch recorded a checkpoint (no line; the metric's timestamp)."""
