@@ -27,6 +27,7 @@ from chainfold.replay.model import load_model
 from chainfold.ops.corrections import correction_key
 from chainfold.log import MemoryLog
 from chainfold import reconcile
+from chainfold.ops import reference_join
 from chainfold.ops.reconcile import load_processed, load_state_export, load_tracker
 from chainfold.tracker import Tracker
 
@@ -290,8 +291,16 @@ def scenario(name: str) -> tuple[World, dict[str, Any]]:
     return w, kw
 
 
+@pytest.fixture(params=[None, 7], ids=["buckets-default", "buckets-of-7"])
+def join_buckets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reconcile's handling join with its default bucket size, and with buckets of 7 rows (many
+    buckets and handling buckets even on these small logs)."""
+    if request.param is not None:
+        monkeypatch.setattr(reference_join, "BUCKET_ROWS", request.param)
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_each_fault_alone_and_all_together(tmp_path: Path, name: str) -> None:
+def test_each_fault_alone_and_all_together(tmp_path: Path, name: str, join_buckets: None) -> None:
     w, kw = scenario(name)
     wk = simulate(w, **kw)
     paths = write_worker(tmp_path, w, wk)
@@ -508,7 +517,7 @@ def test_state_export_missing_a_stream_is_divergent(tmp_path: Path) -> None:
     assert doc["divergent_streams"][0]["actual"] is None
 
 
-def test_random_faults_against_the_independent_expectation(tmp_path: Path) -> None:
+def test_random_faults_against_the_independent_expectation(tmp_path: Path, join_buckets: None) -> None:
     rnd = random.Random(11)
     for trial in range(12):
         w = build(n=rnd.randint(50, 300), streams=rnd.randint(1, 9), seed=trial,

@@ -310,7 +310,7 @@ def _divergence_json(elog: EventLog, reference: Reference, d: Divergence) -> dic
 
 def load_handling(reference: Reference, processed: Processed) -> None:
     """Put the processed log beside the reference (once per reference)."""
-    reference.load_handling((eid, line) for eid, line, _ in processed.rows())
+    reference.load_handling(((eid, line) for eid, line, _ in processed.rows()), processed.events)
 
 
 def unknown_ids(reference: Reference, processed: Processed) -> list[tuple[int, str]]:
@@ -352,7 +352,7 @@ def diff_processed(reference: Reference, processed: Processed) -> ProcessedDiff:
     """The first divergence (per partition, the first place the handling departs from the
     reference), the events never handled, those handled twice, and those whose first handling came
     after a later event (in log order) of the same stream. One walk over the handlings in order
-    (a join on disk), keeping counters per partition and per stream."""
+    (joined with the reference on disk), keeping counters per partition and per stream."""
     load_handling(reference, processed)
     missing = list(reference.missing())
     parts = len(reference.partitions)
@@ -369,11 +369,11 @@ def diff_processed(reference: Reference, processed: Processed) -> ProcessedDiff:
             pi = 0  # an id the log does not hold departs from the reference where it was handled
         t = handled[pi]
         if departs[pi] is None and h.j != t:
-            departs[pi] = (t, h.event_id)
+            departs[pi] = (t, reference.event_id(h))
         handled[pi] = t + 1
         if h.first and h.pi is not None:
             if h.j < max_pos.get(h.sno, -1):
-                out_of_order.append(h.event_id)
+                out_of_order.append(reference.event_id(h))
             else:
                 max_pos[h.sno] = h.j
     first = None

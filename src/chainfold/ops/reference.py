@@ -5,11 +5,12 @@ entry): per partition, the sequence of (event id, log index, stream). Held in me
 a kilobyte per event with its indexes (1.2 GB at a million events), so it goes where memory does not
 grow with the log: an SQLite database in a temporary folder (:class:`ReferenceDB`), written in
 batches as the pass goes (``ref``: one row per reference event, in (partition, position) order) and
-indexed once at the end. The worker's processed log goes beside it (``proc``: one row per
-handling, in handling order), and the comparisons are joins that SQLite sorts on disk in bounded
-memory (a page cache of :data:`CACHE_MB`); Python walks the results one row at a time keeping only
-per-partition and per-stream counters. Memory grows with streams and with what is reported, never
-with entries.
+indexed once at the end (by event id, for the lookups of the few events a report names). The
+worker's processed log is joined with it by event id in a partitioned hash join on disk
+(:class:`~chainfold.ops.reference_join.HandlingJoin`: every row read and written a fixed number of
+times, so the time is linear in the entries; index probes per handling were not); Python walks the
+result in handling order keeping only per-partition and per-stream counters. Memory grows with
+streams and with what is reported, never with entries.
 
 :func:`build_reference` is one pass over the log (source → hash → decode → fold, the decode stage
 tapped for the reference): from the start of the log, or, when the log lost its first entries
@@ -23,12 +24,14 @@ fold's policy (``on_error``: ``stop`` raises, the skip policies list the events 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..hashing.stage import PartitionScan
 from ..log import EventLog
@@ -38,23 +41,22 @@ from ..replay.model import Model
 from ..replay.pipeline import Stops, run_pass
 from .history import History
 from .rebuild import RebuildOptions, RebuildRun, plan_rebuild
+from .reference_join import HandlingJoin
 
 __all__ = ["CACHE_MB", "ReferenceDB", "Reference", "Handling", "Passes", "build_reference"]
 
 CACHE_MB = 32
-"""SQLite page cache of the reference database (what its sorts and joins hold in memory)."""
+"""SQLite page cache of the reference database (what its index build and lookups hold in memory)."""
 
 _FLUSH = 20_000  # rows buffered before an insert
 
 
 class ReferenceDB:
-    """The reference and the worker's handling as two tables in an SQLite file in ``directory``.
+    """The reference as a table in an SQLite file in ``directory``.
 
     ``ref(id, pi, j, idx, sno)``: reference event ``j`` of partition number ``pi``, at log index
     ``idx``, of stream number ``sno``; rows are added in (pi, j) order, so the row id of event
-    ``(pi, j)`` is ``base[pi] + j + 1``. ``proc(id, line)``: the worker's handlings in handling order
-    (row id = handling number + 1) with their line in the processed log. Call :meth:`seal` between
-    the inserts and the queries.
+    ``(pi, j)`` is ``base[pi] + j + 1``. Call :meth:`seal` between the inserts and the queries.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -65,7 +67,6 @@ class ReferenceDB:
             self.db.execute(f"PRAGMA {pragma}")
         self.db.execute("CREATE TABLE ref (id TEXT NOT NULL, pi INTEGER NOT NULL, j INTEGER NOT NULL, "
                         "idx INTEGER NOT NULL, sno INTEGER NOT NULL)")
-        self.db.execute("CREATE TABLE proc (id TEXT NOT NULL, line INTEGER NOT NULL)")
         self.db.execute("BEGIN")
         self._ref: list[tuple[str, int, int, int, int]] = []
         self.sealed = False
@@ -81,23 +82,6 @@ class ReferenceDB:
             self.db.executemany("INSERT INTO ref VALUES (?, ?, ?, ?, ?)", self._ref)
             self._ref.clear()
 
-    def add_handling(self, rows: Iterable[tuple[str, int]]) -> int:
-        """The worker's handlings ``(id, line)`` in handling order, indexed; how many."""
-        self.seal()
-        self.db.execute("BEGIN")
-        n = 0
-        batch: list[tuple[str, int]] = []
-        for row in rows:
-            batch.append(row)
-            if len(batch) >= _FLUSH:
-                self.db.executemany("INSERT INTO proc VALUES (?, ?)", batch)
-                n += len(batch)
-                batch.clear()
-        self.db.executemany("INSERT INTO proc VALUES (?, ?)", batch)
-        self.db.execute("COMMIT")
-        self.db.execute("CREATE INDEX proc_id ON proc(id)")
-        return n + len(batch)
-
     def seal(self) -> None:
         """Commit and index (each table sorted once, on disk)."""
         if self.sealed:
@@ -112,6 +96,10 @@ class ReferenceDB:
         self.seal()
         yield from self.db.execute(sql, args)
 
+    def ids_and_streams(self) -> Iterator[tuple[str, int]]:
+        """``(event id, stream number)`` of every reference event, in reference order."""
+        return self.rows("SELECT id, sno FROM ref ORDER BY rowid")
+
     def one(self, sql: str, args: tuple = ()) -> tuple | None:
         self.seal()
         return self.db.execute(sql, args).fetchone()
@@ -120,16 +108,16 @@ class ReferenceDB:
         self.db.close()
 
 
-@dataclass
-class Handling:
+class Handling(NamedTuple):
     """One handling, in handling order: the reference position of its event (partition number
-    ``pi``, position ``j``; None when the reference does not hold it), its stream number, id, and
-    whether it is the event's first handling."""
+    ``pi``, position ``j``; ``pi`` None, ``j`` and ``sno`` -1 when the reference does not hold it),
+    its stream number, its event id when the reference does not hold it (else None:
+    :meth:`Reference.event_id` names it), and whether it is the event's first handling."""
 
     pi: int | None
     j: int
     sno: int
-    event_id: str
+    event_id: str | None
     first: bool
 
 
@@ -160,7 +148,8 @@ class Reference:
     from_snapshot: int | None = None
     leaves_path: Path | None = None
     """The reference events' leaf hashes (32 bytes each, in order), when tracker evidence needs them."""
-    handling_loaded: bool = False
+    join: HandlingJoin | None = None
+    """The worker's handlings joined with the reference (:meth:`load_handling`)."""
 
     def __enter__(self) -> Reference:
         return self
@@ -171,6 +160,8 @@ class Reference:
     def close(self) -> None:
         """Remove the reference's files."""
         self.db.close()
+        if self.join is not None:
+            self.join.close()
         self.run.close()  # the dedup index: its scratch folder and the topic folder's lock
         self.workdir.cleanup()
 
@@ -205,35 +196,54 @@ class Reference:
 
     # --- the worker's handling, beside the reference ------------------------------------------------
 
-    def load_handling(self, rows: Iterable[tuple[str, int]]) -> None:
-        """Put the worker's handlings ``(event id, line)`` beside the reference (the first call only)."""
-        if not self.handling_loaded:
-            self.db.add_handling(rows)
-            self.handling_loaded = True
+    def load_handling(self, rows: Iterable[tuple[str, int]], count: int) -> None:
+        """Join the worker's ``count`` handlings ``(event id, line)`` with the reference (the first
+        call only; :class:`~chainfold.ops.reference_join.HandlingJoin`)."""
+        if self.join is None:
+            self.join = HandlingJoin(Path(self.workdir.name) / "join", self.db.ids_and_streams(), len(self),
+                                     rows, count)
+
+    def _joined(self) -> HandlingJoin:
+        if self.join is None:
+            raise RuntimeError("load_handling first")
+        return self.join
 
     def missing(self) -> Iterator[str]:
         """Reference events never handled, in reference order."""
-        return (r[0] for r in self.db.rows(
-            "SELECT r.id FROM ref r WHERE NOT EXISTS (SELECT 1 FROM proc p WHERE p.id = r.id) ORDER BY r.rowid"))
+        return (eid for _, eid in self._joined().missing)
 
-    def handled_twice(self) -> Iterator[str]:
-        """Event ids handled more than once (known to the reference or not), in id order."""
-        return (r[0] for r in self.db.rows("SELECT id FROM proc GROUP BY id HAVING count(*) > 1"))
+    def handled_twice(self) -> set[str]:
+        """Event ids handled more than once (known to the reference or not)."""
+        return self._joined().twice
 
     def not_in_reference(self) -> Iterator[tuple[int, str]]:
         """``(line, event id)`` of handlings of events the reference does not hold, in handling order."""
-        return ((r[0], r[1]) for r in self.db.rows(
-            "SELECT p.line, p.id FROM proc p WHERE NOT EXISTS (SELECT 1 FROM ref r WHERE r.id = p.id) "
-            "ORDER BY p.rowid"))
+        return ((line, eid) for _, line, eid in self._joined().unknown)
 
     def handlings(self) -> Iterator[Handling]:
-        """Every handling, in handling order; one of an event the reference does not hold has
-        ``pi`` None (and ``j``, ``sno`` -1)."""
-        sql = ("SELECT coalesce(r.pi, -1), coalesce(r.j, -1), coalesce(r.sno, -1), p.id, "
-               "p.rowid = (SELECT min(q.rowid) FROM proc q WHERE q.id = p.id) "
-               "FROM proc p LEFT JOIN ref r ON r.id = p.id ORDER BY p.rowid")
-        for pi, j, sno, eid, first in self.db.rows(sql):
-            yield Handling(None if pi < 0 else pi, j, sno, eid, bool(first))
+        """Every handling, in handling order (see :class:`Handling`)."""
+        join = self._joined()
+        unknown = iter(join.unknown)
+        ends = list(itertools.accumulate(self.counts))
+        single = len(ends) == 1
+        for h, (k, sno, first) in enumerate(join.annotations()):
+            if k < 0:
+                u = next(unknown)
+                assert u[0] == h
+                yield Handling(None, -1, -1, u[2], first)
+            elif single:
+                yield Handling(0, k, sno, None, first)
+            else:
+                pi = bisect.bisect_right(ends, k)
+                yield Handling(pi, k - (ends[pi - 1] if pi else 0), sno, None, first)
+
+    def event_id(self, h: Handling) -> str:
+        """The event id of a handling."""
+        if h.event_id is not None:
+            return h.event_id
+        at = self.event(h.pi, h.j)  # type: ignore[arg-type]
+        assert at is not None
+        return at[0]
 
     def leaves(self, start: int, count: int) -> list[bytes]:
         """Leaf hashes of reference events ``start .. start+count-1`` (single partition)."""
